@@ -1,0 +1,1 @@
+"""Fused Triton kernels for LXMERT (installed as lxmert_fast.kernels)."""

@@ -1,0 +1,1 @@
+from lxmert_fast.configuration import LxmertConfig  # noqa

@@ -1,0 +1,1 @@
+"""Data: released LXMERT file formats, the feature store, sample data, datasets."""

@@ -1,0 +1,38 @@
+"""Packaging for lxmert_fast.
+
+The Triton kernels live in the top-level folder ``kernels/`` but install as ``lxmert_fast.kernels``: a top-level
+module named ``kernels`` would collide with an unrelated PyPI distribution that transformers probes for.
+"""
+
+from setuptools import setup
+
+# Triton ships wheels for Linux x86-64 and aarch64 only; elsewhere the torch backend still works.
+TRITON = "triton>=3.0; platform_system == 'Linux'"
+
+setup(
+    name="lxmert_fast",
+    version="0.1.0",
+    description="A fast, faithful LXMERT: Triton kernels, DeepSpeed ZeRO pre-training, VQA/GQA/NLVR2 fine-tuning",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["lxmert_fast", "lxmert_fast.data", "lxmert_fast.kernels"],
+    package_dir={"lxmert_fast": "lxmert_fast", "lxmert_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        TRITON,
+        "transformers>=4.40",
+        "deepspeed>=0.14",
+        "numpy",
+        "safetensors",
+        "tokenizers",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
+        "xformers": ["xformers"],
+        "plot": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
+    },
+    classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
+)
