@@ -1,0 +1,60 @@
+"""Convert between the original release's `model_LXRT.pth` and a transformers folder, both ways.
+
+    python -m lxmert_fast.convert model_LXRT.pth converted/          # original -> HF folder (safetensors)
+    python -m lxmert_fast.convert converted/ model_LXRT.pth          # HF folder -> original layout
+
+The direction follows from the input: a folder is read as HF, a file as the original layout (an HF-layout
+.safetensors/.bin file also works). The output loads in `transformers.LxmertForPreTraining.from_pretrained`
+and in the original code's `load_lxmert`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lxmert_fast.configuration import LxmertConfig
+from lxmert_fast.modeling import LxmertForPreTraining
+from lxmert_fast.weights import CheckpointError, load_into, read_state_dict, save_original, to_hf_layout
+
+
+def original_to_hf(source: Path, target: Path, config: LxmertConfig | None = None, missing_heads: str = "error"):
+    model = LxmertForPreTraining.from_pretrained(source, config=config, backend="torch", missing_heads=missing_heads)
+    model.save_pretrained(target)
+    return model
+
+
+def hf_to_original(source: Path, target: Path):
+    state_dict = to_hf_layout(read_state_dict(source))
+    if (source / "config.json").exists():  # validate against the config before writing anything
+        config = LxmertConfig.from_json_file(str(source / "config.json"))
+        load_into(LxmertForPreTraining(config, backend="torch"), state_dict, source=str(source), missing_heads="init")
+    save_original(state_dict, target)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m lxmert_fast.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path, help="model_LXRT.pth (original) or an HF folder")
+    parser.add_argument("target", type=Path, help="an HF folder (from an original file) or a .pth file (from a folder)")
+    parser.add_argument("--config", type=Path, help="config.json to use instead of inferring sizes from the weights")
+    parser.add_argument(
+        "--allow-missing-heads", action="store_true", help="start heads the file lacks from random instead of failing"
+    )
+    args = parser.parse_args(argv)
+    try:
+        if args.source.is_dir():
+            hf_to_original(args.source, args.target)
+        else:
+            config = LxmertConfig.from_json_file(str(args.config)) if args.config else None
+            missing = "init" if args.allow_missing_heads else "error"
+            original_to_hf(args.source, args.target, config=config, missing_heads=missing)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

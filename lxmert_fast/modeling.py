@@ -1,0 +1,916 @@
+"""LXMERT, one file, top to bottom: embeddings -> language / relationship / cross-modality layers -> heads.
+
+A drop-in for transformers' LXMERT classes: the same constructor config, forward keywords, outputs and parameter
+names (so ``load_state_dict(hf_model.state_dict(), strict=True)`` works both ways). Two interchangeable paths:
+
+- ``backend="torch"``: plain PyTorch, the reference the kernels are tested against. Attention uses
+  ``F.scaled_dot_product_attention`` unless attention probabilities are requested.
+- ``backend="triton"``: the fused kernels of ``lxmert_fast.kernels`` for every residual+LayerNorm, the
+  bidirectional cross-attention and the RoI-position embedding.
+- ``backend="auto"`` (default; the environment variable ``LXMERT_FAST_BACKEND`` overrides it): triton for CUDA
+  inputs, torch otherwise. It is resolved at each forward from the inputs' device.
+
+Shapes: B batch, L text tokens, V visual objects, H heads, D head size, C hidden size, F RoI-feature size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.lxmert.modeling_lxmert import (
+    LxmertForPreTrainingOutput,
+    LxmertForQuestionAnsweringOutput,
+    LxmertModelOutput,
+)
+from transformers.utils import ModelOutput
+
+from lxmert_fast.configuration import LxmertConfig
+
+BACKENDS = ("auto", "torch", "triton")
+IGNORE_INDEX = -100  # transformers' ignore index; the original code used -1
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn "auto" into "torch" or "triton" for inputs on `device`."""
+    if backend == "auto":
+        backend = os.environ.get("LXMERT_FAST_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"LXMERT_FAST_BACKEND={backend!r}: expected one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before lxmert_fast.kernels is imported, "
+            "to run the kernels on the CPU under Triton's interpreter); use backend='torch' on the CPU"
+        )
+    return backend
+
+
+def _kernels():
+    # Imported lazily: triton is optional, and TRITON_INTERPRET must be set before the kernels are defined.
+    from lxmert_fast import kernels
+
+    return kernels
+
+
+class Mask(NamedTuple):
+    """A key-padding mask in the two forms the paths need."""
+
+    keep: torch.Tensor  # (B, L) bool, True = real token (the kernels' form)
+    additive: torch.Tensor  # (B, 1, 1, L), 0 or finfo(dtype).min, added to attention scores as transformers does
+
+
+def make_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> Mask | None:
+    if mask is None:
+        return None
+    additive = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    return Mask(keep=mask.bool(), additive=additive)
+
+
+class FusedOps(nn.Module):
+    """Base of the modules that have a fused (Triton) variant; `use_triton` is set per forward by the top model."""
+
+    use_triton: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Embeddings
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class LxmertEmbeddings(nn.Module):
+    """Word + learned position + token type embeddings, LayerNorm, dropout (BERT's)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=0)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size, padding_idx=0)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size, padding_idx=0)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids, inputs_embeds=None):
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        seq_length = inputs_embeds.shape[1]
+        position_ids = torch.arange(seq_length, device=inputs_embeds.device)
+        embeddings = inputs_embeds + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class LxmertVisualFeatureEncoder(FusedOps):
+    """Object embedding: (LN(W_f f + b_f) + LN(W_p p + b_p)) / 2, then dropout. No position index for objects."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.visn_fc = nn.Linear(config.visual_feat_dim, config.hidden_size)
+        self.visn_layer_norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.box_fc = nn.Linear(config.visual_pos_dim, config.hidden_size)
+        self.box_layer_norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, visual_feats, visual_pos):
+        if self.use_triton:
+            output = _kernels().roi_position_embedding(
+                visual_feats,
+                visual_pos,
+                self.visn_fc.weight,
+                self.visn_fc.bias,
+                self.visn_layer_norm.weight,
+                self.visn_layer_norm.bias,
+                self.box_fc.weight,
+                self.box_fc.bias,
+                self.box_layer_norm.weight,
+                self.box_layer_norm.bias,
+                eps=self.visn_layer_norm.eps,
+            )
+        else:
+            feats = self.visn_layer_norm(self.visn_fc(visual_feats))
+            boxes = self.box_layer_norm(self.box_fc(visual_pos))
+            output = (feats + boxes) / 2
+        return self.dropout(output)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention and the post-norm sublayer outputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class LxmertAttention(nn.Module):
+    """Multi-head attention of `hidden_states` (queries) over `context` (keys and values)."""
+
+    def __init__(self, config):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({config.hidden_size}) is not a multiple of num_attention_heads "
+                f"({config.num_attention_heads})"
+            )
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def split_heads(self, x):
+        # (B, L, C) -> (B, H, L, D)
+        return x.unflatten(-1, (self.num_attention_heads, self.attention_head_size)).transpose(1, 2)
+
+    def project(self, hidden_states, context):
+        """Queries from `hidden_states`, keys and values from `context`, each (B, H, L, D)."""
+        q = self.split_heads(self.query(hidden_states))
+        k = self.split_heads(self.key(context))
+        v = self.split_heads(self.value(context))
+        return q, k, v
+
+    def attend(self, q, k, v, mask: Mask | None, output_attentions: bool):
+        """Returns (context (B, Lq, C), probabilities (B, H, Lq, Lk) or None)."""
+        if output_attentions:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.attention_head_size)  # (B, H, Lq, Lk)
+            if mask is not None:
+                scores = scores + mask.additive
+            probs = self.dropout(scores.softmax(dim=-1))
+            context = probs @ v
+        else:
+            attn_mask = None if mask is None else mask.additive.to(q.dtype)
+            dropout_p = self.dropout.p if self.training else 0.0
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+            probs = None
+        return context.transpose(1, 2).flatten(2), probs  # (B, Lq, C)
+
+    def forward(self, hidden_states, context, mask: Mask | None = None, output_attentions=False):
+        q, k, v = self.project(hidden_states, context)
+        return self.attend(q, k, v, mask, output_attentions)
+
+
+class LxmertAttentionOutput(FusedOps):
+    """LayerNorm(dropout(dense(h)) + residual): the post-norm output of every sublayer."""
+
+    def __init__(self, config, input_size=None):
+        super().__init__()
+        self.dense = nn.Linear(input_size or config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        hidden_states = self.dense(hidden_states)
+        if self.use_triton:
+            return _kernels().add_layernorm(
+                hidden_states,
+                input_tensor,
+                self.LayerNorm.weight,
+                self.LayerNorm.bias,
+                eps=self.LayerNorm.eps,
+                dropout_p=self.dropout.p,
+                training=self.training,
+            )
+        return self.LayerNorm(self.dropout(hidden_states) + input_tensor)
+
+
+class LxmertOutput(LxmertAttentionOutput):
+    """The FFN's output projection (intermediate -> hidden) with dropout, residual and LayerNorm."""
+
+    def __init__(self, config):
+        super().__init__(config, input_size=config.intermediate_size)
+
+
+class LxmertCrossAttentionLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.att = LxmertAttention(config)
+        self.output = LxmertAttentionOutput(config)
+
+    def forward(self, input_tensor, ctx_tensor, ctx_mask: Mask | None = None, output_attentions=False):
+        context, probs = self.att(input_tensor, ctx_tensor, ctx_mask, output_attentions)
+        return self.output(context, input_tensor), probs
+
+
+class LxmertSelfAttentionLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.self = LxmertAttention(config)
+        self.output = LxmertAttentionOutput(config)
+
+    def forward(self, input_tensor, mask: Mask | None, output_attentions=False):
+        context, probs = self.self(input_tensor, input_tensor, mask, output_attentions)
+        return self.output(context, input_tensor), probs
+
+
+class LxmertIntermediate(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        if config.hidden_act != "gelu":
+            raise ValueError(f"hidden_act={config.hidden_act!r}: LXMERT uses 'gelu' (erf form) only")
+
+    def forward(self, hidden_states):
+        return F.gelu(self.dense(hidden_states))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class LxmertLayer(nn.Module):
+    """A BERT layer (self-attention + FFN, post-norm): the language and object-relationship encoders."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attention = LxmertSelfAttentionLayer(config)
+        self.intermediate = LxmertIntermediate(config)
+        self.output = LxmertOutput(config)
+
+    def forward(self, hidden_states, mask: Mask | None = None, output_attentions=False):
+        attention_output, probs = self.attention(hidden_states, mask, output_attentions)
+        return self.output(self.intermediate(attention_output), attention_output), probs
+
+
+class LxmertXLayer(FusedOps):
+    """Cross-modality layer: bidirectional cross-attention (ONE shared module, used in both directions), then
+    self-attention and FFN per stream."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.visual_attention = LxmertCrossAttentionLayer(config)
+        self.lang_self_att = LxmertSelfAttentionLayer(config)
+        self.visn_self_att = LxmertSelfAttentionLayer(config)
+        self.lang_inter = LxmertIntermediate(config)
+        self.lang_output = LxmertOutput(config)
+        self.visn_inter = LxmertIntermediate(config)
+        self.visn_output = LxmertOutput(config)
+
+    def cross_att(self, lang, lang_mask: Mask | None, visn, visn_mask: Mask | None, output_attentions):
+        """Language queries attend to vision, vision queries to language, with the same weights."""
+        cross = self.visual_attention
+        if self.use_triton and not output_attentions:
+            att = cross.att
+            lang_q, lang_k, lang_v = att.project(lang, lang)
+            visn_q, visn_k, visn_v = att.project(visn, visn)
+            lang_ctx, visn_ctx = _kernels().bidirectional_cross_attention(
+                lang_q,
+                lang_k,
+                lang_v,
+                visn_q,
+                visn_k,
+                visn_v,
+                None if lang_mask is None else lang_mask.keep,
+                None if visn_mask is None else visn_mask.keep,
+                dropout_p=att.dropout.p if self.training else 0.0,
+            )
+            lang_out = cross.output(lang_ctx.transpose(1, 2).flatten(2), lang)
+            visn_out = cross.output(visn_ctx.transpose(1, 2).flatten(2), visn)
+            return lang_out, visn_out, None
+        lang_out, probs = cross(lang, visn, visn_mask, output_attentions)
+        visn_out, _ = cross(visn, lang, lang_mask, False)
+        return lang_out, visn_out, probs
+
+    def forward(self, lang, lang_mask: Mask | None, visn, visn_mask: Mask | None, output_attentions=False):
+        lang, visn, cross_probs = self.cross_att(lang, lang_mask, visn, visn_mask, output_attentions)
+        lang, _ = self.lang_self_att(lang, lang_mask)
+        visn, _ = self.visn_self_att(visn, visn_mask)
+        lang = self.lang_output(self.lang_inter(lang), lang)
+        visn = self.visn_output(self.visn_inter(visn), visn)
+        return lang, visn, cross_probs
+
+
+class LxmertEncoder(nn.Module):
+    """Object embedding, then N_L language layers, N_R relationship layers, N_X cross-modality layers."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.visn_fc = LxmertVisualFeatureEncoder(config)
+        self.layer = nn.ModuleList([LxmertLayer(config) for _ in range(config.l_layers)])
+        self.x_layers = nn.ModuleList([LxmertXLayer(config) for _ in range(config.x_layers)])
+        self.r_layers = nn.ModuleList([LxmertLayer(config) for _ in range(config.r_layers)])
+
+    def forward(self, lang, lang_mask, visual_feats, visual_pos, visn_mask, output_attentions=False):
+        """Returns (language_hidden_states, vision_hidden_states, language_attentions, vision_attentions,
+        cross_encoder_attentions); the hidden states are each layer's output, as transformers reports them."""
+        visn = self.visn_fc(visual_feats, visual_pos)
+        lang_states, visn_states, lang_atts, visn_atts, cross_atts = [], [], [], [], []
+        for layer in self.layer:
+            lang, probs = layer(lang, lang_mask, output_attentions)
+            lang_states.append(lang)
+            lang_atts.append(probs)
+        for layer in self.r_layers:
+            visn, probs = layer(visn, visn_mask, output_attentions)
+            visn_states.append(visn)
+            visn_atts.append(probs)
+        for layer in self.x_layers:
+            lang, visn, probs = layer(lang, lang_mask, visn, visn_mask, output_attentions)
+            lang_states.append(lang)
+            visn_states.append(visn)
+            cross_atts.append(probs)
+        return tuple(lang_states), tuple(visn_states), tuple(lang_atts), tuple(visn_atts), tuple(cross_atts)
+
+
+class LxmertPooler(nn.Module):
+    """Linear + tanh on the language [CLS] output: the cross-modality output."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states):
+        return self.activation(self.dense(hidden_states[:, 0]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Heads
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class LxmertPredictionHeadTransform(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+
+    def forward(self, hidden_states):
+        return self.LayerNorm(F.gelu(self.dense(hidden_states)))
+
+
+class LxmertLMPredictionHead(nn.Module):
+    """Masked-LM head; its decoder weight is tied to the word embeddings."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.transform = LxmertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states):
+        return self.decoder(self.transform(hidden_states)) + self.bias
+
+
+class LxmertPreTrainingHeads(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.predictions = LxmertLMPredictionHead(config)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, sequence_output, pooled_output):
+        return self.predictions(sequence_output), self.seq_relationship(pooled_output)
+
+
+class GeLU(nn.Module):
+    """Module form of the erf GeLU, so `logit_fc` keeps the original Sequential indices (0, 2, 3)."""
+
+    def forward(self, x):
+        return F.gelu(x)
+
+
+def answer_head_mlp(in_dim: int, num_labels: int) -> nn.Sequential:
+    """Linear(in, 2*in) -> GeLU -> LayerNorm -> Linear(2*in, labels): LXMERT's QA heads (spec section 4)."""
+    return nn.Sequential(
+        nn.Linear(in_dim, in_dim * 2),
+        GeLU(),
+        nn.LayerNorm(in_dim * 2, eps=1e-12),
+        nn.Linear(in_dim * 2, num_labels),
+    )
+
+
+class LxmertVisualAnswerHead(nn.Module):
+    def __init__(self, config, num_labels):
+        super().__init__()
+        self.logit_fc = answer_head_mlp(config.hidden_size, num_labels)
+
+    def forward(self, hidden_states):
+        return self.logit_fc(hidden_states)
+
+
+def visual_losses(config) -> dict[str, int]:
+    """The enabled masked-object losses and their output sizes, in transformers' order."""
+    losses = {}
+    if config.visual_obj_loss:
+        losses["obj"] = config.num_object_labels
+    if config.visual_attr_loss:
+        losses["attr"] = config.num_attr_labels
+    if config.visual_feat_loss:
+        losses["feat"] = config.visual_feat_dim
+    return losses
+
+
+class LxmertVisualObjHead(nn.Module):
+    """Masked-object heads on the vision output: detector class, attribute, and RoI-feature regression."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.transform = LxmertPredictionHeadTransform(config)
+        self.decoder_dict = nn.ModuleDict(
+            {key: nn.Linear(config.hidden_size, size) for key, size in visual_losses(config).items()}
+        )
+
+    def forward(self, hidden_states):
+        hidden_states = self.transform(hidden_states)
+        return {key: decoder(hidden_states) for key, decoder in self.decoder_dict.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class LxmertPreTrainedModel(nn.Module):
+    """Config handling, weight initialisation, backend selection and checkpoint I/O shared by the models."""
+
+    base_model_prefix = "lxmert"
+
+    def __init__(self, config, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(config, LxmertConfig):
+            # accept transformers' LxmertConfig (or any object with the same fields)
+            config = LxmertConfig(**config.to_dict()) if hasattr(config, "to_dict") else LxmertConfig(**vars(config))
+        self.config = config
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        """ "auto", "torch" or "triton"; setting it on a task model sets it on its encoder too."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+        self._backend = backend
+        for module in self.children():
+            if isinstance(module, LxmertPreTrainedModel):
+                module.backend = backend
+
+    def init_weights(self):
+        """transformers' initialisation: N(0, initializer_range) for linear and embedding weights, zero biases and
+        padding rows, LayerNorm ones and zeros."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+                if module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, LxmertLMPredictionHead):
+                nn.init.zeros_(module.bias)
+        self.tie_weights()
+
+    def tie_weights(self):
+        """Nothing to tie by default; the pre-training model ties its LM decoder to the word embeddings."""
+
+    def _select_backend(self, device: torch.device) -> str:
+        backend = resolve_backend(self.backend, device)
+        if getattr(self, "_active_backend", None) != backend:  # walk the modules only when the choice changes
+            for module in self.modules():
+                if isinstance(module, FusedOps):
+                    module.use_triton = backend == "triton"
+            self._active_backend = backend
+        return backend
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    @classmethod
+    def from_pretrained(cls, path, config=None, backend: str = "auto", missing_heads: str = "error"):
+        """Load an HF folder (config.json + model.safetensors / pytorch_model.bin) or an original `model_LXRT.pth`.
+
+        Never executes code from the file. Keys or shapes that do not fit raise an error naming them. A head that
+        the file lacks raises too, unless ``missing_heads="init"`` (then it starts from random and is reported).
+        """
+        from lxmert_fast.weights import load_pretrained
+
+        return load_pretrained(cls, path, config=config, backend=backend, missing_heads=missing_heads)
+
+    def save_pretrained(self, directory):
+        """Write an HF-compatible folder: config.json and model.safetensors (tied weights stored once)."""
+        from lxmert_fast.weights import save_pretrained
+
+        save_pretrained(self, directory)
+
+
+class LxmertModel(LxmertPreTrainedModel):
+    """The LXMERT encoder: returns language, vision and pooled (cross-modality) outputs."""
+
+    base_model_prefix = ""
+
+    def __init__(self, config, backend: str = "auto"):
+        super().__init__(config, backend)
+        self.embeddings = LxmertEmbeddings(self.config)
+        self.encoder = LxmertEncoder(self.config)
+        self.pooler = LxmertPooler(self.config)
+        self.init_weights()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.embeddings.word_embeddings = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        visual_feats=None,
+        visual_pos=None,
+        attention_mask=None,
+        visual_attention_mask=None,
+        token_type_ids=None,
+        inputs_embeds=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = config.return_dict if return_dict is None else return_dict
+
+        if input_ids is not None and inputs_embeds is not None:
+            raise ValueError("You cannot specify both input_ids and inputs_embeds at the same time")
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("You have to specify either input_ids or inputs_embeds")
+        if visual_feats is None:
+            raise ValueError("`visual_feats` cannot be `None`")
+        if visual_pos is None:
+            raise ValueError("`visual_pos` cannot be `None`")
+        device = input_ids.device if input_ids is not None else inputs_embeds.device
+        input_shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        _check_shapes(config, input_shape, visual_feats, visual_pos, attention_mask, visual_attention_mask)
+        self._select_backend(device)
+
+        if attention_mask is None:
+            attention_mask = torch.ones(input_shape, device=device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(input_shape, dtype=torch.long, device=device)
+        # masks in the parameters' dtype, as transformers builds them (finfo.min, not the original's -10000)
+        lang_mask = make_mask(attention_mask, self.dtype)
+        visn_mask = make_mask(visual_attention_mask, self.dtype)
+
+        lang = self.embeddings(input_ids, token_type_ids, inputs_embeds)
+        lang_states, visn_states, lang_atts, visn_atts, cross_atts = self.encoder(
+            lang, lang_mask, visual_feats, visual_pos, visn_mask, output_attentions
+        )
+        lang_output, visual_output = lang_states[-1], visn_states[-1]
+        pooled_output = self.pooler(lang_output)
+
+        if not return_dict:
+            hidden = (lang_states, visn_states) if output_hidden_states else ()
+            attentions = (lang_atts, visn_atts, cross_atts) if output_attentions else ()
+            return (lang_output, visual_output, pooled_output) + hidden + attentions
+        return LxmertModelOutput(
+            pooled_output=pooled_output,
+            language_output=lang_output,
+            vision_output=visual_output,
+            language_hidden_states=lang_states if output_hidden_states else None,
+            vision_hidden_states=visn_states if output_hidden_states else None,
+            language_attentions=lang_atts if output_attentions else None,
+            vision_attentions=visn_atts if output_attentions else None,
+            cross_encoder_attentions=cross_atts if output_attentions else None,
+        )
+
+
+def _check_shapes(config, input_shape, visual_feats, visual_pos, attention_mask, visual_attention_mask):
+    """Fail early, with the shapes named, instead of deep inside a matmul."""
+    batch, num_objects = visual_feats.shape[0], visual_feats.shape[1] if visual_feats.dim() == 3 else None
+    if visual_feats.dim() != 3 or visual_feats.shape[-1] != config.visual_feat_dim:
+        raise ValueError(
+            f"visual_feats must be (batch, objects, {config.visual_feat_dim}), got {tuple(visual_feats.shape)}"
+        )
+    if tuple(visual_pos.shape) != (batch, num_objects, config.visual_pos_dim):
+        raise ValueError(
+            f"visual_pos must be {(batch, num_objects, config.visual_pos_dim)} to match visual_feats, "
+            f"got {tuple(visual_pos.shape)}"
+        )
+    if len(input_shape) != 2 or input_shape[0] != batch:
+        raise ValueError(f"text batch {tuple(input_shape)} does not match the visual batch size {batch}")
+    if input_shape[1] > config.max_position_embeddings:
+        raise ValueError(
+            f"text length {input_shape[1]} exceeds max_position_embeddings={config.max_position_embeddings}"
+        )
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_shape):
+        raise ValueError(f"attention_mask must be {tuple(input_shape)}, got {tuple(attention_mask.shape)}")
+    if visual_attention_mask is not None and tuple(visual_attention_mask.shape) != (batch, num_objects):
+        raise ValueError(
+            f"visual_attention_mask must be {(batch, num_objects)}, got {tuple(visual_attention_mask.shape)}"
+        )
+
+
+@dataclass
+class LxmertForPreTrainingOutputWithLosses(LxmertForPreTrainingOutput):
+    """transformers' pre-training output plus `task_losses` (only when asked for with return_task_losses=True)."""
+
+    task_losses: dict[str, torch.Tensor] | None = None
+
+
+class LxmertForPreTraining(LxmertPreTrainedModel):
+    """LXMERT with the five pre-training heads: masked LM, masked-object (obj/attr/feat), matching, QA."""
+
+    def __init__(self, config, backend: str = "auto"):
+        super().__init__(config, backend)
+        config = self.config
+        self.lxmert = LxmertModel(config, backend)
+        self.cls = LxmertPreTrainingHeads(config)
+        if config.task_obj_predict:
+            self.obj_predict_head = LxmertVisualObjHead(config)
+        if config.task_qa:
+            self.answer_head = LxmertVisualAnswerHead(config, config.num_qa_labels)
+        self.init_weights()
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.cls.predictions.decoder.weight = self.lxmert.embeddings.word_embeddings.weight
+
+    def get_qa_logit_layer(self):
+        return self.answer_head.logit_fc[-1] if hasattr(self, "answer_head") else None
+
+    def forward(
+        self,
+        input_ids=None,
+        visual_feats=None,
+        visual_pos=None,
+        attention_mask=None,
+        visual_attention_mask=None,
+        token_type_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        obj_labels=None,
+        matched_label=None,
+        ans=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        return_task_losses: bool = False,
+        lm_logits_at_labels_only: bool = False,
+        **kwargs,
+    ):
+        """transformers' forward, plus two lxmert_fast options:
+
+        - ``return_task_losses``: also return each task's loss (``task_losses``: mlm, matched, obj, attr, feat, qa).
+        - ``lm_logits_at_labels_only``: evaluate the LM head only at labelled positions (the same loss, 85% less
+          head work); ``prediction_logits`` is then None.
+        """
+        config = self.config
+        return_dict = config.return_dict if return_dict is None else return_dict
+        out = self.lxmert(
+            input_ids=input_ids,
+            visual_feats=visual_feats,
+            visual_pos=visual_pos,
+            attention_mask=attention_mask,
+            visual_attention_mask=visual_attention_mask,
+            token_type_ids=token_type_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=False,
+        )
+        lang_output, visual_output, pooled_output = out[:3]
+        device = lang_output.device
+
+        sparse_lm = lm_logits_at_labels_only and labels is not None
+        lang_prediction_scores = None if sparse_lm else self.cls.predictions(lang_output)
+        cross_relationship_score = self.cls.seq_relationship(pooled_output)
+        # transformers returns this odd scalar when the QA head is disabled; kept for drop-in compatibility
+        answer_score = self.answer_head(pooled_output) if config.task_qa else pooled_output[0][0]
+
+        losses = {}
+        if labels is not None and config.task_mask_lm:
+            if sparse_lm:
+                flat_labels = labels.reshape(-1)
+                selected = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+                logits = self.cls.predictions(lang_output.reshape(-1, lang_output.shape[-1]).index_select(0, selected))
+                # mean over labelled tokens, as cross_entropy with ignore_index gives (NaN when there are none)
+                losses["mlm"] = F.cross_entropy(logits.float(), flat_labels.index_select(0, selected))
+            else:
+                losses["mlm"] = F.cross_entropy(lang_prediction_scores.view(-1, config.vocab_size), labels.view(-1))
+        if matched_label is not None and config.task_matched:
+            losses["matched"] = F.cross_entropy(cross_relationship_score.view(-1, 2), matched_label.view(-1))
+        if obj_labels is not None and config.task_obj_predict:
+            losses.update(self.masked_object_losses(visual_output, obj_labels))
+        if ans is not None and config.task_qa:
+            losses["qa"] = F.cross_entropy(answer_score.view(-1, config.num_qa_labels), ans.view(-1))
+
+        no_targets = labels is None and matched_label is None and obj_labels is None and ans is None
+        total_loss = None if no_targets else torch.zeros((), device=device)
+        for value in losses.values():
+            total_loss = total_loss + value
+
+        if not return_dict:
+            output = (lang_prediction_scores, cross_relationship_score, answer_score) + tuple(out[3:])
+            return ((total_loss,) + output) if total_loss is not None else output
+        hidden = _hidden_and_attentions(out[3:], output_hidden_states, output_attentions, config)
+        return LxmertForPreTrainingOutputWithLosses(
+            loss=total_loss,
+            prediction_logits=lang_prediction_scores,
+            cross_relationship_score=cross_relationship_score,
+            question_answering_score=answer_score,
+            task_losses=losses if return_task_losses else None,
+            **hidden,
+        )
+
+    def masked_object_losses(self, visual_output, obj_labels) -> dict[str, torch.Tensor]:
+        """Detector-label CE (weighted by the detector's confidence, over ALL objects — the original's intent) and
+        Smooth-L1 feature regression on masked objects, each a mean over B*V objects times visual_loss_normalizer."""
+        scores = self.obj_predict_head(visual_output)
+        losses = {}
+        for key, size in visual_losses(self.config).items():
+            label, weight = obj_labels[key]
+            prediction = scores[key].reshape(-1, size)
+            if key == "feat":
+                loss = F.smooth_l1_loss(prediction, label.reshape(-1, size), reduction="none").mean(1)
+            else:
+                loss = F.cross_entropy(prediction, label.reshape(-1), reduction="none")
+            losses[key] = (loss * weight.reshape(-1)).mean() * self.config.visual_loss_normalizer
+        return losses
+
+
+def _hidden_and_attentions(extra, output_hidden_states, output_attentions, config) -> dict:
+    """Map LxmertModel's tuple tail back to the named output fields."""
+    output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+    output_attentions = config.output_attentions if output_attentions is None else output_attentions
+    extra = list(extra)
+    fields = {}
+    if output_hidden_states:
+        fields["language_hidden_states"], fields["vision_hidden_states"] = extra[:2]
+        extra = extra[2:]
+    if output_attentions:
+        fields["language_attentions"], fields["vision_attentions"], fields["cross_encoder_attentions"] = extra[:3]
+    return fields
+
+
+class LxmertForQuestionAnswering(LxmertPreTrainedModel):
+    """LXMERT with an answer classifier on the pooled output (VQA, GQA)."""
+
+    def __init__(self, config, backend: str = "auto"):
+        super().__init__(config, backend)
+        self.lxmert = LxmertModel(self.config, backend)
+        self.answer_head = LxmertVisualAnswerHead(self.config, self.config.num_qa_labels)
+        self.init_weights()
+
+    def get_qa_logit_layer(self):
+        return self.answer_head.logit_fc[-1]
+
+    def forward(
+        self,
+        input_ids=None,
+        visual_feats=None,
+        visual_pos=None,
+        attention_mask=None,
+        visual_attention_mask=None,
+        token_type_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        """`labels`: (B,) answer indices, cross-entropy as transformers (the VQA recipe's soft-score BCE lives in
+        lxmert_fast.finetune)."""
+        config = self.config
+        return_dict = config.return_dict if return_dict is None else return_dict
+        out = self.lxmert(
+            input_ids=input_ids,
+            visual_feats=visual_feats,
+            visual_pos=visual_pos,
+            attention_mask=attention_mask,
+            visual_attention_mask=visual_attention_mask,
+            token_type_ids=token_type_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=False,
+        )
+        answer_score = self.answer_head(out[2])
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(answer_score.view(-1, config.num_qa_labels), labels.view(-1))
+        if not return_dict:
+            output = (answer_score,) + tuple(out[3:])
+            return ((loss,) + output) if loss is not None else output
+        hidden = _hidden_and_attentions(out[3:], output_hidden_states, output_attentions, config)
+        return LxmertForQuestionAnsweringOutput(loss=loss, question_answering_score=answer_score, **hidden)
+
+
+@dataclass
+class LxmertForNLVR2Output(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (B, 2)
+    pooled_output: torch.Tensor | None = None  # (B, 2, C): the pooled vector of (img0, sent) and (img1, sent)
+
+
+class LxmertForNLVR2(LxmertPreTrainedModel):
+    """NLVR2 (the original's pair head; transformers has none): the sentence is encoded with each of the two images
+    in separate passes, the two pooled vectors are concatenated and classified true/false."""
+
+    def __init__(self, config, backend: str = "auto"):
+        super().__init__(config, backend)
+        self.lxmert = LxmertModel(self.config, backend)
+        self.logit_fc = answer_head_mlp(2 * self.config.hidden_size, 2)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids=None,
+        visual_feats=None,
+        visual_pos=None,
+        attention_mask=None,
+        visual_attention_mask=None,
+        token_type_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        """Text (B, L); visual_feats (B, 2, V, F), visual_pos (B, 2, V, 4), visual_attention_mask (B, 2, V);
+        labels (B,) in {0, 1}."""
+        config = self.config
+        return_dict = config.return_dict if return_dict is None else return_dict
+        if visual_feats is None or visual_feats.dim() != 4 or visual_feats.shape[1] != 2:
+            shape = None if visual_feats is None else tuple(visual_feats.shape)
+            raise ValueError(f"visual_feats must be (batch, 2, objects, features) for NLVR2, got {shape}")
+
+        def twice(x):
+            # (B, ...) -> (2B, ...): each sentence once per image, [s0, s0, s1, s1, ...] as the original
+            return None if x is None else x.repeat_interleave(2, dim=0)
+
+        def pairs(x):
+            # (B, 2, ...) -> (2B, ...): [img0_0, img0_1, img1_0, img1_1, ...]
+            return None if x is None else x.flatten(0, 1)
+
+        out = self.lxmert(
+            input_ids=twice(input_ids),
+            visual_feats=pairs(visual_feats),
+            visual_pos=pairs(visual_pos),
+            attention_mask=twice(attention_mask),
+            visual_attention_mask=pairs(visual_attention_mask),
+            token_type_ids=twice(token_type_ids),
+            inputs_embeds=twice(inputs_embeds),
+            return_dict=False,
+        )
+        pooled = out[2].view(-1, 2, config.hidden_size)  # (B, 2, C)
+        logits = self.logit_fc(pooled.flatten(1))  # (B, 2)
+        loss = F.cross_entropy(logits, labels.view(-1)) if labels is not None else None
+        if not return_dict:
+            return (loss, logits, pooled) if loss is not None else (logits, pooled)
+        return LxmertForNLVR2Output(loss=loss, logits=logits, pooled_output=pooled)

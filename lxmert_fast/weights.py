@@ -1,0 +1,306 @@
+"""Checkpoint I/O: transformers folders and the original release's `model_LXRT.pth`, both ways.
+
+Formats (spec section 1):
+- HF folder: config.json + model.safetensors (or pytorch_model.bin, or sharded with an *.index.json), keys
+  `lxmert.*`, `cls.*`, `obj_predict_head.*`, `answer_head.*`; the LM decoder is tied to the word embeddings.
+- Original: a plain state dict with keys `bert.*` for `lxmert.*`, often prefixed `module.` (DataParallel); the
+  original fine-tuning checkpoints nest the encoder under `lxrt_encoder.model.`.
+
+Loading never executes code: safetensors, or `torch.load(weights_only=True)`, which refuses pickled objects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lxmert_fast.configuration import LxmertConfig
+
+logger = logging.getLogger(__name__)
+
+TIED_KEY = "cls.predictions.decoder.weight"
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file and the keys."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading and writing raw state dicts
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """Read a weights file or an HF folder into a flat {name: tensor} dict on the CPU."""
+    path = Path(path)
+    if path.is_dir():
+        for name in WEIGHT_FILES:
+            if (path / name).exists():
+                return read_state_dict(path / name)
+        raise CheckpointError(f"{path}: no weights file found (looked for {', '.join(WEIGHT_FILES)})")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.name.endswith(".index.json"):
+        return _read_sharded(path)
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch.load raises many types; all mean "unreadable"
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            raise CheckpointError(
+                f"{path}: refusing to load: the file contains pickled Python objects, not only tensors, and loading "
+                f"them could execute code ({str(error).splitlines()[0]})"
+            ) from error
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {error}") from error
+    return _flat_tensors(loaded, path)
+
+
+def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{index_path}: not a valid shard index ({error})") from error
+    state_dict = {}
+    for shard in sorted(set(weight_map.values())):
+        state_dict.update(read_state_dict(index_path.parent / shard))
+    return state_dict
+
+
+def _flat_tensors(loaded, path) -> dict[str, torch.Tensor]:
+    # DeepSpeed and many training scripts wrap the state dict: {"module": {...}} or {"state_dict": {...}}
+    if isinstance(loaded, dict):
+        for wrapper in ("module", "state_dict", "model"):
+            if isinstance(loaded.get(wrapper), dict):
+                loaded = loaded[wrapper]
+                break
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(loaded).__name__}")
+    bad = [key for key, value in loaded.items() if not isinstance(value, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entries that are not tensors: {', '.join(map(str, bad[:5]))}")
+    return dict(loaded)
+
+
+def _atomic_write(path: Path, write):
+    """Write through a temporary file in the same folder and rename it over `path`: a crash never leaves a torn
+    file under the final name."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Key layouts
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def to_hf_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original (`module.`, `bert.`, `lxrt_encoder.model.`) keys -> transformers keys; HF keys pass through."""
+    converted = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.").removeprefix("lxrt_encoder.model.")
+        if key.startswith("bert."):
+            key = "lxmert." + key.removeprefix("bert.")
+        converted[key] = value
+    return converted
+
+
+def to_original_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers keys -> the original release's (`bert.*`; the tied LM decoder stored explicitly, as it was)."""
+    converted = {
+        ("bert." + key.removeprefix("lxmert.")) if key.startswith("lxmert.") else key: value
+        for key, value in state_dict.items()
+    }
+    if (
+        TIED_KEY not in converted
+        and "bert.embeddings.word_embeddings.weight" in converted
+        and any(key.startswith("cls.") for key in converted)
+    ):
+        converted[TIED_KEY] = converted["bert.embeddings.word_embeddings.weight"]
+    return converted
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], **overrides) -> LxmertConfig:
+    """A config whose sizes match an HF-layout state dict (for files that come without config.json)."""
+    prefix = "lxmert." if any(key.startswith("lxmert.") for key in state_dict) else ""
+
+    def shape(key):
+        full = prefix + key if not key.startswith(("cls.", "obj_predict_head.", "answer_head.")) else key
+        if full not in state_dict:
+            raise CheckpointError(f"cannot infer the config: the checkpoint has no {full!r}")
+        return tuple(state_dict[full].shape)
+
+    def count(pattern):
+        found = {int(m.group(1)) for key in state_dict if (m := re.match(re.escape(prefix) + pattern, key))}
+        return max(found) + 1 if found else 0
+
+    vocab_size, hidden = shape("embeddings.word_embeddings.weight")
+    fields = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "num_attention_heads": max(1, hidden // 64),
+        "intermediate_size": shape("encoder.layer.0.intermediate.dense.weight")[0]
+        if count(r"encoder\.layer\.(\d+)\.")
+        else shape("encoder.x_layers.0.lang_inter.dense.weight")[0],
+        "max_position_embeddings": shape("embeddings.position_embeddings.weight")[0],
+        "type_vocab_size": shape("embeddings.token_type_embeddings.weight")[0],
+        "l_layers": count(r"encoder\.layer\.(\d+)\."),
+        "r_layers": count(r"encoder\.r_layers\.(\d+)\."),
+        "x_layers": count(r"encoder\.x_layers\.(\d+)\."),
+        "visual_feat_dim": shape("encoder.visn_fc.visn_fc.weight")[1],
+        "visual_pos_dim": shape("encoder.visn_fc.box_fc.weight")[1],
+    }
+    if "answer_head.logit_fc.3.weight" in state_dict:
+        fields["num_qa_labels"] = state_dict["answer_head.logit_fc.3.weight"].shape[0]
+    else:
+        fields["task_qa"] = False if any(k.startswith("cls.") for k in state_dict) else LxmertConfig().task_qa
+    heads = {"obj": "num_object_labels", "attr": "num_attr_labels"}
+    for name, field in heads.items():
+        key = f"obj_predict_head.decoder_dict.{name}.weight"
+        if key in state_dict:
+            fields[field] = state_dict[key].shape[0]
+    if any(k.startswith("cls.") for k in state_dict):
+        fields["task_obj_predict"] = any(k.startswith("obj_predict_head.") for k in state_dict)
+        for name in ("obj", "attr", "feat"):
+            fields[f"visual_{name}_loss"] = f"obj_predict_head.decoder_dict.{name}.weight" in state_dict
+    fields.update(overrides)
+    return LxmertConfig(**fields)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading into a model and saving a folder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_pretrained(cls, path, config=None, backend="auto", missing_heads="error"):
+    """See `LxmertPreTrainedModel.from_pretrained`."""
+    if missing_heads not in ("error", "init"):
+        raise ValueError(f"missing_heads={missing_heads!r}: expected 'error' or 'init'")
+    path = Path(path)
+    state_dict = to_hf_layout(read_state_dict(path))
+    if config is None:
+        config_file = path / "config.json" if path.is_dir() else None
+        if config_file is not None and config_file.exists():
+            config = LxmertConfig.from_json_file(str(config_file))
+        else:
+            config = infer_config(state_dict)
+            logger.info("%s: no config.json; using a config inferred from the weights' shapes", path)
+    model = cls(config, backend=backend)
+    load_into(model, state_dict, source=str(path), missing_heads=missing_heads)
+    return model
+
+
+def load_into(model, state_dict, source="checkpoint", missing_heads="error"):
+    """Load an HF-layout state dict into `model`, adapting the `lxmert.` prefix between the encoder and the task
+    models, and raise a CheckpointError naming every key or shape that does not fit."""
+    expected = model.state_dict()
+    has_prefix = any(key.startswith("lxmert.") for key in state_dict)
+    wants_prefix = any(key.startswith("lxmert.") for key in expected)
+    if has_prefix and not wants_prefix:  # a task model's file into the bare encoder: keep the encoder's part
+        dropped = sorted({key.split(".")[0] for key in state_dict if not key.startswith("lxmert.")})
+        if dropped:
+            logger.info("%s: ignoring heads not used by %s: %s", source, type(model).__name__, ", ".join(dropped))
+        state_dict = {
+            key.removeprefix("lxmert."): value for key, value in state_dict.items() if key.startswith("lxmert.")
+        }
+    elif wants_prefix and not has_prefix:  # a bare encoder's file into a task model
+        state_dict = {"lxmert." + key: value for key, value in state_dict.items()}
+
+    tied = TIED_KEY in expected and model.config.tie_word_embeddings
+    missing = [key for key in expected if key not in state_dict and not (tied and key == TIED_KEY)]
+    unexpected = [key for key in state_dict if key not in expected]
+    encoder_unexpected = [key for key in unexpected if key.startswith("lxmert.") or not wants_prefix]
+    if encoder_unexpected:
+        raise CheckpointError(
+            f"{source}: keys that {type(model).__name__} does not have: {_listing(encoder_unexpected)} "
+            "(a different architecture, or a config with fewer layers than the checkpoint?)"
+        )
+    if unexpected:
+        logger.info(
+            "%s: ignoring heads not used by %s: %s",
+            source,
+            type(model).__name__,
+            ", ".join(sorted({key.split(".")[0] for key in unexpected})),
+        )
+    encoder_missing = [key for key in missing if key.startswith("lxmert.") or not wants_prefix]
+    if encoder_missing:
+        raise CheckpointError(f"{source}: missing encoder weights: {_listing(encoder_missing)}")
+    if missing and missing_heads == "error":
+        raise CheckpointError(
+            f"{source}: the checkpoint lacks these head weights of {type(model).__name__}: {_heads(missing)}. "
+            "Pass missing_heads='init' to start them from random."
+        )
+    mismatched = [
+        f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
+        for key, value in state_dict.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+    if mismatched:
+        raise CheckpointError(f"{source}: shapes that do not fit the config: {_listing(mismatched)}")
+    model.load_state_dict({key: value for key, value in state_dict.items() if key in expected}, strict=False)
+    model.tie_weights()
+    if missing:
+        logger.warning(
+            "%s: these head weights were not in the checkpoint and start from random: %s", source, _heads(missing)
+        )
+
+
+def _heads(keys) -> str:
+    """Group head keys by module for messages: cls.predictions, cls.seq_relationship, answer_head, ..."""
+    heads = {".".join(key.split(".")[:2]) if key.startswith("cls.") else key.split(".")[0] for key in keys}
+    return f"{', '.join(sorted(heads))} ({len(keys)} tensors)"
+
+
+def _listing(items, limit=8) -> str:
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's state dict as transformers stores it: contiguous CPU tensors, the tied LM decoder left out."""
+    state_dict = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state_dict.pop(TIED_KEY, None)
+    return state_dict
+
+
+def save_pretrained(model, directory):
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = LxmertConfig.from_dict(model.config.to_dict())
+    config.architectures = [type(model).__name__]
+    tensors = hf_state_dict(model)
+    _atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(directory / "config.json", lambda tmp: config.to_json_file(tmp))
+
+
+def save_original(state_dict: dict[str, torch.Tensor], path):
+    """Write a state dict in the original release's layout (`bert.*`), as `torch.save` of plain tensors."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {key: value.detach().cpu().contiguous() for key, value in to_original_layout(state_dict).items()}
+    _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
