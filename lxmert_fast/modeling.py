@@ -59,18 +59,39 @@ def _kernels():
     return kernels
 
 
-class Mask(NamedTuple):
-    """A key-padding mask in the two forms the paths need."""
+class Stream(NamedTuple):
+    """How one token stream (language or vision) is masked and laid out.
 
-    keep: torch.Tensor  # (B, L) bool, True = real token (the kernels' form)
-    additive: torch.Tensor  # (B, 1, 1, L), 0 or finfo(dtype).min, added to attention scores as transformers does
+    Padded text tokens can be removed from the language stream ("packed"): token-wise work (every linear layer,
+    LayerNorm, GeLU) then runs on the N real tokens only, (N, C) instead of (B, L, C); attention unpacks queries,
+    keys and values to (B, L, ...) and masks the padding as usual. Real tokens get exactly the same values.
+    """
 
+    keep: torch.Tensor | None  # (B, L) bool, True = real token; None = no mask given
+    additive: torch.Tensor | None  # (B, 1, 1, L): 0 or finfo(dtype).min, added to attention scores (transformers')
+    index: torch.Tensor | None  # (N,) positions of the real tokens in the flattened (B * L); None = not packed
+    batch: int
+    length: int
 
-def make_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> Mask | None:
-    if mask is None:
-        return None
-    additive = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-    return Mask(keep=mask.bool(), additive=additive)
+    @staticmethod
+    def make(mask, batch, length, dtype, pack=False) -> Stream:
+        if mask is None:
+            return Stream(None, None, None, batch, length)
+        additive = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+        keep = mask.bool()
+        index = keep.flatten().nonzero().squeeze(1) if pack and not bool(keep.all()) else None
+        return Stream(keep, additive, index, batch, length)
+
+    def pack(self, x):
+        """(B, L, ...) -> (N, ...) when packed."""
+        return x if self.index is None else x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x):
+        """(N, ...) -> (B, L, ...) with zeros at the padding, when packed."""
+        if self.index is None:
+            return x
+        padded = x.new_zeros((self.batch * self.length, *x.shape[1:])).index_copy(0, self.index, x)
+        return padded.unflatten(0, (self.batch, self.length))
 
 
 class FusedOps(nn.Module):
@@ -163,31 +184,33 @@ class LxmertAttention(nn.Module):
         # (B, L, C) -> (B, H, L, D)
         return x.unflatten(-1, (self.num_attention_heads, self.attention_head_size)).transpose(1, 2)
 
-    def project(self, hidden_states, context):
-        """Queries from `hidden_states`, keys and values from `context`, each (B, H, L, D)."""
-        q = self.split_heads(self.query(hidden_states))
-        k = self.split_heads(self.key(context))
-        v = self.split_heads(self.value(context))
+    def project(self, hidden_states, context, query_stream: Stream, context_stream: Stream):
+        """Queries from `hidden_states`, keys and values from `context`, each (B, H, L, D), unpacked."""
+        q = self.split_heads(query_stream.unpack(self.query(hidden_states)))
+        k = self.split_heads(context_stream.unpack(self.key(context)))
+        v = self.split_heads(context_stream.unpack(self.value(context)))
         return q, k, v
 
-    def attend(self, q, k, v, mask: Mask | None, output_attentions: bool):
+    def attend(self, q, k, v, context_stream: Stream, output_attentions: bool):
         """Returns (context (B, Lq, C), probabilities (B, H, Lq, Lk) or None)."""
+        mask = context_stream.additive
         if output_attentions:
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.attention_head_size)  # (B, H, Lq, Lk)
             if mask is not None:
-                scores = scores + mask.additive
+                scores = scores + mask
             probs = self.dropout(scores.softmax(dim=-1))
             context = probs @ v
         else:
-            attn_mask = None if mask is None else mask.additive.to(q.dtype)
+            attn_mask = None if mask is None else mask.to(q.dtype)
             dropout_p = self.dropout.p if self.training else 0.0
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
             probs = None
         return context.transpose(1, 2).flatten(2), probs  # (B, Lq, C)
 
-    def forward(self, hidden_states, context, mask: Mask | None = None, output_attentions=False):
-        q, k, v = self.project(hidden_states, context)
-        return self.attend(q, k, v, mask, output_attentions)
+    def forward(self, hidden_states, context, query_stream: Stream, context_stream: Stream, output_attentions=False):
+        q, k, v = self.project(hidden_states, context, query_stream, context_stream)
+        context, probs = self.attend(q, k, v, context_stream, output_attentions)
+        return query_stream.pack(context), probs
 
 
 class LxmertAttentionOutput(FusedOps):
@@ -227,8 +250,8 @@ class LxmertCrossAttentionLayer(nn.Module):
         self.att = LxmertAttention(config)
         self.output = LxmertAttentionOutput(config)
 
-    def forward(self, input_tensor, ctx_tensor, ctx_mask: Mask | None = None, output_attentions=False):
-        context, probs = self.att(input_tensor, ctx_tensor, ctx_mask, output_attentions)
+    def forward(self, input_tensor, ctx_tensor, stream: Stream, ctx_stream: Stream, output_attentions=False):
+        context, probs = self.att(input_tensor, ctx_tensor, stream, ctx_stream, output_attentions)
         return self.output(context, input_tensor), probs
 
 
@@ -238,8 +261,8 @@ class LxmertSelfAttentionLayer(nn.Module):
         self.self = LxmertAttention(config)
         self.output = LxmertAttentionOutput(config)
 
-    def forward(self, input_tensor, mask: Mask | None, output_attentions=False):
-        context, probs = self.self(input_tensor, input_tensor, mask, output_attentions)
+    def forward(self, input_tensor, stream: Stream, output_attentions=False):
+        context, probs = self.self(input_tensor, input_tensor, stream, stream, output_attentions)
         return self.output(context, input_tensor), probs
 
 
@@ -268,8 +291,8 @@ class LxmertLayer(nn.Module):
         self.intermediate = LxmertIntermediate(config)
         self.output = LxmertOutput(config)
 
-    def forward(self, hidden_states, mask: Mask | None = None, output_attentions=False):
-        attention_output, probs = self.attention(hidden_states, mask, output_attentions)
+    def forward(self, hidden_states, stream: Stream, output_attentions=False):
+        attention_output, probs = self.attention(hidden_states, stream, output_attentions)
         return self.output(self.intermediate(attention_output), attention_output), probs
 
 
@@ -287,13 +310,13 @@ class LxmertXLayer(FusedOps):
         self.visn_inter = LxmertIntermediate(config)
         self.visn_output = LxmertOutput(config)
 
-    def cross_att(self, lang, lang_mask: Mask | None, visn, visn_mask: Mask | None, output_attentions):
+    def cross_att(self, lang, lang_stream: Stream, visn, visn_stream: Stream, output_attentions):
         """Language queries attend to vision, vision queries to language, with the same weights."""
         cross = self.visual_attention
         if self.use_triton and not output_attentions:
             att = cross.att
-            lang_q, lang_k, lang_v = att.project(lang, lang)
-            visn_q, visn_k, visn_v = att.project(visn, visn)
+            lang_q, lang_k, lang_v = att.project(lang, lang, lang_stream, lang_stream)
+            visn_q, visn_k, visn_v = att.project(visn, visn, visn_stream, visn_stream)
             lang_ctx, visn_ctx = _kernels().bidirectional_cross_attention(
                 lang_q,
                 lang_k,
@@ -301,21 +324,21 @@ class LxmertXLayer(FusedOps):
                 visn_q,
                 visn_k,
                 visn_v,
-                None if lang_mask is None else lang_mask.keep,
-                None if visn_mask is None else visn_mask.keep,
+                lang_stream.keep,
+                visn_stream.keep,
                 dropout_p=att.dropout.p if self.training else 0.0,
             )
-            lang_out = cross.output(lang_ctx.transpose(1, 2).flatten(2), lang)
-            visn_out = cross.output(visn_ctx.transpose(1, 2).flatten(2), visn)
+            lang_out = cross.output(lang_stream.pack(lang_ctx.transpose(1, 2).flatten(2)), lang)
+            visn_out = cross.output(visn_stream.pack(visn_ctx.transpose(1, 2).flatten(2)), visn)
             return lang_out, visn_out, None
-        lang_out, probs = cross(lang, visn, visn_mask, output_attentions)
-        visn_out, _ = cross(visn, lang, lang_mask, False)
+        lang_out, probs = cross(lang, visn, lang_stream, visn_stream, output_attentions)
+        visn_out, _ = cross(visn, lang, visn_stream, lang_stream, False)
         return lang_out, visn_out, probs
 
-    def forward(self, lang, lang_mask: Mask | None, visn, visn_mask: Mask | None, output_attentions=False):
-        lang, visn, cross_probs = self.cross_att(lang, lang_mask, visn, visn_mask, output_attentions)
-        lang, _ = self.lang_self_att(lang, lang_mask)
-        visn, _ = self.visn_self_att(visn, visn_mask)
+    def forward(self, lang, lang_stream: Stream, visn, visn_stream: Stream, output_attentions=False):
+        lang, visn, cross_probs = self.cross_att(lang, lang_stream, visn, visn_stream, output_attentions)
+        lang, _ = self.lang_self_att(lang, lang_stream)
+        visn, _ = self.visn_self_att(visn, visn_stream)
         lang = self.lang_output(self.lang_inter(lang), lang)
         visn = self.visn_output(self.visn_inter(visn), visn)
         return lang, visn, cross_probs
@@ -331,21 +354,22 @@ class LxmertEncoder(nn.Module):
         self.x_layers = nn.ModuleList([LxmertXLayer(config) for _ in range(config.x_layers)])
         self.r_layers = nn.ModuleList([LxmertLayer(config) for _ in range(config.r_layers)])
 
-    def forward(self, lang, lang_mask, visual_feats, visual_pos, visn_mask, output_attentions=False):
+    def forward(self, lang, lang_stream, visual_feats, visual_pos, visn_stream, output_attentions=False):
         """Returns (language_hidden_states, vision_hidden_states, language_attentions, vision_attentions,
-        cross_encoder_attentions); the hidden states are each layer's output, as transformers reports them."""
+        cross_encoder_attentions); the hidden states are each layer's output, as transformers reports them, and
+        are packed (N, C) when the language stream is."""
         visn = self.visn_fc(visual_feats, visual_pos)
         lang_states, visn_states, lang_atts, visn_atts, cross_atts = [], [], [], [], []
         for layer in self.layer:
-            lang, probs = layer(lang, lang_mask, output_attentions)
+            lang, probs = layer(lang, lang_stream, output_attentions)
             lang_states.append(lang)
             lang_atts.append(probs)
         for layer in self.r_layers:
-            visn, probs = layer(visn, visn_mask, output_attentions)
+            visn, probs = layer(visn, visn_stream, output_attentions)
             visn_states.append(visn)
             visn_atts.append(probs)
         for layer in self.x_layers:
-            lang, visn, probs = layer(lang, lang_mask, visn, visn_mask, output_attentions)
+            lang, visn, probs = layer(lang, lang_stream, visn, visn_stream, output_attentions)
             lang_states.append(lang)
             visn_states.append(visn)
             cross_atts.append(probs)
@@ -554,8 +578,9 @@ class LxmertModel(LxmertPreTrainedModel):
 
     base_model_prefix = ""
 
-    def __init__(self, config, backend: str = "auto"):
+    def __init__(self, config, backend: str = "auto", pack_text: bool = True):
         super().__init__(config, backend)
+        self.pack_text = pack_text  # skip the padding of the text stream in token-wise layers (see Stream)
         self.embeddings = LxmertEmbeddings(self.config)
         self.encoder = LxmertEncoder(self.config)
         self.pooler = LxmertPooler(self.config)
@@ -603,15 +628,19 @@ class LxmertModel(LxmertPreTrainedModel):
             attention_mask = torch.ones(input_shape, device=device)
         if token_type_ids is None:
             token_type_ids = torch.zeros(input_shape, dtype=torch.long, device=device)
-        # masks in the parameters' dtype, as transformers builds them (finfo.min, not the original's -10000)
-        lang_mask = make_mask(attention_mask, self.dtype)
-        visn_mask = make_mask(visual_attention_mask, self.dtype)
+        # masks in the parameters' dtype, as transformers builds them (finfo.min, not the original's -10000);
+        # padded text is packed away unless attention maps (which cover the padding too) are requested
+        pack = self.pack_text and not output_attentions and not torch.compiler.is_compiling()
+        lang_stream = Stream.make(attention_mask, *input_shape, self.dtype, pack=pack)
+        visn_stream = Stream.make(visual_attention_mask, *visual_feats.shape[:2], self.dtype)
 
-        lang = self.embeddings(input_ids, token_type_ids, inputs_embeds)
+        lang = lang_stream.pack(self.embeddings(input_ids, token_type_ids, inputs_embeds))
         lang_states, visn_states, lang_atts, visn_atts, cross_atts = self.encoder(
-            lang, lang_mask, visual_feats, visual_pos, visn_mask, output_attentions
+            lang, lang_stream, visual_feats, visual_pos, visn_stream, output_attentions
         )
-        lang_output, visual_output = lang_states[-1], visn_states[-1]
+        lang_output, visual_output = lang_stream.unpack(lang_states[-1]), visn_states[-1]
+        if output_hidden_states:
+            lang_states = tuple(lang_stream.unpack(state) for state in lang_states)
         pooled_output = self.pooler(lang_output)
 
         if not return_dict:
