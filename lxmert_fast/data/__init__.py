@@ -1,1 +1,67 @@
-"""Data: released LXMERT file formats, the feature store, sample data, datasets."""
+"""Data: released LXMERT file formats, the feature store, sample data, datasets.
+
+    formats.py          feature TSV reader / writer, pre-training JSON reader, all_ans.json and normalize_answer
+    feature_store.py    one-off TSV -> memory-mapped fp16 store conversion, and FeatureStore to read it
+    pretrain_dataset.py PretrainDataset (the five pre-training tasks' inputs / labels) and pretrain_collate
+    sample.py           ensure_sample_data: a small learnable data set in the released formats + a WordPiece vocab
+    fsutil.py           atomic directory publishing and build locks
+
+Typical use (the default pre-training run):
+
+    paths = ensure_sample_data("runs/sample_data", feat_dim=2048)
+    store = FeatureStore.from_tsv(paths.features_tsv)            # converts once, then re-uses
+    table = AnswerTable(paths.answer_table)
+    ds = PretrainDataset(paths.train_json, [store], table, paths.tokenizer_dir, max_seq_length=20, seed=9595)
+    loader = DataLoader(ds, batch_size=32, sampler=..., num_workers=2, collate_fn=pretrain_collate)
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)                                      # before the epoch's iterator is created
+        for batch in loader:
+            loss = model(**batch).loss                           # transformers LxmertForPreTraining kwargs
+"""
+
+from .feature_store import FeatureStore, StoreError, convert_tsv, default_store_dir
+from .formats import (
+    AnnotationFormatError,
+    AnswerTable,
+    FeatureFormatError,
+    ImageFeatures,
+    make_uid,
+    normalize_answer,
+    read_feature_tsv,
+    read_pretrain_json,
+    write_feature_tsv,
+)
+from .pretrain_dataset import IGNORE_INDEX, PretrainDataset, pretrain_collate
+from .sample import (
+    ATTRIBUTE_NAMES,
+    OBJECT_NAMES,
+    SamplePaths,
+    build_wordpiece_vocab,
+    ensure_sample_data,
+    make_sample_data,
+)
+
+__all__ = [
+    "ATTRIBUTE_NAMES",
+    "IGNORE_INDEX",
+    "OBJECT_NAMES",
+    "AnnotationFormatError",
+    "AnswerTable",
+    "FeatureFormatError",
+    "FeatureStore",
+    "ImageFeatures",
+    "PretrainDataset",
+    "SamplePaths",
+    "StoreError",
+    "build_wordpiece_vocab",
+    "convert_tsv",
+    "default_store_dir",
+    "ensure_sample_data",
+    "make_sample_data",
+    "make_uid",
+    "normalize_answer",
+    "pretrain_collate",
+    "read_feature_tsv",
+    "read_pretrain_json",
+    "write_feature_tsv",
+]

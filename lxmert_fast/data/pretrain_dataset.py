@@ -1,0 +1,367 @@
+"""LXMERT pre-training examples: one (sentence, image) pair per item, with the five tasks' inputs and labels.
+
+Faithful to the original `src/pretrain/lxmert_pretrain.py` (spec section 2):
+- masked LM: 15% of the sentence's word pieces ([CLS]/[SEP] never); of those 80% -> [MASK], 10% -> a random
+  id of the whole vocabulary, 10% kept; labels are the original ids there and -100 elsewhere. Applied to
+  mismatched pairs too.
+- matching: with probability 0.5 the sentence is swapped for one of another image (matched_label 0).
+- masked objects: 15% of the real objects; of those 80% zeroed, 10% replaced by the feature of a random object of
+  a random sentence's image (the original does not exclude the same image; neither do we), 10% kept; the `feat`
+  target is the unmasked feature with mask 1 on masked objects. Object / attribute labels and confidences are
+  given for all objects (the loss is over all 36, weighted by confidence, as in the original).
+- QA: for a matched question sentence whose soft answers (mapped through the answer table at load time, unknown
+  answers dropped) are not empty, an answer sampled with probability proportional to its score; otherwise -100.
+  Enabled from epoch `qa_from_epoch` on (0: every epoch, as the released code; 10 of 20 in the paper).
+- sentences longer than max_seq_length - 2 word pieces are truncated, as in the original.
+Differences, on purpose: ignore index -100 (HF) instead of -1; images with fewer than 36 boxes are zero-padded and
+masked out through `visual_attention_mask` (the released files always have 36).
+
+Every random choice of an item is drawn from one generator seeded by (seed, epoch, index), so an item does not
+depend on the rank, worker, or order in which it is requested. `set_epoch(e)` must be called before each epoch's
+DataLoader iterator is created (workers copy the dataset when they start: with persistent_workers=True the epoch
+would stay frozen; index the dataset with (epoch, index) pairs in that case).
+
+The sentences, image references and answer labels are packed into numpy arrays at load time, so workers do not
+touch Python object refcounts (which would un-share copy-on-write pages) when they read them.
+
+Public API
+    PretrainDataset(annotation_paths, feature_stores, answer_table, tokenizer, *, max_seq_length=20, seed=9595,
+                    word_mask_rate=0.15, obj_mask_rate=0.15, task_matched=True, qa_from_epoch=0, sources=None)
+        .set_epoch(epoch), .epoch, .qa_enabled, len(ds), ds[index] or ds[(epoch, index)] -> dict of numpy arrays,
+        .uid(index) -> "{img_id}_{source}_{index}", .num_dropped (sentences without features)
+    pretrain_collate(items) -> dict of tensors: exactly the keyword arguments of LxmertForPreTraining.forward
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .feature_store import FeatureStore
+from .formats import AnswerTable, make_uid, read_pretrain_json
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # torch CrossEntropyLoss's default, used by transformers' LxmertForPreTraining
+
+
+def _as_store(store) -> FeatureStore:
+    if isinstance(store, FeatureStore):
+        return store
+    path = Path(store)
+    return FeatureStore(path) if path.is_dir() else FeatureStore.from_tsv(path)
+
+
+def _load_tokenizer(tokenizer):
+    if isinstance(tokenizer, str | Path):
+        from transformers import BertTokenizerFast
+
+        return BertTokenizerFast.from_pretrained(str(tokenizer))
+    return tokenizer
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """Items of LXMERT pre-training (see the module docstring).
+
+    annotation_paths: pre-training JSON files (a path or a list of paths).
+    feature_stores:   FeatureStore objects, store directories, or feature TSVs (converted on first use).
+    answer_table:     AnswerTable or a path to all_ans.json.
+    tokenizer:        a transformers fast BERT tokenizer, or a local folder / hub name for BertTokenizerFast.
+    sources:          keep only these sentence sources (e.g. {"mscoco", "vg", "vqa", "gqa", "visual7w"}).
+    """
+
+    def __init__(
+        self,
+        annotation_paths,
+        feature_stores,
+        answer_table,
+        tokenizer,
+        *,
+        max_seq_length: int = 20,
+        seed: int = 9595,
+        word_mask_rate: float = 0.15,
+        obj_mask_rate: float = 0.15,
+        task_matched: bool = True,
+        qa_from_epoch: int = 0,
+        sources: Iterable[str] | None = None,
+    ):
+        if isinstance(annotation_paths, str | Path):
+            annotation_paths = [annotation_paths]
+        if isinstance(feature_stores, str | Path | FeatureStore):
+            feature_stores = [feature_stores]
+        if max_seq_length < 3:
+            raise ValueError(f"max_seq_length must be at least 3 ([CLS] word [SEP]), got {max_seq_length}")
+        self.stores = [_as_store(s) for s in feature_stores]
+        if not self.stores:
+            raise ValueError("no feature stores given")
+        self.answer_table = answer_table if isinstance(answer_table, AnswerTable) else AnswerTable(answer_table)
+        self.tokenizer = _load_tokenizer(tokenizer)
+        self.max_seq_length = max_seq_length
+        self.seed = seed
+        self.word_mask_rate = word_mask_rate
+        self.obj_mask_rate = obj_mask_rate
+        self.task_matched = task_matched
+        self.qa_from_epoch = qa_from_epoch
+        self.epoch = 0
+
+        dims = {(s.feat_dim, s.max_boxes) for s in self.stores}
+        if len(dims) != 1:
+            raise ValueError(f"feature stores disagree on (feat_dim, max_boxes): {sorted(dims)}")
+        self.feat_dim, self.max_boxes = dims.pop()
+        self.vocab_size = len(self.tokenizer)
+        self._special = (
+            self.tokenizer.cls_token_id,
+            self.tokenizer.sep_token_id,
+            self.tokenizer.pad_token_id,
+            self.tokenizer.mask_token_id,
+        )
+        if any(t is None for t in self._special):
+            raise ValueError("the tokenizer needs [CLS], [SEP], [PAD] and [MASK] tokens")
+
+        self._load(list(annotation_paths), None if sources is None else set(sources))
+
+    # -- loading --------------------------------------------------------------------------------------------------
+
+    def _load(self, paths: list, sources: set | None) -> None:
+        # Global image index over all stores; the first store holding an img_id wins.
+        image_of: dict[str, int] = {}
+        img_store, img_row, img_ids = [], [], []
+        for k, store in enumerate(self.stores):
+            for img_id in store.img_ids:
+                if img_id in image_of:
+                    continue
+                image_of[img_id] = len(img_ids)
+                img_store.append(k)
+                img_row.append(store.row(img_id))
+                img_ids.append(img_id)
+
+        source_ids: dict[str, int] = {}
+        text = bytearray()
+        text_end, d_img, d_src, d_idx, lab_end = [], [], [], [], []
+        flat_ans, flat_score = [], []
+        is_question = []
+        dropped_records = dropped_sents = 0
+        for path in paths:
+            for datum in read_pretrain_json(path):
+                img = image_of.get(datum["img_id"])
+                labelf = datum.get("labelf", {})
+                for src, sents in datum["sentf"].items():
+                    if sources is not None and src not in sources:
+                        continue
+                    if img is None:
+                        dropped_sents += len(sents)
+                        continue
+                    labels = labelf.get(src)
+                    s = source_ids.setdefault(src, len(source_ids))
+                    for i, sent in enumerate(sents):
+                        text += sent.strip().encode("utf-8")
+                        text_end.append(len(text))
+                        d_img.append(img)
+                        d_src.append(s)
+                        d_idx.append(i)
+                        is_question.append(labels is not None)
+                        if labels is not None:
+                            # As the original: normalise, keep answers the table knows, a later raw answer that
+                            # normalises to the same string overwrites the earlier one's score.
+                            known: dict[int, float] = {}
+                            for ans, score in labels[i].items():
+                                label = self.answer_table.ans2id(ans)
+                                if label is not None:
+                                    known[label] = float(score)
+                            flat_ans.extend(known)
+                            flat_score.extend(known.values())
+                        lab_end.append(len(flat_ans))
+                dropped_records += img is None
+        if dropped_sents:
+            logger.warning(
+                "dropped %d sentences of %d annotation records whose image is in none of the feature stores",
+                dropped_sents,
+                dropped_records,
+            )
+        self.num_dropped = dropped_sents
+        if not text_end:
+            raise ValueError(
+                f"no usable sentences: {dropped_sents} sentences in {[str(p) for p in paths]} refer to images "
+                f"missing from the feature stores {[str(s.store_dir) for s in self.stores]}"
+            )
+
+        self._text = np.frombuffer(bytes(text), dtype=np.uint8)
+        self._text_end = np.asarray(text_end, dtype=np.int64)
+        self._img = np.asarray(d_img, dtype=np.int64)
+        self._src = np.asarray(d_src, dtype=np.int16)
+        self._sent_idx = np.asarray(d_idx, dtype=np.int32)
+        self._is_question = np.asarray(is_question, dtype=bool)
+        self._lab_end = np.asarray(lab_end, dtype=np.int64)
+        self._ans = np.asarray(flat_ans, dtype=np.int64)
+        self._score = np.asarray(flat_score, dtype=np.float64)
+        self._img_store = np.asarray(img_store, dtype=np.int16)
+        self._img_row = np.asarray(img_row, dtype=np.int64)
+        self._img_ids = img_ids
+        self._source_names = list(source_ids)
+        logger.info(
+            "pre-training data: %d sentences (%d questions) of %d images from %s",
+            len(self),
+            int(self._is_question.sum()),
+            len(np.unique(self._img)),
+            ", ".join(str(p) for p in paths),
+        )
+        if self.task_matched and len(np.unique(self._img)) < 2:
+            raise ValueError("the matching task needs sentences of at least two images")
+
+    # -- accessors ------------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._text_end)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random draws __getitem__ makes (call before creating each epoch's iterator)."""
+        self.epoch = int(epoch)
+
+    @property
+    def qa_enabled(self) -> bool:
+        return self.epoch >= self.qa_from_epoch
+
+    def sentence(self, index: int) -> str:
+        start = self._text_end[index - 1] if index > 0 else 0
+        return self._text[start : self._text_end[index]].tobytes().decode("utf-8")
+
+    def img_id(self, index: int) -> str:
+        return self._img_ids[self._img[index]]
+
+    def uid(self, index: int) -> str:
+        return make_uid(self.img_id(index), self._source_names[self._src[index]], int(self._sent_idx[index]))
+
+    def _image(self, img: int):
+        store = self.stores[self._img_store[img]]
+        return store, int(self._img_row[img])
+
+    # -- items ----------------------------------------------------------------------------------------------------
+
+    def __getitem__(self, item) -> dict[str, np.ndarray]:
+        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        # Fixed-size draws first (objects, then words, both padded to their maximum count), variable-size ones
+        # last, so that e.g. the sentence length never shifts the object masking.
+        obj_p = rng.random(self.max_boxes)
+        word_p = rng.random(self.max_seq_length - 2)
+        word_random_ids = rng.integers(self.vocab_size, size=self.max_seq_length - 2)
+        img = self._img[index]
+
+        sent_index, matched = index, 1
+        if self.task_matched and rng.random() < 0.5:
+            matched = 0
+            sent_index = int(rng.integers(len(self)))
+            while self._img[sent_index] == img:
+                sent_index = int(rng.integers(len(self)))
+
+        out = self._text_inputs(self.sentence(sent_index), word_p, word_random_ids)
+        out.update(self._visual_inputs(img, obj_p, rng))
+        out["matched_label"] = np.int64(matched)
+
+        ans = IGNORE_INDEX
+        start = self._lab_end[index - 1] if index > 0 else 0
+        end = self._lab_end[index]
+        if matched and end > start and epoch >= self.qa_from_epoch:
+            scores = self._score[start:end]
+            if end - start == 1:
+                choice = 0
+            else:
+                total = scores.sum()
+                p = scores / total if total > 0 else np.full(len(scores), 1.0 / len(scores))
+                choice = int(rng.choice(len(scores), p=p))
+            ans = int(self._ans[start + choice])
+        out["ans"] = np.int64(ans)
+        return out
+
+    def _text_inputs(self, sent: str, p: np.ndarray, random_ids: np.ndarray) -> dict[str, np.ndarray]:
+        cls_id, sep_id, pad_id, mask_id = self._special
+        tokens = np.asarray(self.tokenizer.encode(sent, add_special_tokens=False), dtype=np.int64)
+        tokens = tokens[: self.max_seq_length - 2]
+        n = len(tokens)
+        # One uniform per token decides both "masked?" (p < rate) and which replacement: the original rescales p
+        # by 1/rate and compares with 0.8 / 0.9, i.e. p < 0.8 rate -> [MASK], p < 0.9 rate -> random, else kept.
+        p, random_ids = p[:n], random_ids[:n]
+        rate = self.word_mask_rate
+        masked = p < rate
+        masked_tokens = tokens.copy()
+        masked_tokens[p < 0.8 * rate] = mask_id
+        swap = (p >= 0.8 * rate) & (p < 0.9 * rate)
+        masked_tokens[swap] = random_ids[swap]
+
+        length = n + 2
+        input_ids = np.full(self.max_seq_length, pad_id, dtype=np.int64)
+        input_ids[0], input_ids[1 : n + 1], input_ids[n + 1] = cls_id, masked_tokens, sep_id
+        labels = np.full(self.max_seq_length, IGNORE_INDEX, dtype=np.int64)
+        labels[1 : n + 1] = np.where(masked, tokens, IGNORE_INDEX)
+        attention_mask = np.zeros(self.max_seq_length, dtype=np.int64)
+        attention_mask[:length] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": np.zeros(self.max_seq_length, dtype=np.int64),
+            "labels": labels,
+        }
+
+    def _visual_inputs(self, img: int, p: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        store, row = self._image(img)
+        nb = int(store.num_boxes[row])
+        feats = store.features[row].astype(np.float32)  # (B, F)
+        valid = np.arange(self.max_boxes) < nb
+
+        # As for words: p < 0.8 rate zeroed, < 0.9 rate replaced, < rate kept.
+        rate = self.obj_mask_rate
+        masked = (p < rate) & valid
+        masked_feats = feats.copy()
+        masked_feats[masked & (p < 0.8 * rate)] = 0.0
+        for i in np.flatnonzero(masked & (p >= 0.8 * rate) & (p < 0.9 * rate)):
+            # As the original's random_feat(): a random sentence's image, a random object of it.
+            other_store, other_row = self._image(self._img[rng.integers(len(self))])
+            j = rng.integers(int(other_store.num_boxes[other_row]))
+            masked_feats[i] = other_store.features[other_row, j]
+
+        return {
+            "visual_feats": masked_feats,
+            "visual_pos": np.array(store.boxes[row], dtype=np.float32),
+            "visual_attention_mask": valid.astype(np.int64),
+            "obj_ids": np.array(store.obj_ids[row], dtype=np.int64),
+            "obj_conf": np.array(store.obj_conf[row], dtype=np.float32),
+            "attr_ids": np.array(store.attr_ids[row], dtype=np.int64),
+            "attr_conf": np.array(store.attr_conf[row], dtype=np.float32),
+            "feat_target": feats,
+            "feat_mask": masked.astype(np.float32),
+        }
+
+
+def pretrain_collate(items: Sequence[dict[str, np.ndarray]]) -> dict:
+    """Stack PretrainDataset items into the keyword arguments of transformers' LxmertForPreTraining.forward:
+    input_ids / attention_mask / token_type_ids / labels (B, L) long, visual_feats (B, 36, F) float32,
+    visual_pos (B, 36, 4) float32, visual_attention_mask (B, 36) long, obj_labels {"obj": (ids (B, 36) long,
+    conf (B, 36) float32), "attr": (ids, conf), "feat": (features (B, 36, F) float32, mask (B, 36) float32)},
+    matched_label (B,) long, ans (B,) long (-100: no QA label)."""
+
+    def stack(key):
+        return torch.from_numpy(np.stack([item[key] for item in items]))
+
+    return {
+        "input_ids": stack("input_ids"),
+        "attention_mask": stack("attention_mask"),
+        "token_type_ids": stack("token_type_ids"),
+        "visual_feats": stack("visual_feats"),
+        "visual_pos": stack("visual_pos"),
+        "visual_attention_mask": stack("visual_attention_mask"),
+        "labels": stack("labels"),
+        "obj_labels": {
+            "obj": (stack("obj_ids"), stack("obj_conf")),
+            "attr": (stack("attr_ids"), stack("attr_conf")),
+            "feat": (stack("feat_target"), stack("feat_mask")),
+        },
+        "matched_label": stack("matched_label"),
+        "ans": stack("ans"),
+    }

@@ -1,0 +1,281 @@
+"""A small, learnable sample data set in exactly the released LXMERT formats, plus a WordPiece vocabulary for it.
+
+Each synthetic image holds 1-3 kinds of foreground objects (a name, a colour, a count of 1-4 instances) on 1-2
+kinds of background ("grass", "sky", ...). Its 36 boxes are the instances, then jittered duplicates of them and
+background regions (as a detector's overlapping proposals). A box's feature is a fixed random prototype of its
+object class plus one of its colour plus noise (ReLU'ed like the real RoI features), so object / attribute
+classification and masked-feature regression can be learnt. Captions and questions mention the objects' names,
+colours and counts ("how many dogs are there?" -> "2", sometimes written "two"), so masked words, matching and
+QA are learnable too. Some answers need normalisation ("grey", "the dog", "two") and a few are unknown to the
+answer table, as in the real data.
+
+Public API
+    OBJECT_NAMES, ATTRIBUTE_NAMES     label names: object id k is OBJECT_NAMES[k], attribute id k ATTRIBUTE_NAMES[k]
+    SamplePaths                       dataclass: root, train_json, valid_json, features_tsv, answer_table,
+                                      tokenizer_dir
+    make_sample_data(out_dir, num_images=300, seed=0, feat_dim=2048) -> SamplePaths   (writes unconditionally)
+    ensure_sample_data(root, num_images=300, seed=0, feat_dim=2048) -> SamplePaths
+        generate into `root` unless a complete sample with the same parameters is there; atomic and safe
+        when several processes call it at once
+    build_wordpiece_vocab(texts, out_dir, vocab_size=1000) -> Path
+        train a lower-casing WordPiece vocabulary and save it as a folder BertTokenizerFast.from_pretrained loads
+        ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .formats import ImageFeatures, write_feature_tsv
+from .fsutil import build_lock, publish_dir, remove_stale_staging, staging_dir
+
+# (singular, plural); the first 20 are foreground objects, the rest background regions.
+_OBJECTS = [
+    ("dog", "dogs"),
+    ("cat", "cats"),
+    ("car", "cars"),
+    ("tree", "trees"),
+    ("person", "people"),
+    ("ball", "balls"),
+    ("cup", "cups"),
+    ("chair", "chairs"),
+    ("table", "tables"),
+    ("bird", "birds"),
+    ("horse", "horses"),
+    ("boat", "boats"),
+    ("bus", "buses"),
+    ("kite", "kites"),
+    ("bench", "benches"),
+    ("bottle", "bottles"),
+    ("clock", "clocks"),
+    ("lamp", "lamps"),
+    ("book", "books"),
+    ("plate", "plates"),
+    ("grass", "grass"),
+    ("sky", "sky"),
+    ("wall", "walls"),
+    ("road", "roads"),
+    ("water", "water"),
+]
+_NUM_FOREGROUND = 20
+OBJECT_NAMES = tuple(s for s, _ in _OBJECTS)
+ATTRIBUTE_NAMES = ("red", "blue", "green", "yellow", "white", "black", "brown", "gray", "orange", "pink")
+_BACKGROUND_COLOURS = {
+    "grass": ("green", "brown"),
+    "sky": ("blue", "gray", "white"),
+    "wall": ("white", "gray", "yellow"),
+    "road": ("gray", "black"),
+    "water": ("blue", "green"),
+}
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_QA_DSETS = ("vqa", "gqa", "visual7w")
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SamplePaths:
+    root: Path
+    train_json: Path
+    valid_json: Path
+    features_tsv: Path
+    answer_table: Path
+    tokenizer_dir: Path
+
+    @classmethod
+    def under(cls, root) -> SamplePaths:
+        root = Path(root)
+        return cls(
+            root=root,
+            train_json=root / "lxmert" / "sample_train.json",
+            valid_json=root / "lxmert" / "sample_valid.json",
+            features_tsv=root / "sample_imgfeat" / "sample_obj36.tsv",
+            answer_table=root / "lxmert" / "all_ans.json",
+            tokenizer_dir=root / "tokenizer",
+        )
+
+
+def _phrase(count: int, colour: str, name: int) -> str:
+    singular, plural = _OBJECTS[name]
+    if count == 1:
+        article = "an" if colour[0] in "aeiou" else "a"
+        return f"{article} {colour} {singular}"
+    return f"{_NUMBER_WORDS[count]} {colour} {plural}"
+
+
+def _image(rng: np.random.Generator, k: int, feat_dim: int, obj_proto, attr_proto, num_boxes: int):
+    """One synthetic image: (ImageFeatures, its annotation record)."""
+    img_id = f"sample_{k:06d}"
+    img_h, img_w = (int(v) for v in rng.integers(240, 641, size=2))
+    kinds = rng.choice(_NUM_FOREGROUND, size=int(rng.integers(1, 4)), replace=False)
+    colours = rng.choice(len(ATTRIBUTE_NAMES), size=len(kinds), replace=False)
+    counts = rng.integers(1, 5, size=len(kinds))
+    backgrounds = rng.choice(np.arange(_NUM_FOREGROUND, len(_OBJECTS)), size=int(rng.integers(1, 3)), replace=False)
+    bg_colours = [ATTRIBUTE_NAMES.index(str(rng.choice(_BACKGROUND_COLOURS[OBJECT_NAMES[b]]))) for b in backgrounds]
+
+    # Boxes: every instance once, then duplicates of instances and background regions up to num_boxes.
+    labels = [(int(o), int(c)) for o, c, n in zip(kinds, colours, counts, strict=True) for _ in range(n)]
+    boxes = []
+    for _ in labels:
+        w, h = rng.uniform(0.1, 0.4) * img_w, rng.uniform(0.1, 0.4) * img_h
+        x1, y1 = rng.uniform(0, img_w - w), rng.uniform(0, img_h - h)
+        boxes.append([x1, y1, x1 + w, y1 + h])
+    num_instances = len(labels)
+    while len(labels) < num_boxes:
+        if rng.random() < 0.5:
+            j = int(rng.integers(num_instances))
+            labels.append(labels[j])
+            x1, y1, x2, y2 = boxes[j]
+            jitter = rng.normal(0, 0.05, size=4) * [x2 - x1, y2 - y1, x2 - x1, y2 - y1]
+            boxes.append(list(np.clip(np.add(boxes[j], jitter), 0, [img_w, img_h, img_w, img_h])))
+        else:
+            j = int(rng.integers(len(backgrounds)))
+            labels.append((int(backgrounds[j]), bg_colours[j]))
+            y1 = rng.uniform(0, 0.6) * img_h
+            boxes.append([0.0, y1, float(img_w), min(img_h, y1 + rng.uniform(0.2, 0.6) * img_h)])
+    order = rng.permutation(num_boxes)
+    obj = np.array([labels[i][0] for i in order], dtype=np.int64)
+    attr = np.array([labels[i][1] for i in order], dtype=np.int64)
+    box_arr = np.array([boxes[i] for i in order], dtype=np.float32)
+    box_arr = np.minimum(box_arr, np.array([img_w, img_h, img_w, img_h], dtype=np.float32))
+    feats = obj_proto[obj] + attr_proto[attr] + rng.normal(0, 0.3, size=(num_boxes, feat_dim))
+    record = ImageFeatures(
+        img_id=img_id,
+        img_h=img_h,
+        img_w=img_w,
+        objects_id=obj,
+        objects_conf=rng.uniform(0.5, 1.0, size=num_boxes).astype(np.float32),
+        attrs_id=attr,
+        attrs_conf=rng.uniform(0.2, 0.9, size=num_boxes).astype(np.float32),
+        boxes=box_arr,
+        features=np.maximum(feats, 0).astype(np.float32),
+    )
+
+    # Language: captions (no labelf) and questions with soft answers.
+    fg = [(int(o), ATTRIBUTE_NAMES[c], int(n)) for o, c, n in zip(kinds, colours, counts, strict=True)]
+    things = [_phrase(n, c, o) for o, c, n in fg]
+    listing = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
+    bg_name = OBJECT_NAMES[int(backgrounds[0])]
+    prefix = str(rng.choice(["a photo of", "there are", "an image with", "we can see"]))
+    mscoco = [f"{prefix} {listing}.", f"{listing} near the {ATTRIBUTE_NAMES[bg_colours[0]]} {bg_name}"]
+    o, c, n = fg[int(rng.integers(len(fg)))]
+    vg = [f"{_phrase(n, c, o)} on the {bg_name}"]
+
+    def count_question(o, n):
+        answer = {str(n): 1.0} if rng.random() < 0.7 else {_NUMBER_WORDS[n]: 1.0}
+        if rng.random() < 0.3:
+            answer[str(min(n + 1, 4) if n < 4 else 3)] = 0.3
+        return f"how many {_OBJECTS[o][1]} are there?", answer
+
+    def colour_question(o, c):
+        answer = {("grey" if c == "gray" and rng.random() < 0.5 else c): 1.0}
+        if rng.random() < 0.1:
+            answer["dunno"] = 0.3  # not in the answer table: dropped at load time
+        return f"what color is the {_OBJECTS[o][0]}?", answer
+
+    def presence_question():
+        if rng.random() < 0.5:
+            o = fg[int(rng.integers(len(fg)))][0]
+            return f"is there a {OBJECT_NAMES[o]} in the picture?", {"yes": 1.0}
+        absent = [k for k in range(_NUM_FOREGROUND) if k not in {f[0] for f in fg}]
+        return f"is there a {OBJECT_NAMES[int(rng.choice(absent))]} in the picture?", {"no": 1.0}
+
+    def which_question(o, c):
+        article = str(rng.choice(["", "a ", "the "]))
+        return f"what is the {c} object?", {f"{article}{OBJECT_NAMES[o]}": 1.0}
+
+    o1, c1, n1 = fg[int(rng.integers(len(fg)))]
+    o2, c2, _ = fg[int(rng.integers(len(fg)))]
+    vqa = [count_question(o1, n1), colour_question(o2, c2), presence_question()]
+    o3, c3, _ = fg[int(rng.integers(len(fg)))]
+    gqa = [which_question(o3, c3)]
+    annotation = {
+        "img_id": img_id,
+        "sentf": {"mscoco": mscoco, "vg": vg, "vqa": [q for q, _ in vqa], "gqa": [q for q, _ in gqa]},
+        "labelf": {"vqa": [a for _, a in vqa], "gqa": [a for _, a in gqa]},
+    }
+    return record, annotation
+
+
+def _answer_table() -> list[dict]:
+    answers = [str(i) for i in range(11)] + ["yes", "no"] + list(ATTRIBUTE_NAMES) + list(OBJECT_NAMES)
+    return [{"ans": a, "dsets": list(_QA_DSETS[: 1 + i % 3])} for i, a in enumerate(answers)]
+
+
+def build_wordpiece_vocab(texts: Iterable[str], out_dir, vocab_size: int = 1000) -> Path:
+    """Train a lower-casing BERT WordPiece vocabulary on `texts` and save it to `out_dir` as a folder that
+    transformers.BertTokenizerFast.from_pretrained loads. Special tokens: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3,
+    [MASK]=4. The vocabulary may come out smaller than `vocab_size` on a small corpus."""
+    from tokenizers.implementations import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(
+        texts,
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        show_progress=False,
+    )
+    wordpiece.save_model(str(out_dir))
+    # Loading the folder (only vocab.txt so far) builds the tokenizer the same way in transformers 4 and 5.
+    tokenizer = BertTokenizerFast.from_pretrained(str(out_dir), do_lower_case=True, model_max_length=512)
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def make_sample_data(out_dir, num_images: int = 300, seed: int = 0, feat_dim: int = 2048) -> SamplePaths:
+    """Write a sample data set under `out_dir` (overwriting its files); see the module docstring."""
+    if num_images < 2:
+        raise ValueError("the sample needs at least 2 images (the matching task pairs sentences across images)")
+    paths = SamplePaths.under(out_dir)
+    rng = np.random.default_rng(seed)
+    obj_proto = np.maximum(rng.normal(0.5, 1.0, size=(len(OBJECT_NAMES), feat_dim)), 0)
+    attr_proto = 0.5 * rng.normal(0, 1.0, size=(len(ATTRIBUTE_NAMES), feat_dim))
+    records, annotations = [], []
+    for k in range(num_images):
+        record, annotation = _image(rng, k, feat_dim, obj_proto, attr_proto, num_boxes=36)
+        records.append(record)
+        annotations.append(annotation)
+
+    for p in (paths.features_tsv, paths.train_json):
+        p.parent.mkdir(parents=True, exist_ok=True)
+    write_feature_tsv(paths.features_tsv, records)
+    num_valid = max(1, num_images // 10)
+    for path, part in ((paths.train_json, annotations[:-num_valid]), (paths.valid_json, annotations[-num_valid:])):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(part, f)
+    table = _answer_table()
+    with open(paths.answer_table, "w", encoding="utf-8") as f:
+        json.dump(table, f)
+
+    texts = [s for a in annotations for sents in a["sentf"].values() for s in sents]
+    texts += [e["ans"] for e in table] + list(_NUMBER_WORDS) + ["grey", "dunno", "the", "a", "an"]
+    build_wordpiece_vocab(texts, paths.tokenizer_dir)
+    return paths
+
+
+def ensure_sample_data(root, num_images: int = 300, seed: int = 0, feat_dim: int = 2048) -> SamplePaths:
+    """Return the sample data under `root`, generating it first unless a complete one with these parameters is
+    there. Generation is atomic (built in a temporary sibling, then renamed) and serialised across processes. A
+    non-empty `root` that is not a sample data folder is never deleted: that raises FileExistsError."""
+    root = Path(root)
+    params = {"version": _VERSION, "num_images": num_images, "seed": seed, "feat_dim": feat_dim}
+    marker = root / "sample_data.json"
+    with build_lock(root):
+        if marker.is_file() and json.loads(marker.read_text()) == params:
+            return SamplePaths.under(root)
+        if root.exists() and any(root.iterdir()) and not marker.is_file():
+            raise FileExistsError(f"{root} exists and is not a sample data folder; pick another directory")
+        remove_stale_staging(root)
+        with staging_dir(root) as tmp:
+            make_sample_data(tmp, num_images=num_images, seed=seed, feat_dim=feat_dim)
+            (tmp / "sample_data.json").write_text(json.dumps(params))
+            publish_dir(tmp, root)
+    return SamplePaths.under(root)
