@@ -19,7 +19,7 @@ setup(
     packages=["lxmert_fast", "lxmert_fast.data", "lxmert_fast.kernels"],
     package_dir={"lxmert_fast": "lxmert_fast", "lxmert_fast.kernels": "kernels"},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",
         TRITON,
         "transformers>=4.40",
         "deepspeed>=0.14",
