@@ -768,16 +768,15 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
                 flat_labels = labels.reshape(-1)
                 selected = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
                 logits = self.cls.predictions(lang_output.reshape(-1, lang_output.shape[-1]).index_select(0, selected))
-                # mean over labelled tokens, as cross_entropy with ignore_index gives (NaN when there are none)
-                losses["mlm"] = F.cross_entropy(logits.float(), flat_labels.index_select(0, selected))
+                losses["mlm"] = classification_loss(logits, flat_labels.index_select(0, selected))
             else:
-                losses["mlm"] = F.cross_entropy(lang_prediction_scores.view(-1, config.vocab_size), labels.view(-1))
+                losses["mlm"] = classification_loss(lang_prediction_scores, labels)
         if matched_label is not None and config.task_matched:
-            losses["matched"] = F.cross_entropy(cross_relationship_score.view(-1, 2), matched_label.view(-1))
+            losses["matched"] = classification_loss(cross_relationship_score, matched_label)
         if obj_labels is not None and config.task_obj_predict:
             losses.update(self.masked_object_losses(visual_output, obj_labels))
         if ans is not None and config.task_qa:
-            losses["qa"] = F.cross_entropy(answer_score.view(-1, config.num_qa_labels), ans.view(-1))
+            losses["qa"] = classification_loss(answer_score, ans)
 
         no_targets = labels is None and matched_label is None and obj_labels is None and ans is None
         total_loss = None if no_targets else torch.zeros((), device=device)
@@ -804,13 +803,24 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         losses = {}
         for key, size in visual_losses(self.config).items():
             label, weight = obj_labels[key]
-            prediction = scores[key].reshape(-1, size)
+            prediction = scores[key].reshape(-1, size).float()
             if key == "feat":
-                loss = F.smooth_l1_loss(prediction, label.reshape(-1, size), reduction="none").mean(1)
+                loss = F.smooth_l1_loss(prediction, label.reshape(-1, size).float(), reduction="none").mean(1)
             else:
                 loss = F.cross_entropy(prediction, label.reshape(-1), reduction="none")
-            losses[key] = (loss * weight.reshape(-1)).mean() * self.config.visual_loss_normalizer
+            losses[key] = (loss * weight.reshape(-1).float()).mean() * self.config.visual_loss_normalizer
         return losses
+
+
+def classification_loss(logits, labels):
+    """Mean cross-entropy over the labelled rows (label != -100), taken in fp32.
+
+    Written as sum / count so a batch with no labelled row (a small batch without masked words, or QA switched off
+    for an epoch) gives 0, still in the graph, where transformers' mean gives NaN; otherwise the same value.
+    """
+    labels = labels.reshape(-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def _hidden_and_attentions(extra, output_hidden_states, output_attentions, config) -> dict:
@@ -873,7 +883,7 @@ class LxmertForQuestionAnswering(LxmertPreTrainedModel):
         answer_score = self.answer_head(out[2])
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(answer_score.view(-1, config.num_qa_labels), labels.view(-1))
+            loss = classification_loss(answer_score, labels)
         if not return_dict:
             output = (answer_score,) + tuple(out[3:])
             return ((loss,) + output) if loss is not None else output
@@ -939,7 +949,7 @@ class LxmertForNLVR2(LxmertPreTrainedModel):
         )
         pooled = out[2].view(-1, 2, config.hidden_size)  # (B, 2, C)
         logits = self.logit_fc(pooled.flatten(1))  # (B, 2)
-        loss = F.cross_entropy(logits, labels.view(-1)) if labels is not None else None
+        loss = classification_loss(logits, labels) if labels is not None else None
         if not return_dict:
             return (loss, logits, pooled) if loss is not None else (logits, pooled)
         return LxmertForNLVR2Output(loss=loss, logits=logits, pooled_output=pooled)

@@ -247,3 +247,18 @@ def test_wrong_shapes_give_clear_errors():
         model(**{**batch, "input_ids": batch["input_ids"][:1], "attention_mask": None, "token_type_ids": None})
     with pytest.raises(ValueError, match="attention_mask must be"):
         model(**{**batch, "attention_mask": batch["attention_mask"][:, :3]})
+
+
+def test_a_batch_without_masked_words_or_questions_gives_zero_not_nan():
+    """transformers' mean over zero labelled rows is NaN; ours is 0 for that task, and the total stays finite."""
+    config = small_config()
+    model = lxmert_fast.LxmertForPreTraining(config, backend="torch").train()
+    batch = make_batch(config, seed=6)
+    batch["labels"].fill_(-100)
+    batch["ans"].fill_(-100)
+    for sparse in (False, True):
+        out = model(**batch, return_task_losses=True, lm_logits_at_labels_only=sparse)
+        assert out.task_losses["mlm"].item() == 0.0 and out.task_losses["qa"].item() == 0.0
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
