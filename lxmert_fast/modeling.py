@@ -225,9 +225,11 @@ class LxmertAttentionOutput(FusedOps):
     def forward(self, hidden_states, input_tensor):
         hidden_states = self.dense(hidden_states)
         if self.use_triton:
+            # under autocast the dense output is half precision and the residual may be fp32: the kernel takes
+            # one dtype (it accumulates in fp32), so the residual stream continues in the autocast dtype
             return _kernels().add_layernorm(
                 hidden_states,
-                input_tensor,
+                input_tensor.to(hidden_states.dtype),
                 self.LayerNorm.weight,
                 self.LayerNorm.bias,
                 eps=self.LayerNorm.eps,
