@@ -194,7 +194,9 @@ class LxmertAttention(nn.Module):
     def attend(self, q, k, v, context_stream: Stream, output_attentions: bool):
         """Returns (context (B, Lq, C), probabilities (B, H, Lq, Lk) or None)."""
         mask = context_stream.additive
-        if output_attentions:
+        dropout_p = self.dropout.p if self.training else 0.0
+        # SDPA fuses the attention, but on the CPU it falls back to a slower unfused path when dropout is on
+        if output_attentions or (dropout_p > 0 and q.device.type == "cpu"):
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.attention_head_size)  # (B, H, Lq, Lk)
             if mask is not None:
                 scores = scores + mask
@@ -202,7 +204,6 @@ class LxmertAttention(nn.Module):
             context = probs @ v
         else:
             attn_mask = None if mask is None else mask.to(q.dtype)
-            dropout_p = self.dropout.p if self.training else 0.0
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
             probs = None
         return context.transpose(1, 2).flatten(2), probs  # (B, Lq, C)
