@@ -1,0 +1,86 @@
+"""Optimisers and learning-rate schedule of LXMERT pre-training.
+
+The released LXMERT was trained with "BertAdam" (the optimiser of the early pytorch-pretrained-bert package): Adam
+WITHOUT bias correction and with decoupled weight decay 0.01 applied to EVERY parameter, LayerNorm weights and biases
+included. Without bias correction the first steps are tiny (m is still near zero), which the 5% linear warm-up
+hides anyway. Clipping is not done here: DeepSpeed clips (``gradient_clipping`` in its JSON), and a plain PyTorch
+caller clips before ``step()``.
+"""
+
+import torch
+
+
+class BertAdam(torch.optim.Optimizer):
+    """Adam without bias correction, decoupled weight decay on all parameters.
+
+    Per element, with g the gradient::
+
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        p = p - lr * (m / (sqrt(v) + eps) + weight_decay * p)
+    """
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01):
+        if lr < 0.0:
+            raise ValueError(f"BertAdam: invalid learning rate {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"BertAdam: invalid betas {betas}")
+        if eps <= 0.0:
+            raise ValueError(f"BertAdam: invalid eps {eps}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("BertAdam does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                state["step"] += 1
+                g = p.grad
+                m.mul_(b1).add_(g, alpha=1.0 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+                update = m / (v.sqrt() + group["eps"])
+                if group["weight_decay"] > 0.0:
+                    update.add_(p, alpha=group["weight_decay"])
+                p.add_(update, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(params, name="bertadam", lr=1e-4, weight_decay=0.01):
+    """``bertadam`` (the released code's optimiser, the default) or ``adamw`` (torch's, with bias correction)."""
+    name = name.lower()
+    if name == "bertadam":
+        return BertAdam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=1e-6)
+    raise ValueError(f"unknown optimizer {name!r}: expected 'bertadam' or 'adamw'")
+
+
+def warmup_linear(step, total_steps, warmup=0.05):
+    """LR multiplier of the ``step``-th update (0-based), as the released code's ``warmup_linear``.
+
+    With x = (step + 1) / total_steps (BertAdam counted updates from 1): x / warmup during the warm-up, then
+    (1 - x) / (1 - warmup), falling linearly to 0 at the last update.
+    """
+    x = (step + 1) / max(int(total_steps), 1)
+    if x < warmup:
+        return x / warmup
+    return max((1.0 - x) / (1.0 - warmup), 0.0)
+
+
+def build_scheduler(optimizer, total_steps, warmup=0.05):
+    """LambdaLR wrapping :func:`warmup_linear`; its state_dict holds only the step, so resume is exact."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_linear(step, total_steps, warmup))
