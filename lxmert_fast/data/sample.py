@@ -35,7 +35,7 @@ from .formats import ImageFeatures, write_feature_tsv
 from .fsutil import build_lock, publish_dir, remove_stale_staging, staging_dir
 
 # (singular, plural); the first 20 are foreground objects, the rest background regions.
-_OBJECTS = [
+OBJECTS = [
     ("dog", "dogs"),
     ("cat", "cats"),
     ("car", "cars"),
@@ -62,8 +62,8 @@ _OBJECTS = [
     ("road", "roads"),
     ("water", "water"),
 ]
-_NUM_FOREGROUND = 20
-OBJECT_NAMES = tuple(s for s, _ in _OBJECTS)
+NUM_FOREGROUND = 20
+OBJECT_NAMES = tuple(s for s, _ in OBJECTS)
 ATTRIBUTE_NAMES = ("red", "blue", "green", "yellow", "white", "black", "brown", "gray", "orange", "pink")
 _BACKGROUND_COLOURS = {
     "grass": ("green", "brown"),
@@ -100,7 +100,7 @@ class SamplePaths:
 
 
 def _phrase(count: int, colour: str, name: int) -> str:
-    singular, plural = _OBJECTS[name]
+    singular, plural = OBJECTS[name]
     if count == 1:
         article = "an" if colour[0] in "aeiou" else "a"
         return f"{article} {colour} {singular}"
@@ -111,10 +111,10 @@ def _image(rng: np.random.Generator, k: int, feat_dim: int, obj_proto, attr_prot
     """One synthetic image: (ImageFeatures, its annotation record)."""
     img_id = f"sample_{k:06d}"
     img_h, img_w = (int(v) for v in rng.integers(240, 641, size=2))
-    kinds = rng.choice(_NUM_FOREGROUND, size=int(rng.integers(1, 4)), replace=False)
+    kinds = rng.choice(NUM_FOREGROUND, size=int(rng.integers(1, 4)), replace=False)
     colours = rng.choice(len(ATTRIBUTE_NAMES), size=len(kinds), replace=False)
     counts = rng.integers(1, 5, size=len(kinds))
-    backgrounds = rng.choice(np.arange(_NUM_FOREGROUND, len(_OBJECTS)), size=int(rng.integers(1, 3)), replace=False)
+    backgrounds = rng.choice(np.arange(NUM_FOREGROUND, len(OBJECTS)), size=int(rng.integers(1, 3)), replace=False)
     bg_colours = [ATTRIBUTE_NAMES.index(str(rng.choice(_BACKGROUND_COLOURS[OBJECT_NAMES[b]]))) for b in backgrounds]
 
     # Boxes: every instance once, then duplicates of instances and background regions up to num_boxes.
@@ -169,19 +169,19 @@ def _image(rng: np.random.Generator, k: int, feat_dim: int, obj_proto, attr_prot
         answer = {str(n): 1.0} if rng.random() < 0.7 else {_NUMBER_WORDS[n]: 1.0}
         if rng.random() < 0.3:
             answer[str(min(n + 1, 4) if n < 4 else 3)] = 0.3
-        return f"how many {_OBJECTS[o][1]} are there?", answer
+        return f"how many {OBJECTS[o][1]} are there?", answer
 
     def colour_question(o, c):
         answer = {("grey" if c == "gray" and rng.random() < 0.5 else c): 1.0}
         if rng.random() < 0.1:
             answer["dunno"] = 0.3  # not in the answer table: dropped at load time
-        return f"what color is the {_OBJECTS[o][0]}?", answer
+        return f"what color is the {OBJECTS[o][0]}?", answer
 
     def presence_question():
         if rng.random() < 0.5:
             o = fg[int(rng.integers(len(fg)))][0]
             return f"is there a {OBJECT_NAMES[o]} in the picture?", {"yes": 1.0}
-        absent = [k for k in range(_NUM_FOREGROUND) if k not in {f[0] for f in fg}]
+        absent = [k for k in range(NUM_FOREGROUND) if k not in {f[0] for f in fg}]
         return f"is there a {OBJECT_NAMES[int(rng.choice(absent))]} in the picture?", {"no": 1.0}
 
     def which_question(o, c):

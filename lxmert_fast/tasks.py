@@ -1,0 +1,255 @@
+"""Fine-tuning tasks (spec section 4): heads, losses, predictions, and how a task model starts from a checkpoint.
+
+    task   model                        head on the pooled output                       loss
+    vqa    LxmertForQuestionAnswering   answer_head.logit_fc -> 3129 answers            BCE-with-logits x answers
+    gqa    LxmertForQuestionAnswering   answer_head.logit_fc -> 1842 answers            same (or CE: --loss ce)
+    nlvr2  LxmertForNLVR2               logit_fc on the two passes' pooled vectors -> 2 CE
+
+Starting points (`build_task_model`), as the original's `--loadLXMERT` / `--loadLXMERTQA`:
+- `load`: the encoder (`lxmert.*`, pooler included) of any checkpoint: our pre-training output, an HF folder, the
+  original `model_LXRT.pth`. Its pre-training heads are ignored and the task head starts from random, except when
+  the checkpoint is a fine-tuned model of the same task (no pre-training heads, a head of the same shape, the same
+  answer vocabulary): then the head is loaded too, which is how a fine-tuned model is evaluated or tested.
+- `load_qa`: the encoder, plus the task's answer head from the pre-training QA head: the hidden layers
+  (logit_fc.0, .2) copied, and each output row taken from the row of the same answer in the pre-training answer
+  table (all_ans.json, normalised string match); answers with no match start from zero, weight and bias.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lxmert_fast.configuration import LxmertConfig
+from lxmert_fast.data.formats import AnswerTable
+from lxmert_fast.modeling import LxmertForNLVR2, LxmertForQuestionAnswering
+from lxmert_fast.weights import CheckpointError, infer_config, load_into, read_state_dict, to_hf_layout
+
+LABEL2ANS_FILE = "label2ans.json"  # saved next to a fine-tuned QA model: the meaning of its output rows
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "visual_feats",
+    "visual_pos",
+    "visual_attention_mask",
+)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """The original's hyper-parameters of a task (batch size 32 and clipping 5.0 live in the DeepSpeed JSON)."""
+
+    name: str
+    lr: float
+    epochs: int = 4
+    warmup: float = 0.1
+    max_seq_length: int = 20
+
+    @property
+    def is_qa(self) -> bool:
+        return self.name in ("vqa", "gqa")
+
+    @property
+    def model_class(self):
+        return LxmertForQuestionAnswering if self.is_qa else LxmertForNLVR2
+
+    @property
+    def head_prefix(self) -> str:
+        return "answer_head.logit_fc." if self.is_qa else "logit_fc."
+
+
+TASKS = {"vqa": TaskSpec("vqa", lr=5e-5), "gqa": TaskSpec("gqa", lr=1e-5), "nlvr2": TaskSpec("nlvr2", lr=5e-5)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses and predictions
+
+
+def task_loss(task: str, logits: torch.Tensor, batch: dict, loss: str = "bce") -> torch.Tensor:
+    """VQA / GQA: BCE-with-logits on the soft scores, mean over all entries x number of answers (the original's
+    scaling: a sum over answers, mean over the batch); `loss="ce"`: cross-entropy on each question's top answer
+    (questions with no known answer ignored). NLVR2: cross-entropy on the 0 / 1 label."""
+    logits = logits.float()  # (B, A) or (B, 2)
+    if task == "nlvr2":
+        return F.cross_entropy(logits, batch["label"], ignore_index=-100)
+    target = batch["target"].float()  # (B, A)
+    if loss == "ce":
+        best, label = target.max(dim=1)
+        label = torch.where(best > 0, label, torch.full_like(label, -100))
+        return F.cross_entropy(logits, label, ignore_index=-100)
+    return F.binary_cross_entropy_with_logits(logits, target) * logits.shape[1]
+
+
+class FinetuneObjective(nn.Module):
+    """What DeepSpeed wraps: the task model plus its loss; `forward(batch)` -> {"logits", and "loss" when the batch
+    carries targets}."""
+
+    def __init__(self, model: nn.Module, task: str, loss: str = "bce"):
+        super().__init__()
+        self.model, self.task, self.loss = model, task, loss
+
+    def forward(self, batch: dict) -> dict:
+        out = self.model(**{k: batch[k] for k in MODEL_INPUTS}, return_dict=True)
+        logits = out.logits if self.task == "nlvr2" else out.question_answering_score  # (B, 2) / (B, A)
+        result = {"logits": logits}
+        if "target" in batch or "label" in batch:
+            result["loss"] = task_loss(self.task, logits, batch, self.loss)
+        return result
+
+
+def predict(task: str, logits: torch.Tensor, label2ans=None) -> list:
+    """Arg-max predictions: answer strings for VQA / GQA, 0 / 1 for NLVR2."""
+    best = logits.argmax(dim=-1).tolist()
+    return best if task == "nlvr2" else [label2ans[i] for i in best]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Starting points
+
+
+def _checkpoint_config(path: Path, state: dict) -> LxmertConfig:
+    config_file = path / "config.json" if path.is_dir() else None
+    if config_file is not None and config_file.is_file():
+        return LxmertConfig.from_json_file(str(config_file))
+    return infer_config(state)
+
+
+def build_task_model(
+    task: str,
+    num_answers: int | None = None,
+    *,
+    load=None,
+    load_qa=None,
+    answer_table=None,
+    label2ans=None,
+    config: LxmertConfig | None = None,
+    backend: str = "auto",
+    log=print,
+):
+    """A task model from `load` or `load_qa` (see the module docstring), or from random with `config`.
+
+    num_answers / label2ans: the task's answer vocabulary (VQA / GQA); answer_table: all_ans.json (or an
+    AnswerTable) whose order is the pre-training QA head's rows, needed with `load_qa`.
+    """
+    spec = TASKS[task]
+    if load is not None and load_qa is not None:
+        raise ValueError("give either --load or --load-lxmert-qa, not both")
+    if spec.is_qa and num_answers is None:
+        num_answers = len(label2ans)
+    source = load_qa if load_qa is not None else load
+    if source is None:
+        if config is None:
+            raise ValueError("no checkpoint and no config: nothing to build the model from")
+        config = copy.deepcopy(config)
+        if spec.is_qa:
+            config.num_qa_labels = num_answers
+        log(f"{task}: model starts from random initialisation (no --load)")
+        return spec.model_class(config, backend=backend)
+
+    path = Path(source)
+    state = to_hf_layout(read_state_dict(path))
+    if spec.is_qa:  # the original's fine-tuned VQA / GQA models keep their head as `logit_fc.*`
+        state = {("answer_head." + k if k.startswith("logit_fc.") else k): v for k, v in state.items()}
+    config = _checkpoint_config(path, state)
+    if spec.is_qa:
+        config.num_qa_labels = num_answers
+    model = spec.model_class(config, backend=backend)
+    encoder = {k.removeprefix("lxmert."): v for k, v in state.items() if k.startswith("lxmert.")}
+    load_into(model.lxmert, encoder, source=str(path))
+
+    if load_qa is not None:
+        if not spec.is_qa:
+            raise ValueError("--load-lxmert-qa is for VQA / GQA: NLVR2's pair head has no answer rows; use --load")
+        if answer_table is None:
+            raise ValueError("--load-lxmert-qa needs the pre-training answer table (--answer-table all_ans.json)")
+        init_answer_head_from_qa(model, state, answer_table, label2ans, source=str(path), log=log)
+        return model
+
+    head = {k.removeprefix(spec.head_prefix): v for k, v in state.items() if k.startswith(spec.head_prefix)}
+    expected = model.answer_head.logit_fc.state_dict() if spec.is_qa else model.logit_fc.state_dict()
+    is_pretraining = any(k.startswith(("cls.", "obj_predict_head.")) for k in state)
+    fits = set(head) == set(expected) and all(head[k].shape == expected[k].shape for k in head)
+    if fits and not is_pretraining:
+        _check_label2ans(path, label2ans)
+        (model.answer_head.logit_fc if spec.is_qa else model.logit_fc).load_state_dict(head)
+        log(f"{task}: encoder and task head loaded from {path}")
+    else:
+        log(f"{task}: encoder loaded from {path}; the task head starts from random initialisation")
+    return model
+
+
+def _check_label2ans(path: Path, label2ans) -> None:
+    """A fine-tuned QA model's rows only mean something with the vocabulary it was trained on."""
+    saved = path / LABEL2ANS_FILE if path.is_dir() else None
+    if label2ans is None or saved is None or not saved.is_file():
+        return
+    if json.loads(saved.read_text()) != list(label2ans):
+        raise CheckpointError(
+            f"{path}: its answer head was trained on the answers in {saved}, which differ from this run's answer "
+            "vocabulary; use --load-lxmert-qa or the matching --ans2label"
+        )
+
+
+def init_answer_head_from_qa(model, state: dict, answer_table, label2ans, source="checkpoint", log=print):
+    """Initialise `model.answer_head.logit_fc` from a pre-training QA head in `state` (HF layout).
+
+    logit_fc.0 (Linear) and .2 (LayerNorm) are copied; row k of logit_fc.3 (weight and bias) is the pre-training
+    row of answer label2ans[k] in `answer_table` after normalisation, or zero when the table has no such answer.
+    Returns (matched, unmatched) and logs the count.
+    """
+    table = answer_table if isinstance(answer_table, AnswerTable) else AnswerTable(answer_table)
+    keys = [f"answer_head.logit_fc.{i}.{p}" for i in (0, 2, 3) for p in ("weight", "bias")]
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"{source}: no pre-training QA head to load answers from (missing {', '.join(missing)})")
+    rows = state["answer_head.logit_fc.3.weight"]  # (answers in the table, 2H)
+    if rows.shape[0] != len(table):
+        raise CheckpointError(
+            f"{source}: the QA head has {rows.shape[0]} answers but the answer table {table.path} holds {len(table)}"
+        )
+    head = model.answer_head.logit_fc
+    with torch.no_grad():
+        for i in (0, 2):
+            for p in ("weight", "bias"):
+                src = state[f"answer_head.logit_fc.{i}.{p}"]
+                dst = getattr(head[i], p)
+                if src.shape != dst.shape:
+                    raise CheckpointError(
+                        f"{source}: answer_head.logit_fc.{i}.{p} is {tuple(src.shape)}, the model "
+                        f"needs {tuple(dst.shape)}"
+                    )
+                dst.copy_(src)
+        weight, bias = head[3].weight, head[3].bias
+        matched = 0
+        for label, ans in enumerate(label2ans):
+            row = table.ans2id(ans)
+            if row is None:
+                weight[label].zero_()
+                bias[label].zero_()
+            else:
+                weight[label].copy_(rows[row])
+                bias[label].copy_(state["answer_head.logit_fc.3.bias"][row])
+                matched += 1
+    unmatched = len(label2ans) - matched
+    log(f"Loaded {matched} answers from LXMERT QA pre-training and {unmatched} not ({source}, table {table.path})")
+    return matched, unmatched
+
+
+__all__ = [
+    "LABEL2ANS_FILE",
+    "MODEL_INPUTS",
+    "TASKS",
+    "FinetuneObjective",
+    "TaskSpec",
+    "build_task_model",
+    "init_answer_head_from_qa",
+    "predict",
+    "task_loss",
+]

@@ -1,0 +1,325 @@
+"""Fine-tuning: data formats and errors, metrics, submission files, checkpoint starting points, and short runs.
+
+Everything runs on tiny configs (hidden 32, 32-d features, 150 sample images) so the file takes well under a
+minute or two on a 2-core CPU.
+"""
+
+import json
+
+import pytest
+import torch
+
+from lxmert_fast import LxmertConfig, LxmertForNLVR2, LxmertForPreTraining
+from lxmert_fast.data import FeatureStore, ensure_sample_data
+from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADataset, finetune_collate
+from lxmert_fast.data.finetune_sample import ensure_finetune_sample
+from lxmert_fast.data.formats import AnnotationFormatError
+from lxmert_fast.evaluation import (
+    evaluate,
+    gqa_accuracy,
+    nlvr2_accuracy,
+    nlvr2_consistency,
+    read_submission,
+    vqa_score,
+    write_submission,
+)
+from lxmert_fast.tasks import LABEL2ANS_FILE, build_task_model
+from lxmert_fast.weights import CheckpointError, save_original
+
+TINY = dict(
+    hidden_size=32,
+    num_attention_heads=2,
+    intermediate_size=64,
+    l_layers=1,
+    x_layers=1,
+    r_layers=1,
+    visual_feat_dim=32,
+    max_position_embeddings=32,
+    num_object_labels=25,
+    num_attr_labels=10,
+)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    paths = ensure_sample_data(root / "sample_data", num_images=150, feat_dim=32)
+    ft = ensure_finetune_sample(paths)
+    model_config = root / "tiny.json"
+    model_config.write_text(json.dumps({"model_type": "lxmert", **TINY}))
+    ds_config = root / "ds.json"  # fp32, no ZeRO: the cheapest engine on a CPU
+    ds_config.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": 32,
+                "gradient_accumulation_steps": 1,
+                "gradient_clipping": 5.0,
+                "zero_allow_untested_optimizer": True,
+                "zero_optimization": {"stage": 0},
+            }
+        )
+    )
+    return {
+        "root": root,
+        "paths": paths,
+        "ft": ft,
+        "model_config": model_config,
+        "ds_config": ds_config,
+        "store": FeatureStore.from_tsv(paths.features_tsv, progress=False),
+    }
+
+
+def cli(sample, task, out, *extra):
+    ft, paths = sample["ft"], sample["paths"]
+    argv = [
+        "--task",
+        task,
+        "--train",
+        str(ft.split(task, "train")),
+        "--valid",
+        str(ft.split(task, "valid")),
+        "--test-json",
+        str(ft.split(task, "test")),
+        "--features",
+        str(paths.features_tsv),
+        "--tokenizer",
+        str(paths.tokenizer_dir),
+        "--deepspeed_config",
+        str(sample["ds_config"]),
+        "--model-config",
+        str(sample["model_config"]),
+        "--output-dir",
+        str(out),
+        "--num-workers",
+        "0",
+    ]
+    if task != "nlvr2":
+        argv += ["--ans2label", str(ft.ans2label(task))]
+    return argv + list(extra)
+
+
+# ----------------------------------------------------------------------------------------------- short runs
+def test_vqa_finetuning_beats_untrained_model(sample, tmp_path):
+    from lxmert_fast.finetune import main
+
+    untrained = main(cli(sample, "vqa", tmp_path / "untrained", "--from-scratch", "--epochs", "0"))
+    tuned = main(cli(sample, "vqa", tmp_path / "tuned", "--from-scratch", "--epochs", "3", "--lr", "1e-3", "--test"))
+    before, after = untrained["valid"]["eval_score"], tuned["best_score"]
+    assert after > before + 0.1, (before, after)
+
+    records = [json.loads(line) for line in open(tmp_path / "tuned" / "metrics.jsonl")]
+    evals = [r for r in records if r.get("split") == "valid"]
+    assert len(evals) == 3 and all("eval_score" in r for r in evals)
+    assert max(r["eval_score"] for r in evals) == after
+    assert (tmp_path / "tuned" / "best_model" / LABEL2ANS_FILE).is_file()
+
+    # the submission parses back: one answer of the vocabulary per test question, ids as in the file
+    submitted = read_submission("vqa", tuned["submission"])
+    questions = json.load(open(sample["ft"].split("vqa", "test")))
+    assert list(submitted) == [q["question_id"] for q in questions]
+    assert set(submitted.values()) <= set(json.load(open(sample["ft"].label2ans("vqa"))))
+
+    # the fine-tuned model, reloaded with its head, scores the same without training
+    again = main(
+        cli(sample, "vqa", tmp_path / "again", "--load", str(tmp_path / "tuned" / "best_model"), "--epochs", "0")
+    )
+    assert again["valid"]["eval_score"] == pytest.approx(after)
+
+
+@pytest.mark.parametrize("task", ["gqa", "nlvr2"])
+def test_short_run_writes_metrics_and_submission(sample, tmp_path, task):
+    from lxmert_fast.finetune import main
+
+    result = main(cli(sample, task, tmp_path, "--from-scratch", "--max-steps", "3", "--test"))
+    assert 0.0 <= result["valid"]["eval_score"] <= 1.0
+    if task == "nlvr2":
+        assert set(result["valid"]) == {"eval_score", "accuracy", "consistency"}
+        assert result["test"] is not None  # the NLVR2 test split is labelled
+        lines = open(result["submission"]).read().splitlines()
+        assert all(line.rsplit(",", 1)[1] in ("True", "False") for line in lines)
+        assert len(lines) == len(json.load(open(sample["ft"].split(task, "test"))))
+    else:
+        submitted = json.load(open(result["submission"]))
+        assert submitted and set(submitted[0]) == {"questionId", "prediction"}
+    assert any("eval_score" in json.loads(line) for line in open(tmp_path / "metrics.jsonl"))
+
+
+# ------------------------------------------------------------------------------------------ starting points
+@pytest.fixture()
+def pretrained(tmp_path):
+    """A tiny pre-training model over a hand-made 5-answer table, saved as an HF folder and as model_LXRT.pth."""
+    table = tmp_path / "all_ans.json"
+    table.write_text(json.dumps([{"ans": a, "dsets": ["vqa"]} for a in ("yes", "no", "2", "gray", "dog")]))
+    torch.manual_seed(0)
+    model = LxmertForPreTraining(LxmertConfig(**TINY, vocab_size=50, num_qa_labels=5))
+    with torch.no_grad():  # make biases non-zero so that copied rows are told apart from zeroed ones
+        for p in model.answer_head.parameters():
+            p.add_(torch.randn_like(p))
+    model.save_pretrained(tmp_path / "hf")
+    save_original(model.state_dict(), tmp_path / "model_LXRT.pth")
+    return model, table, tmp_path
+
+
+@pytest.mark.parametrize("fmt", ["hf", "original"])
+def test_load_lxmert_qa_maps_answers_through_the_table(pretrained, capsys, fmt):
+    source, table, tmp = pretrained
+    path = tmp / "hf" if fmt == "hf" else tmp / "model_LXRT.pth"
+    label2ans = ["Two", "grey", "cat", "the dog", "yes", "maybe"]  # matches after normalisation: 2, gray, dog, yes
+    model = build_task_model("vqa", load_qa=path, answer_table=table, label2ans=label2ans)
+    assert "Loaded 4 answers from LXMERT QA pre-training and 2 not" in capsys.readouterr().out
+
+    src, dst = source.answer_head.logit_fc, model.answer_head.logit_fc
+    for i in (0, 2):
+        torch.testing.assert_close(dst[i].weight, src[i].weight, rtol=0, atol=0)
+        torch.testing.assert_close(dst[i].bias, src[i].bias, rtol=0, atol=0)
+    for label, row in {0: 2, 1: 3, 3: 4, 4: 0}.items():
+        torch.testing.assert_close(dst[3].weight[label], src[3].weight[row], rtol=0, atol=0)
+        assert dst[3].bias[label] == src[3].bias[row]
+    for label in (2, 5):
+        assert not dst[3].weight[label].any() and dst[3].bias[label] == 0
+    enc = source.lxmert.state_dict()
+    for key, value in model.lxmert.state_dict().items():
+        torch.testing.assert_close(value, enc[key], rtol=0, atol=0, msg=key)
+
+
+def test_load_takes_the_encoder_only_and_task_checkpoints_whole(pretrained, tmp_path):
+    source, table, tmp = pretrained
+    torch.manual_seed(1)
+    model = build_task_model("vqa", load=tmp / "hf", label2ans=["yes", "no", "2", "gray", "dog"])
+    # same number of answers as the pre-training head, but a pre-training checkpoint never fills the task head
+    assert not torch.equal(model.answer_head.logit_fc[3].weight, source.answer_head.logit_fc[3].weight)
+    torch.testing.assert_close(model.lxmert.pooler.dense.weight, source.lxmert.pooler.dense.weight)
+
+    tuned = tmp_path / "tuned"
+    model.save_pretrained(tuned)
+    (tuned / LABEL2ANS_FILE).write_text(json.dumps(["yes", "no", "2", "gray", "dog"]))
+    again = build_task_model("vqa", load=tuned, label2ans=["yes", "no", "2", "gray", "dog"])
+    torch.testing.assert_close(again.answer_head.logit_fc[3].weight, model.answer_head.logit_fc[3].weight)
+    with pytest.raises(CheckpointError, match="answer vocabulary"):
+        build_task_model("vqa", load=tuned, label2ans=["no", "yes", "2", "gray", "dog"])
+    with pytest.raises(ValueError, match="NLVR2"):
+        build_task_model("nlvr2", load_qa=tmp / "hf", answer_table=table)
+    nlvr2 = build_task_model("nlvr2", load=tmp / "model_LXRT.pth")
+    assert isinstance(nlvr2, LxmertForNLVR2)
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+def test_vqa_score_and_gqa_accuracy_by_hand():
+    labels = {1: {"yes": 1.0}, 2: {"2": 0.3, "3": 1.0}, 3: {"blue": 1.0}, 4: {"red": 0.6}}
+    predictions = {1: "yes", 2: "2", 3: "red", 4: "red"}
+    assert vqa_score(predictions, labels) == pytest.approx((1.0 + 0.3 + 0.0 + 0.6) / 4)
+    gqa = {"a": {"dog": 1.0}, "b": {"no": 1.0}, "c": {"red": 1.0}}
+    assert gqa_accuracy({"a": "dog", "b": "yes", "c": "red"}, gqa) == pytest.approx(2 / 3)
+    assert evaluate("gqa", {"a": "dog", "b": "yes", "c": "red"}, gqa) == {"eval_score": 2 / 3, "accuracy": 2 / 3}
+    with pytest.raises(KeyError):
+        vqa_score({99: "yes"}, labels)
+
+
+def test_nlvr2_accuracy_and_consistency_by_hand():
+    labels = {"dev-1-0-0": 1, "dev-1-0-1": 0, "dev-2-0-0": 1, "dev-2-0-1": 1, "dev-3-1-0": 0, "dev-3-1-1": 1}
+    predictions = {"dev-1-0-0": 1, "dev-1-0-1": 0, "dev-2-0-0": 1, "dev-2-0-1": 0, "dev-3-1-0": 0, "dev-3-1-1": 1}
+    assert nlvr2_accuracy(predictions, labels) == pytest.approx(5 / 6)
+    assert nlvr2_consistency(predictions, labels) == pytest.approx(2 / 3)  # dev-1-0 and dev-3-1 all right
+    metrics = evaluate("nlvr2", predictions, labels)
+    assert metrics["eval_score"] == metrics["accuracy"] and metrics["consistency"] == pytest.approx(2 / 3)
+
+
+def test_submission_files_parse_back(tmp_path):
+    cases = {
+        "vqa": {262148000: "yes", 262148001: "2"},
+        "gqa": {"20968185": "dog", "201307251": "no"},
+        "nlvr2": {"test1-0-1-0": 1, "test1-0-1-1": 0},
+    }
+    for task, predictions in cases.items():
+        path = write_submission(task, predictions, tmp_path / f"{task}.out")
+        assert read_submission(task, path) == predictions
+    assert json.load(open(tmp_path / "vqa.out")) == [
+        {"question_id": 262148000, "answer": "yes"},
+        {"question_id": 262148001, "answer": "2"},
+    ]
+    assert json.load(open(tmp_path / "gqa.out"))[0] == {"questionId": "20968185", "prediction": "dog"}
+    assert open(tmp_path / "nlvr2.out").read() == "test1-0-1-0,True\ntest1-0-1-1,False\n"
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def test_nlvr2_pair_is_two_passes_concatenated(sample):
+    paths, ft, store = sample["paths"], sample["ft"], sample["store"]
+    dataset = NLVR2Dataset(ft.split("nlvr2", "valid"), [store], paths.tokenizer_dir)
+    batch = finetune_collate([dataset[i] for i in range(3)])
+    assert batch["visual_feats"].shape == (3, 2, 36, 32) and batch["visual_attention_mask"].shape == (3, 2, 36)
+    left = store.row(dataset.records[1]["img0"])
+    torch.testing.assert_close(batch["visual_feats"][1, 0], torch.from_numpy(store.features[left].astype("float32")))
+
+    torch.manual_seed(0)
+    config = LxmertConfig(
+        **TINY, vocab_size=len(dataset.tokenizer), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    model = LxmertForNLVR2(config, backend="torch").eval()
+    text = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        logits = model(
+            **text,
+            visual_feats=batch["visual_feats"],
+            visual_pos=batch["visual_pos"],
+            visual_attention_mask=batch["visual_attention_mask"],
+        ).logits
+        pooled = [
+            model.lxmert(
+                **text,
+                visual_feats=batch["visual_feats"][:, k],
+                visual_pos=batch["visual_pos"][:, k],
+                visual_attention_mask=batch["visual_attention_mask"][:, k],
+            ).pooled_output
+            for k in (0, 1)
+        ]
+        expected = model.logit_fc(torch.cat(pooled, dim=-1))  # (B, 2H) -> (B, 2)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vqa_dataset_soft_targets_and_unknown_answers(sample, tmp_path, caplog):
+    paths, store = sample["paths"], sample["store"]
+    img = store.img_ids[0]
+    data = [
+        {"question_id": 7, "img_id": img, "sent": "what color is the dog?", "label": {"red": 1.0, "pink": 0.3}},
+        {"question_id": 8, "img_id": img, "sent": "is there a cat?", "label": {"no": 1.0, "perhaps": 0.3}},
+    ]
+    path = tmp_path / "vqa.json"
+    path.write_text(json.dumps(data))
+    vocab = AnswerVocab(["yes", "no", "red", "pink"])
+    with caplog.at_level("WARNING"):
+        dataset = QADataset(path, [store], vocab, paths.tokenizer_dir)
+    assert dataset.num_unknown_answers == 1 and "'perhaps'" in caplog.text and "record 1" in caplog.text
+    assert dataset[0]["target"].tolist() == pytest.approx([0.0, 0.0, 1.0, 0.3])
+    assert dataset[1]["target"].tolist() == [0.0, 1.0, 0.0, 0.0]
+    item = dataset[0]
+    assert item["input_ids"][0] == dataset.tokenizer.cls_token_id and item["input_ids"].shape == (20,)
+
+
+@pytest.mark.parametrize(
+    "task, record, message",
+    [
+        ("vqa", {"question_id": 5, "img_id": "IMG", "label": {"yes": 1.0}}, r"record 1 \(question_id 5\).*'sent'"),
+        ("vqa", {"question_id": 5, "img_id": "IMG", "sent": "q?", "label": {"yes": -1}}, "invalid score"),
+        ("vqa", {"question_id": 1, "img_id": "IMG", "sent": "q?", "label": {}}, "duplicate question_id"),
+        ("gqa", {"question_id": "9", "img_id": "nowhere", "sent": "q?", "label": {"yes": 1.0}}, "'nowhere'"),
+        ("nlvr2", {"identifier": "dev-1-0-1", "img0": "IMG", "img1": "IMG", "sent": "s", "label": 2}, "0 or 1"),
+        ("nlvr2", {"identifier": "dev-1-0-1", "img0": "IMG", "img1": "gone", "sent": "s", "label": 1}, "'gone'"),
+    ],
+)
+def test_bad_records_name_file_and_record(sample, tmp_path, task, record, message):
+    paths, store = sample["paths"], sample["store"]
+    img = store.img_ids[0]
+    first = (
+        {"identifier": "dev-1-0-0", "img0": img, "img1": img, "sent": "s", "label": 0}
+        if task == "nlvr2"
+        else {"question_id": 1, "img_id": img, "sent": "q?", "label": {"yes": 1.0}}
+    )
+    record = {k: (img if v == "IMG" else v) for k, v in record.items()}
+    path = tmp_path / f"{task}_bad.json"
+    path.write_text(json.dumps([first, record]))
+    with pytest.raises(AnnotationFormatError, match=message) as err:
+        if task == "nlvr2":
+            NLVR2Dataset(path, [store], paths.tokenizer_dir)
+        else:
+            QADataset(path, [store], AnswerVocab(["yes", "no"]), paths.tokenizer_dir, task=task)
+    assert str(path) in str(err.value) and "record 1" in str(err.value)
