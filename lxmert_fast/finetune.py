@@ -95,15 +95,7 @@ def build_parser():
 
 def parse_args(argv=None):
     parser = build_parser()
-    args, _ = parser.parse_known_args(argv)
-    if args.config:
-        with open(args.config) as f:
-            defaults = {k.replace("-", "_"): v for k, v in json.load(f).items() if not k.startswith("_")}
-        unknown = set(defaults) - {a.dest for a in parser._actions}
-        if unknown:
-            parser.error(f"{args.config}: unknown keys {sorted(unknown)}")
-        parser.set_defaults(**defaults)
-    args = parser.parse_args(argv)
+    args = training.parse_args_with_config(parser, argv)
     spec = TASKS[args.task]
     args.epochs = spec.epochs if args.epochs is None else args.epochs
     args.lr = spec.lr if args.lr is None else args.lr

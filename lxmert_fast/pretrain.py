@@ -10,7 +10,6 @@ else is a flag here, and ``--config FILE.json`` may supply any flag (the command
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -124,15 +123,7 @@ def build_parser():
 
 def parse_args(argv=None):
     parser = build_parser()
-    args, _ = parser.parse_known_args(argv)
-    if args.config:
-        with open(args.config) as f:
-            defaults = {k.replace("-", "_"): v for k, v in json.load(f).items() if not k.startswith("_")}
-        unknown = set(defaults) - {a.dest for a in parser._actions}
-        if unknown:
-            parser.error(f"{args.config}: unknown keys {sorted(unknown)}")
-        parser.set_defaults(**defaults)
-    args = parser.parse_args(argv)
+    args = training.parse_args_with_config(parser, argv)
     if args.deepspeed_config is None:
         args.deepspeed_config = DEFAULT_DS_CONFIG
     elif not os.path.isfile(args.deepspeed_config) and os.path.isfile(os.path.join(REPO_ROOT, args.deepspeed_config)):

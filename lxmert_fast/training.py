@@ -375,3 +375,23 @@ def reduce_losses(losses, device):
         vec[:-1] /= world_size()
     values = vec.tolist()
     return dict(zip(keys, values[:-1], strict=True)), values[-1] > 0
+
+
+def parse_args_with_config(parser, argv=None):
+    """Parse ``argv``, taking defaults from the JSON file named by ``--config`` (keys are flag names; keys starting
+    with "_" are comments; the command line wins). Unknown keys are an error naming the file."""
+    args, _ = parser.parse_known_args(argv)
+    if args.config:
+        try:
+            with open(args.config) as f:
+                loaded = json.load(f)
+        except (OSError, json.JSONDecodeError) as error:
+            parser.error(f"--config {args.config}: {error}")
+        if not isinstance(loaded, dict):
+            parser.error(f"--config {args.config}: expected a JSON object of flag names and values")
+        defaults = {k.replace("-", "_"): v for k, v in loaded.items() if not k.startswith("_")}
+        unknown = set(defaults) - {a.dest for a in parser._actions}
+        if unknown:
+            parser.error(f"{args.config}: unknown keys {sorted(unknown)}")
+        parser.set_defaults(**defaults)
+    return parser.parse_args(argv)

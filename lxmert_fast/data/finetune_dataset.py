@@ -38,6 +38,7 @@ import torch
 
 from .feature_store import FeatureStore
 from .formats import AnnotationFormatError
+from .pretrain_dataset import as_feature_store, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -163,35 +164,20 @@ class AnswerVocab:
 # Datasets
 
 
-def _as_store(store) -> FeatureStore:
-    if isinstance(store, FeatureStore):
-        return store
-    path = Path(store)
-    return FeatureStore(path) if path.is_dir() else FeatureStore.from_tsv(path)
-
-
-def _load_tokenizer(tokenizer):
-    if isinstance(tokenizer, str | Path):
-        from transformers import BertTokenizerFast
-
-        return BertTokenizerFast.from_pretrained(str(tokenizer))
-    return tokenizer
-
-
 class _FinetuneDataset(torch.utils.data.Dataset):
     """Shared by the task datasets: image lookup over several stores and sentence tokenisation."""
 
     def __init__(self, stores, tokenizer, max_seq_length: int):
         if isinstance(stores, str | Path | FeatureStore):
             stores = [stores]
-        self.stores = [_as_store(s) for s in stores]
+        self.stores = [as_feature_store(s) for s in stores]
         if not self.stores:
             raise ValueError("no feature stores given")
         dims = {(s.feat_dim, s.max_boxes) for s in self.stores}
         if len(dims) != 1:
             raise ValueError(f"feature stores disagree on (feat_dim, max_boxes): {sorted(dims)}")
         self.feat_dim, self.max_boxes = dims.pop()
-        self.tokenizer = _load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer)
         self.max_seq_length = max_seq_length
         self._where: dict[str, tuple[int, int]] = {}  # img_id -> (store, row); the first store holding it wins
         for k, store in enumerate(self.stores):

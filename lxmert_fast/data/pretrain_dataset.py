@@ -49,14 +49,16 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # torch CrossEntropyLoss's default, used by transformers' LxmertForPreTraining
 
 
-def _as_store(store) -> FeatureStore:
+def as_feature_store(store) -> FeatureStore:
+    """A FeatureStore from a store, a store folder or a TSV (converted once)."""
     if isinstance(store, FeatureStore):
         return store
     path = Path(store)
     return FeatureStore(path) if path.is_dir() else FeatureStore.from_tsv(path)
 
 
-def _load_tokenizer(tokenizer):
+def load_tokenizer(tokenizer):
+    """A tokenizer object as is, or BertTokenizerFast from a folder or hub name."""
     if isinstance(tokenizer, str | Path):
         from transformers import BertTokenizerFast
 
@@ -95,11 +97,11 @@ class PretrainDataset(torch.utils.data.Dataset):
             feature_stores = [feature_stores]
         if max_seq_length < 3:
             raise ValueError(f"max_seq_length must be at least 3 ([CLS] word [SEP]), got {max_seq_length}")
-        self.stores = [_as_store(s) for s in feature_stores]
+        self.stores = [as_feature_store(s) for s in feature_stores]
         if not self.stores:
             raise ValueError("no feature stores given")
         self.answer_table = answer_table if isinstance(answer_table, AnswerTable) else AnswerTable(answer_table)
-        self.tokenizer = _load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer)
         self.max_seq_length = max_seq_length
         self.seed = seed
         self.word_mask_rate = word_mask_rate
