@@ -36,6 +36,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------- distributed
+_SELF_RENDEZVOUS = "LXMERT_FAST_SINGLE_PROCESS_PORT"
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,9 +47,14 @@ def _free_port():
 
 def init_distributed():
     """Initialise torch.distributed through DeepSpeed; a plain ``python script.py`` becomes a world of one."""
-    if "RANK" not in os.environ:  # not started by a launcher: make the env:// rendezvous of a single process
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # Not started by a launcher: make the env:// rendezvous of a single process. Variables that an earlier
+    # single-process run made (in this process, or inherited by a child) are ours to replace: reusing them would
+    # reuse a port that process may still hold. A launcher's own MASTER_PORT differs from the one we recorded.
+    ours = os.environ.get(_SELF_RENDEZVOUS) == os.environ.get("MASTER_PORT")
+    if ("RANK" not in os.environ or ours) and not dist.is_initialized():
+        port = str(_free_port())
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        os.environ[_SELF_RENDEZVOUS] = port
     if not torch.cuda.is_available():
         # On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op in every process at start-up
         # (minutes on a small machine, and processes wait on one build lock). Only its inference all-reduce uses
