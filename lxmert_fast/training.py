@@ -218,7 +218,10 @@ def seed_step(seed, micro_step, rank_):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors, tuples and numbers only, so a checkpoint loads with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -226,7 +229,8 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -269,11 +273,37 @@ def save_checkpoint(engine, ckpt_dir, step, client_state, keep=2):
     return tag
 
 
+# The objects DeepSpeed pickles into its checkpoints besides tensors; loading allows these and nothing else.
+def _deepspeed_checkpoint_classes():
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load_without_code(engine):
+    """Make DeepSpeed read checkpoints with torch.load(weights_only=True) (it uses weights_only=False), so a
+    checkpoint never executes code when loaded."""
+    if engine.checkpoint_engine is None:
+        engine._configure_checkpointing()
+
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as error:  # noqa: BLE001 - torch.load raises many types; all mean "unreadable"
+                raise RuntimeError(f"{path}: not a loadable checkpoint ({str(error).splitlines()[0]})") from error
+
+    engine.checkpoint_engine.load = load
+
+
 def load_checkpoint(engine, ckpt_dir):
     """Load the latest complete checkpoint into ``engine``; returns (tag, client_state) or (None, None)."""
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None, None
+    _load_without_code(engine)
     path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:
         raise RuntimeError(f"could not load checkpoint {os.path.join(ckpt_dir, tag)}")

@@ -271,3 +271,33 @@ def test_plot_metrics(uninterrupted, tmp_path):
         assert rc != 0 and "pip install matplotlib" in log
     else:
         assert rc == 0 and png.stat().st_size > 0, log
+
+
+# ------------------------------------------------------------------------------------------ checkpoint safety
+def test_resume_never_executes_code_from_a_checkpoint(tmp_path):
+    """DeepSpeed itself loads with weights_only=False; our engine's loader allows tensors, plain containers and
+    DeepSpeed's own few classes, and refuses anything else before it runs."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from lxmert_fast import training
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    engine = SimpleNamespace(checkpoint_engine=SimpleNamespace(load=None))
+    training._load_without_code(engine)
+    good = tmp_path / "good.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "loss_scaler": LossScaler(4.0), "rng": training.rng_state()}, good)
+    state = engine.checkpoint_engine.load(str(good))
+    training.set_rng_state(state["rng"])
+    assert state["loss_scaler"].cur_scale == 4.0
+    bad = tmp_path / "bad.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "client": Exploit()}, bad)
+    with pytest.raises(RuntimeError, match="bad.pt: not a loadable checkpoint"):
+        engine.checkpoint_engine.load(str(bad))
+    assert not marker.exists()
