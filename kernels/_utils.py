@@ -9,6 +9,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 
 def block_size(n: int, minimum: int = 1) -> int:
@@ -59,3 +60,13 @@ def pick(op, impl):
     if torch.compiler.is_compiling():
         return op
     return functools.partial(impl, direct)
+
+
+@triton.jit
+def layernorm_rows(x, ok, N, eps):
+    """(x - mean) * rstd over the valid part of each row of a (BLOCK_M, BLOCK_N) fp32 tile, and the fp32
+    (mean, rstd) per row; shared by the fused LayerNorm kernels."""
+    mean = tl.sum(tl.where(ok, x, 0.0), axis=1) / N
+    diff = tl.where(ok, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / N + eps)
+    return diff * rstd[:, None], mean, rstd

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._utils import block_size, new_seed, num_programs, pick, rows_2d
+from ._utils import block_size, layernorm_rows, new_seed, num_programs, pick, rows_2d
 
 MAX_HIDDEN = 8192
 
@@ -83,13 +83,10 @@ def _add_layernorm_fwd_kernel(
     r = tl.load(R + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
         x = tl.where(_keep(seed, offs, dropout_p), x / (1.0 - dropout_p), 0.0)
-    h = x + r
-    mean = tl.sum(h, axis=1) / N
-    diff = tl.where(ok, h - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / N + eps)
+    xhat, mean, rstd = layernorm_rows(x + r, ok, N, eps)
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = diff * rstd[:, None] * w[None, :] + b[None, :]
+    y = xhat * w[None, :] + b[None, :]
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=ok)
     tl.store(Mean + rows, mean, mask=row_ok)
     tl.store(Rstd + rows, rstd, mask=row_ok)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._utils import block_size, num_programs, pick, rows_2d
+from ._utils import block_size, layernorm_rows, num_programs, pick, rows_2d
 
 MAX_HIDDEN = 8192
 
@@ -61,15 +61,6 @@ def _box_rows(Boxes, rows, row_ok):
 
 
 @triton.jit
-def _layernorm_rows(x, ok, N, eps):
-    """(x - mean) * rstd over the valid part of each row, and the fp32 (mean, rstd) per row."""
-    mean = tl.sum(tl.where(ok, x, 0.0), axis=1) / N
-    diff = tl.where(ok, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / N + eps)
-    return diff * rstd[:, None], mean, rstd
-
-
-@triton.jit
 def _roi_embedding_fwd_kernel(
     A,  # (M, N) feats W_f^T + b_f
     Boxes,  # (M, 4) box coordinates
@@ -94,8 +85,8 @@ def _roi_embedding_fwd_kernel(
     bp = tl.load(Bp + cols, mask=col_ok, other=0.0).to(tl.float32)
     p = bp[None, :] + b0[:, None] * w0[None, :] + b1[:, None] * w1[None, :] + b2[:, None] * w2[None, :] \
         + b3[:, None] * w3[None, :]
-    xhat_a, mean_a, rstd_a = _layernorm_rows(a, ok, N, eps)
-    xhat_p, mean_p, rstd_p = _layernorm_rows(p, ok, N, eps)
+    xhat_a, mean_a, rstd_a = layernorm_rows(a, ok, N, eps)
+    xhat_p, mean_p, rstd_p = layernorm_rows(p, ok, N, eps)
     gf = tl.load(Gf + cols, mask=col_ok, other=0.0).to(tl.float32)
     bf = tl.load(Bf + cols, mask=col_ok, other=0.0).to(tl.float32)
     gp = tl.load(Gp + cols, mask=col_ok, other=0.0).to(tl.float32)
