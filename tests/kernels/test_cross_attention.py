@@ -7,17 +7,9 @@ the LXMERT shapes (B=256, 12 heads, 20 words, 36 objects, head dim 64) run only 
 
 import pytest
 import torch
+from kernel_checks import CUDA, DEVICE, DTYPES, assert_within_torch_error, gpu_only
 from lxmert_fast.kernels import bidirectional_cross_attention, bidirectional_cross_attention_ref
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-gpu_only = pytest.mark.skipif(not CUDA, reason="LXMERT-sized shapes need a GPU (too slow for Triton's interpreter)")
-
-DTYPES = [
-    (torch.float32, 1e-5, 1e-5),
-    (torch.float16, 1e-3, 1e-3),
-    (torch.bfloat16, 1e-2, 1e-2),
-]
 # (B, H, L, V, D): batch 1, odd and prime lengths, head dims that are not powers of two.
 SHAPES = [(1, 1, 3, 5, 8), (2, 3, 7, 5, 12), (1, 2, 17, 9, 20)]
 GPU_SHAPES = [pytest.param(s, marks=gpu_only) for s in [(256, 12, 20, 36, 64), (3, 2, 33, 47, 40)]]
@@ -46,14 +38,6 @@ def outputs_and_grads(fn, qkv, lang_mask, visn_mask, douts):
     return [*outs, *grads]
 
 
-def assert_within_torch_error(got, same_dtype, fp32, atol, rtol):
-    for name, g, t, r in zip(NAMES, got, same_dtype, fp32, strict=True):
-        assert g.dtype == t.dtype and g.shape == t.shape, name
-        assert torch.isfinite(g).all(), f"{name} has NaN/inf"
-        err = (g.float() - r).abs().max().item()
-        torch_err = (t.float() - r).abs().max().item()
-        bound = 2 * torch_err + atol + rtol * r.abs().max().item()
-        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (torch's own error {torch_err:.3g})"
 
 
 def check(shape, dtype, atol, rtol, masked=True, fn=bidirectional_cross_attention,
@@ -63,7 +47,7 @@ def check(shape, dtype, atol, rtol, masked=True, fn=bidirectional_cross_attentio
     low = [transform(t.to(dtype)) for t in qkv]
     same_dtype = outputs_and_grads(ref, low, lang_mask, visn_mask, douts)
     got = outputs_and_grads(fn, low, lang_mask, visn_mask, douts)
-    assert_within_torch_error(got, same_dtype, fp32, atol, rtol)
+    assert_within_torch_error(NAMES, got, same_dtype, fp32, atol, rtol)
     return got
 
 

@@ -7,17 +7,9 @@ the LXMERT shape (256 images x 36 objects, 2048-d features, hidden 768) runs onl
 
 import pytest
 import torch
+from kernel_checks import CUDA, DEVICE, DTYPES, assert_within_torch_error, gpu_only
 from lxmert_fast.kernels import roi_position_embedding, roi_position_embedding_ref
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-gpu_only = pytest.mark.skipif(not CUDA, reason="LXMERT-sized shapes need a GPU (too slow for Triton's interpreter)")
-
-DTYPES = [
-    (torch.float32, 1e-5, 1e-5),
-    (torch.float16, 1e-3, 1e-3),
-    (torch.bfloat16, 1e-2, 1e-2),
-]
 # (batch, objects, feature dim, hidden): batch 1, odd object counts, hidden sizes that are not powers of two.
 SHAPES = [(1, 1, 8, 48), (2, 7, 24, 100), (1, 5, 16, 768)]
 GPU_SHAPES = [pytest.param(s, marks=gpu_only) for s in [(256, 36, 2048, 768), (3, 37, 2048, 1000)]]
@@ -46,14 +38,6 @@ def outputs_and_grads(fn, tensors, dy):
     return [y, *torch.autograd.grad(y, leaves, dy.to(y.dtype))]
 
 
-def assert_within_torch_error(got, same_dtype, fp32, atol, rtol):
-    for name, g, t, r in zip(NAMES, got, same_dtype, fp32, strict=True):
-        assert g.dtype == t.dtype and g.shape == t.shape, name
-        assert torch.isfinite(g).all(), name
-        err = (g.float() - r).abs().max().item()
-        torch_err = (t.float() - r).abs().max().item()
-        bound = 2 * torch_err + atol + rtol * r.abs().max().item()
-        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (torch's own error {torch_err:.3g})"
 
 
 def check(shape, dtype, atol, rtol, transform=lambda t: t):
@@ -62,7 +46,7 @@ def check(shape, dtype, atol, rtol, transform=lambda t: t):
     low = [transform(t.to(dtype)) for t in tensors]
     same_dtype = outputs_and_grads(roi_position_embedding_ref, low, dy)
     got = outputs_and_grads(roi_position_embedding, low, dy)
-    assert_within_torch_error(got, same_dtype, fp32, atol, rtol)
+    assert_within_torch_error(NAMES, got, same_dtype, fp32, atol, rtol)
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
