@@ -1,8 +1,10 @@
 """Model benchmarks: lxmert_fast's LXMERT against transformers' with the same weights on the same batch.
 
 - training step (forward with all pre-training losses, backward, AdamW step) and inference (eval, no labels) of
-  ``LxmertForPreTraining``: eager at each batch size, and ``torch.compile`` at one; fp32 on CPU, fp16 (with a
-  GradScaler) and bf16 under autocast on a GPU; peak GPU memory of each (one model on the device at a time);
+  ``LxmertForPreTraining``: eager at each batch size; fp32 on CPU, fp16 (with a GradScaler) and bf16 under autocast
+  on a GPU; peak GPU memory of each (one model on the device at a time);
+- the same steps without launch overhead, bf16 at one batch size on a GPU: captured in a CUDA graph
+  (lxmert_fast.cuda_graphs.GraphedStep) and/or ``torch.compile``'d, ours and transformers' (graphed) alike;
 - the CPU target of issue 6: ``LxmertModel`` forward + backward in training mode on padded caption batches
   (lengths 8-20 padded to 20, 36 objects), torch path vs transformers, full-size config, on the CPU in every run.
 
@@ -20,6 +22,7 @@ import torch
 from lxmert_fast.flops import count_flops, pretraining_flops_per_sample
 
 SUITE = "model"
+MODES = ("", "eager", "compiled", "graphed", "compiled+graphed")
 TARGET_SUITE = "cpu_target"
 CPU_TARGET_SPEEDUP = 1.3
 
@@ -128,15 +131,36 @@ def our_backends(bench):
     return ["triton", "torch"] if bench.cuda else ["torch"]
 
 
-def _train_step(model, batch, dtype, device, compiled):
-    cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
+def split_impl(impl):
+    """"lxmert_fast[triton] graphed" -> ("lxmert_fast[triton]", "graphed"); no mode given means eager."""
+    name, _, mode = impl.partition(" ")
+    if mode not in MODES:
+        raise ValueError(f"{impl!r}: mode must be one of {MODES}")
+    return name, mode
+
+
+def _graph(step, optimizer, batch):
+    """A CUDA-graphed ``step`` (lxmert_fast.cuda_graphs.GraphedStep), warmed up and captured before it is timed."""
+    from lxmert_fast.cuda_graphs import GraphedStep
+
+    graphed = GraphedStep(step, optimizer)
+    for _ in range(graphed.warmup + 1):
+        graphed(batch)
+    return lambda: graphed(batch)
+
+
+def _train_step(model, batch, dtype, device, mode):
+    cuda, graphed = device.type == "cuda", "graphed" in mode
+    if graphed and dtype == torch.float16:
+        raise ValueError("fp16 is not graphed: its GradScaler reads the overflow flag on the host at every step")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda, capturable=graphed)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    fwd = torch.compile(model) if compiled else model
+    fwd = torch.compile(model) if "compiled" in mode else model
     model.train()
 
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+    def step(batch=batch):
+        # autocast's weight-cast cache must not outlive a graph capture
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=not graphed):
             loss = fwd(**batch).loss
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -145,26 +169,30 @@ def _train_step(model, batch, dtype, device, compiled):
         else:
             loss.backward()
             opt.step()
-        opt.zero_grad(set_to_none=True)
+        if not graphed:  # GraphedStep resets the gradients itself
+            opt.zero_grad(set_to_none=True)
+        return loss
 
-    return step
+    return _graph(step, opt, batch) if graphed else step
 
 
-def _infer_step(model, batch, dtype, device, compiled):
-    fwd = torch.compile(model) if compiled else model
+def _infer_step(model, batch, dtype, device, mode):
+    graphed = "graphed" in mode
+    fwd = torch.compile(model) if "compiled" in mode else model
     model.eval()
 
-    def step():
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+    def step(batch=batch):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32,
+                                                    cache_enabled=not graphed):
             return fwd(**batch).prediction_logits
 
-    return step
+    return _graph(step, None, batch) if graphed else step
 
 
-def measure_models(bench, benchmark, case, impls, config, batch, batch_size, dtype_name, step_kind,
-                   compiled_impls=()):
-    """Build each implementation in turn (one on the device at a time), time its step, record it. Our first
-    implementation is also timed by pytest-benchmark (synchronised), whose extra_info then holds every record."""
+def measure_models(bench, benchmark, case, impls, config, batch, batch_size, dtype_name, step_kind):
+    """Build each implementation in turn (one on the device at a time), time its step, record it. ``impls`` are
+    "NAME[ MODE]" (see split_impl). Our first implementation is also timed by pytest-benchmark (synchronised), whose
+    extra_info then holds every record."""
     dev, dtype = bench.device, bench.dtype(dtype_name)
     state = reference_state(config, "LxmertForPreTraining")
     s = bench.shapes
@@ -174,13 +202,13 @@ def measure_models(bench, benchmark, case, impls, config, batch, batch_size, dty
         flops = count_flops(config, s["text_len"], s["num_objects"]).forward_total
     failed, pedantic_done = {}, False
     for impl in impls:
-        compiled = impl in compiled_impls
+        name, mode = split_impl(impl)
         role = "baseline" if impl.startswith("transformers") else "ours"
         model = step = None
         try:
-            model = build(impl.removesuffix(" compiled"), config, state, "LxmertForPreTraining", dev)
+            model = build(name, config, state, "LxmertForPreTraining", dev)
             make = _train_step if step_kind == "train" else _infer_step
-            step = make(model, batch, dtype, dev, compiled)
+            step = make(model, batch, dtype, dev, mode)
             if bench.cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -204,7 +232,7 @@ def measure_models(bench, benchmark, case, impls, config, batch, batch_size, dty
                 torch.cuda.empty_cache()
         bench.record(SUITE, case, impl, ms, role, flops=flops * batch_size, dtype=dtype_name, timer=timer,
                      samples_per_s=batch_size / (ms * 1e-3), peak_mem_gb=peak,
-                     params={"batch": batch_size, "step": step_kind, "compiled": compiled, "failed": failed,
+                     params={"batch": batch_size, "step": step_kind, "mode": mode, "failed": failed,
                              "text_len": s["text_len"], "num_objects": s["num_objects"]})
     recs = bench.finish_case(SUITE, case, benchmark)
     ours_failed = {k: v for k, v in failed.items() if not k.startswith("transformers")}
@@ -227,20 +255,20 @@ def test_pretraining_model(bench, benchmark, model_case, step_kind):
 
 
 @pytest.mark.parametrize("step_kind", ["train", "infer"])
-def test_pretraining_model_compiled(bench, benchmark, step_kind):
-    """torch.compile of ours and of transformers' at one batch size, next to transformers' eager (bf16 on GPU)."""
+def test_pretraining_model_fast(bench, benchmark, step_kind):
+    """The step without launch overhead: CUDA-graphed and torch.compile'd variants of ours next to transformers'
+    eager and graphed, bf16 at one batch size (GPU only: CUDA graphs; compiling takes minutes on a CPU)."""
     ours_classes()
-    if not bench.full:
-        pytest.skip("torch.compile of the whole model takes minutes on a 2-core CPU: full mode only")
+    if not (bench.full and bench.cuda):
+        pytest.skip("graphed and compiled steps: full mode on a CUDA GPU only")
     config = model_config(bench)
     s, bsz = bench.shapes, bench.shape("compile_batch")
-    dtype_name = "bf16" if bench.cuda else "fp32"
     batch = make_batch(config, bsz, s["text_len"], s["num_objects"], bench.device, labels=step_kind == "train")
-    ours = f"lxmert_fast[{our_backends(bench)[0]}]"
-    impls = [f"{ours} compiled", "transformers compiled", "transformers"]
-    case = f"{step_kind}-compiled/{dtype_name}/B{bsz}"
-    measure_models(bench, benchmark, case, impls, config, batch, bsz, dtype_name, step_kind,
-                   compiled_impls={f"{ours} compiled", "transformers compiled"})
+    impls = ["lxmert_fast[torch] compiled+graphed", "lxmert_fast[triton] graphed", "lxmert_fast[torch] graphed"]
+    if step_kind == "train":
+        impls.append("lxmert_fast[triton] compiled+graphed")
+    impls += ["transformers graphed", "transformers"]
+    measure_models(bench, benchmark, f"{step_kind}-fast/bf16/B{bsz}", impls, config, batch, bsz, "bf16", step_kind)
 
 
 def test_cpu_target(bench, benchmark, cpu_batch):

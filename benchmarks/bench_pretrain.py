@@ -47,7 +47,7 @@ def _ds_config(path, precision, micro_batch):
     return path
 
 
-def run_pretrain(bench, tmp_path, precision, micro_batch, steps, log_every):
+def run_pretrain(bench, tmp_path, precision, micro_batch, steps, log_every, compile_model=False):
     """Run pretrain.py for ``steps`` optimiser steps; returns (metrics records, the run's config dict, wall s)."""
     from lxmert_fast.data import ensure_sample_data
 
@@ -72,6 +72,8 @@ def run_pretrain(bench, tmp_path, precision, micro_batch, steps, log_every):
     ]
     if not bench.full:
         cmd += ["--num-workers", "0"]
+    if compile_model:
+        cmd.append("--compile")
     env = bench.child_env(PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
@@ -92,13 +94,17 @@ def deepspeed_available():
 
 
 @pytest.mark.slow  # on a CPU DeepSpeed JIT-builds its shm communication op first: minutes when its cache is cold
-def test_pretrain_throughput(bench, tmp_path, deepspeed_available):
+@pytest.mark.parametrize("compile_model", [False, True], ids=["eager", "compiled"])
+def test_pretrain_throughput(bench, tmp_path, deepspeed_available, compile_model):
     from lxmert_fast import LxmertConfig
 
+    if compile_model and not (bench.full and bench.cuda):
+        pytest.skip("pretrain.py --compile: full mode on a GPU (compiling takes minutes on a CPU)")
     precision = "bf16" if bench.cuda else "fp16"  # pretrain.py turns fp16 into fp32 without CUDA, and says so
     micro_batch, steps = bench.shape("pretrain_batch"), bench.shape("pretrain_steps")
     log_every = bench.shape("pretrain_log_every")
-    metrics, config_dict, wall, cmd = run_pretrain(bench, tmp_path, precision, micro_batch, steps, log_every)
+    metrics, config_dict, wall, cmd = run_pretrain(bench, tmp_path, precision, micro_batch, steps, log_every,
+                                                   compile_model)
 
     windows = [m["samples_per_s"] for m in metrics if "samples_per_s" in m]
     assert len(windows) >= 2, metrics
@@ -108,13 +114,15 @@ def test_pretrain_throughput(bench, tmp_path, deepspeed_available):
     flops = pretraining_flops_per_sample(config, s["text_len"], s["num_objects"], lm_head="masked")
     run_precision = precision if bench.cuda else "fp32"
     peak = bench.peak_tflops(run_precision)
-    case = f"pretrain.py/{run_precision}/micro-batch {micro_batch}"
+    flag = " --compile" if compile_model else ""
+    case = f"pretrain.py{flag}/{run_precision}/micro-batch {micro_batch}"
     ours = bench.record(
-        SUITE, case, f"lxmert_fast pretrain.py (DeepSpeed ZeRO-2, {run_precision})", 1e3 * micro_batch / sps, "ours",
+        SUITE, case, f"lxmert_fast pretrain.py{flag} (DeepSpeed ZeRO-2, {run_precision})", 1e3 * micro_batch / sps,
+        "ours",
         flops=flops * micro_batch, dtype=run_precision, samples_per_s=sps, paper_hours=paper_schedule_hours(sps),
         flops_per_sample=flops, paper_samples_per_s=PAPER_SAMPLES_PER_S, log_windows=windows, wall_s=wall,
         params={"batch": micro_batch, "steps": steps, "log_every": log_every, "hidden": config.hidden_size,
-                "vocab_size": config.vocab_size, "command": " ".join(cmd[1:4])},
+                "vocab_size": config.vocab_size, "command": " ".join(cmd[1:4]) + flag},
     )
     if peak:
         ours["mfu"] = mfu(sps, flops, peak * 1e12)

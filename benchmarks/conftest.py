@@ -304,6 +304,12 @@ class Bench:
                 assert required_baselines <= set(r["speedup"]), (r["case"], r["impl"], sorted(r["speedup"]))
         written = report.write_report(path)
         assert written[0].read_text().startswith(f"# lxmert_fast benchmarks: {self.device_info['name']}")
+        # a run split over two calls (run_on_gpu.sh) is joined with report.py --merge: the same records, in order
+        half = len(recs) // 2
+        parts = [report.write_json({**doc, "records": part}, tmp_path / f"part{i}.json")
+                 for i, part in enumerate((recs[:half], recs[half:]))]
+        assert report.main(["--merge", str(tmp_path / "merged.json"), *map(str, parts)]) == 0
+        assert report.load(tmp_path / "merged.json")["records"] == back["records"]
         return back
 
     def write(self, path=None):

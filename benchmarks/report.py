@@ -2,6 +2,8 @@
 
     python benchmarks/report.py benchmarks/results/<device>-<date>.json    (re)writes <same stem>.md and .png files
     python -m benchmarks.report <results.json>                             the same
+    python benchmarks/report.py --merge OUT.json A.json B.json ...         one document from parts of a run on one
+                                                                           device (e.g. two GPU calls), then OUT.md
 
 The pytest session (benchmarks/conftest.py) writes the JSON and calls ``write_report`` at its end. Every number in
 the outputs comes from the JSON, i.e. from one run on the device the file names; peaks are datasheet figures and
@@ -276,11 +278,32 @@ def write_report(json_path):
     return [md, *plots]
 
 
+def merge(paths):
+    """One document from results files of the same device: their records in order, the earliest start, and the
+    environment of each part (they must agree on the device)."""
+    docs = [load(p) for p in paths]
+    names = {d["device"]["name"] for d in docs}
+    if len(names) != 1:
+        raise ValueError(f"cannot merge results of different devices: {sorted(names)}")
+    first = min(docs, key=lambda d: d["started"])
+    merged = make_document(first["device"], first["mode"], first["started"], [r for d in docs for r in d["records"]],
+                           first["env"])
+    merged["merged_from"] = [{"file": Path(p).name, "started": d["started"], "env": d["env"]}
+                             for p, d in zip(paths, docs, strict=True)]
+    return merged
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         print(__doc__)
         return 2
+    if argv[0] == "--merge":
+        if len(argv) < 3:
+            print("usage: report.py --merge OUT.json A.json [B.json ...]", file=sys.stderr)
+            return 2
+        write_json(merge(argv[2:]), argv[1])
+        argv = [argv[1]]
     status = 0
     for arg in argv:
         doc = load(arg)

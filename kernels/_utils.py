@@ -24,13 +24,16 @@ def num_programs(device: torch.device, per_sm: int = 4) -> int:
     return 2
 
 
-def new_seed() -> int:
-    """A dropout seed drawn from torch's default CPU generator, so torch.manual_seed makes runs repeatable.
+def dropout_seed(seed: int | None, device: torch.device) -> torch.Tensor:
+    """The Philox seed of one dropout call as a (1,) int64 tensor on ``device``, which the kernels load.
 
-    Drawn on the CPU on purpose: no device synchronisation. Under CUDA-graph replay a Python int is frozen into the
-    graph, so callers that replay graphs with dropout must pass a fresh ``seed`` themselves.
+    ``seed=None`` draws it with torch's generator of that device (so torch.manual_seed makes runs repeatable). Being
+    a device tensor, it needs no synchronisation, and under CUDA-graph capture the draw is part of the graph: every
+    replay gets a fresh mask (a Python int would be frozen into the graph).
     """
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    if seed is None:
+        return torch.randint(0, 2**31 - 1, (1,), device=device)
+    return torch.full((1,), int(seed), dtype=torch.int64, device=device)
 
 
 def rows_2d(t: torch.Tensor) -> torch.Tensor:
@@ -70,3 +73,10 @@ def layernorm_rows(x, ok, N, eps):
     diff = tl.where(ok, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / N + eps)
     return diff * rstd[:, None], mean, rstd
+
+
+@triton.jit
+def dropout_scale(dropout_p):
+    """1 / (1 - p) as fp32. torch.compile passes float arguments as fp64; dividing a tile by (1 - p) directly would
+    promote the whole tile (and the loop-carried sums) to fp64."""
+    return tl.cast(1.0 / (1.0 - dropout_p), tl.float32)

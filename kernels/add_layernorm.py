@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._utils import block_size, layernorm_rows, new_seed, num_programs, pick, rows_2d
+from ._utils import block_size, dropout_scale, dropout_seed, layernorm_rows, num_programs, pick, rows_2d
 
 MAX_HIDDEN = 8192
 
@@ -43,19 +43,19 @@ def _keep(seed, offsets, dropout_p):
     return tl.rand(seed, offsets) >= dropout_p
 
 
-@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
+@triton.jit
 def _dropout_mask_kernel(
     Mask,  # (numel,) bool as uint8: 1 = kept
     numel,  # number of elements
     dropout_p,  # drop probability
-    seed,  # Philox seed
+    Seed,  # (1,) int64 Philox seed
     BLOCK: tl.constexpr,  # elements per program
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(Mask + offs, _keep(seed, offs, dropout_p).to(tl.uint8), mask=offs < numel)
+    tl.store(Mask + offs, _keep(tl.load(Seed), offs, dropout_p).to(tl.uint8), mask=offs < numel)
 
 
-@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
+@triton.jit
 def _add_layernorm_fwd_kernel(
     X,  # (M, N) sublayer output, before dropout
     R,  # (M, N) residual
@@ -68,7 +68,7 @@ def _add_layernorm_fwd_kernel(
     N,  # hidden size
     eps,  # LayerNorm epsilon
     dropout_p,  # drop probability (used only if HAS_DROPOUT)
-    seed,  # Philox seed (used only if HAS_DROPOUT)
+    Seed,  # (1,) int64 Philox seed (read only if HAS_DROPOUT)
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # power of two >= N
@@ -82,7 +82,7 @@ def _add_layernorm_fwd_kernel(
     x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
     r = tl.load(R + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        x = tl.where(_keep(seed, offs, dropout_p), x / (1.0 - dropout_p), 0.0)
+        x = tl.where(_keep(tl.load(Seed), offs, dropout_p), x * dropout_scale(dropout_p), 0.0)
     xhat, mean, rstd = layernorm_rows(x + r, ok, N, eps)
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -92,7 +92,7 @@ def _add_layernorm_fwd_kernel(
     tl.store(Rstd + rows, rstd, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
+@triton.jit
 def _add_layernorm_bwd_kernel(
     DY,  # (M, N) gradient of y
     X,  # (M, N) forward x
@@ -108,7 +108,7 @@ def _add_layernorm_bwd_kernel(
     N,  # hidden size
     rows_per_program,  # a multiple of BLOCK_M
     dropout_p,  # drop probability (used only if HAS_DROPOUT)
-    seed,  # Philox seed of the forward
+    Seed,  # (1,) int64 Philox seed of the forward (read only if HAS_DROPOUT)
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per loop step
     BLOCK_N: tl.constexpr,  # power of two >= N
@@ -129,8 +129,8 @@ def _add_layernorm_bwd_kernel(
         x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
         r = tl.load(R + offs, mask=ok, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            keep = _keep(seed, offs, dropout_p)
-            x = tl.where(keep, x / (1.0 - dropout_p), 0.0)
+            keep = _keep(tl.load(Seed), offs, dropout_p)  # (a scalar load: cached after the first)
+            x = tl.where(keep, x * dropout_scale(dropout_p), 0.0)
         mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
         rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
         xhat = tl.where(ok, (x + r - mean[:, None]) * rstd[:, None], 0.0)
@@ -143,7 +143,7 @@ def _add_layernorm_bwd_kernel(
         dh = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
         tl.store(DR + offs, dh.to(DR.dtype.element_ty), mask=ok)
         if HAS_DROPOUT:
-            dh = tl.where(keep, dh / (1.0 - dropout_p), 0.0)
+            dh = tl.where(keep, dh * dropout_scale(dropout_p), 0.0)
         tl.store(DX + offs, dh.to(DX.dtype.element_ty), mask=ok)
     tl.store(DW + pid * N + cols, dw, mask=col_ok)
     tl.store(DB + pid * N + cols, db, mask=col_ok)
@@ -177,7 +177,7 @@ def _add_layernorm_fwd_impl(wrap, x, residual, weight, bias, eps, dropout_p, see
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
     block_m, block_n, warps = _tile(n)
     wrap(_add_layernorm_fwd_kernel)[(triton.cdiv(m, block_m),)](
-        x, residual, weight, bias, y, mean, rstd, m, n, eps, dropout_p, seed,
+        x, residual, weight, bias, y, mean, rstd, m, n, eps, dropout_p, x if seed is None else seed,
         HAS_DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
     return y, mean, rstd
@@ -186,7 +186,7 @@ def _add_layernorm_fwd_impl(wrap, x, residual, weight, bias, eps, dropout_p, see
 @triton_op("lxmert_fast::add_layernorm_fwd", mutates_args=())
 def _add_layernorm_fwd(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _add_layernorm_fwd_impl(wrap_triton, x, residual, weight, bias, eps, dropout_p, seed)
 
@@ -202,7 +202,7 @@ def _add_layernorm_bwd_impl(wrap, dy, x, residual, weight, mean, rstd, dropout_p
     partials = torch.empty(2, programs, n, device=x.device, dtype=torch.float32)  # dweight, dbias per program
     wrap(_add_layernorm_bwd_kernel)[(programs,)](
         dy, x, residual, weight, mean, rstd, dx, dr, partials[0], partials[1], m, n, rows_per_program, dropout_p,
-        seed, HAS_DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        x if seed is None else seed, HAS_DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
     dw, db = partials.sum(1).to(weight.dtype)  # one reduction for both
     return dx, dr, dw, db
@@ -211,7 +211,7 @@ def _add_layernorm_bwd_impl(wrap, dy, x, residual, weight, mean, rstd, dropout_p
 @triton_op("lxmert_fast::add_layernorm_bwd", mutates_args=())
 def _add_layernorm_bwd(
     dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-    rstd: torch.Tensor, dropout_p: float, seed: int,
+    rstd: torch.Tensor, dropout_p: float, seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dr, dw, db = _add_layernorm_bwd_impl(wrap_triton, dy, x, residual, weight, mean, rstd, dropout_p, seed)
     return dx, dr, dw.clone(), db.clone()  # custom-op outputs may not alias: dw, db are rows of one sum
@@ -225,15 +225,15 @@ class _AddLayerNorm(torch.autograd.Function):
         y, mean, rstd = pick(torch.ops.lxmert_fast.add_layernorm_fwd, _add_layernorm_fwd_impl)(
             x2, r2, weight.contiguous(), bias.contiguous(), eps, dropout_p, seed
         )
-        ctx.save_for_backward(x2, r2, weight.contiguous(), mean, rstd)
-        ctx.dropout_p, ctx.seed, ctx.bias_dtype = dropout_p, seed, bias.dtype
+        ctx.save_for_backward(x2, r2, weight.contiguous(), mean, rstd, seed)
+        ctx.dropout_p, ctx.bias_dtype = dropout_p, bias.dtype
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, r2, weight, mean, rstd = ctx.saved_tensors
+        x2, r2, weight, mean, rstd, seed = ctx.saved_tensors
         dx, dr, dw, db = pick(torch.ops.lxmert_fast.add_layernorm_bwd, _add_layernorm_bwd_impl)(
-            rows_2d(dy), x2, r2, weight, mean, rstd, ctx.dropout_p, ctx.seed
+            rows_2d(dy), x2, r2, weight, mean, rstd, ctx.dropout_p, seed
         )
         return dx.view(dy.shape), dr.view(dy.shape), dw, db.to(ctx.bias_dtype), None, None, None
 
@@ -242,14 +242,14 @@ def add_layernorm(x, residual, weight, bias, eps=1e-12, dropout_p=0.0, training=
     """LayerNorm(dropout(x) + residual) over the last dim, fused; x and residual (..., N) of one dtype.
 
     Dropout applies only when ``training`` and ``dropout_p > 0``; ``seed`` (int) fixes its mask (the same seed gives
-    the same mask, see ``add_layernorm_dropout_mask``); None draws one from torch's default generator.
+    the same mask, see ``add_layernorm_dropout_mask``); None draws one with torch's generator of x's device, which
+    also works under CUDA-graph replay (each replay draws anew).
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     p = dropout_p if training else 0.0
-    if p > 0 and seed is None:
-        seed = new_seed()
-    return _AddLayerNorm.apply(x, residual, weight, bias, eps, p, int(seed or 0))
+    seed_tensor = dropout_seed(seed, x.device) if p > 0 else None
+    return _AddLayerNorm.apply(x, residual, weight, bias, eps, p, seed_tensor)
 
 
 def add_layernorm_dropout_mask(shape, dropout_p, seed, device) -> torch.Tensor:
@@ -258,5 +258,5 @@ def add_layernorm_dropout_mask(shape, dropout_p, seed, device) -> torch.Tensor:
     for s in shape:
         numel *= s
     mask = torch.empty(numel, dtype=torch.uint8, device=device)
-    _dropout_mask_kernel[(triton.cdiv(numel, 1024),)](mask, numel, dropout_p, seed, BLOCK=1024)
+    _dropout_mask_kernel[(triton.cdiv(numel, 1024),)](mask, numel, dropout_p, dropout_seed(seed, device), BLOCK=1024)
     return mask.view(shape).bool()

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._utils import block_size, interpreted, new_seed, pick
+from ._utils import block_size, dropout_scale, dropout_seed, interpreted, pick
 
 MAX_LEN = 128
 MAX_HEAD_DIM = 128
@@ -113,10 +113,10 @@ def _key_mask(KeyMask, b, stride_mb, Lk, HAS_MASK: tl.constexpr, BLOCK_K: tl.con
 
 
 @triton.jit
-def _dropout_keep(seed, tile_id, dropout_p, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, TILE: tl.constexpr):
+def _dropout_keep(Seed, tile_id, dropout_p, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, TILE: tl.constexpr):
     """Philox keep-mask of one (BLOCK_Q, BLOCK_K) tile; TILE spaces the tiles' counters apart."""
     offs = tile_id * TILE + tl.arange(0, BLOCK_Q)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
-    return tl.rand(seed, offs) >= dropout_p
+    return tl.rand(tl.load(Seed), offs) >= dropout_p
 
 
 @triton.jit
@@ -124,7 +124,7 @@ def _attend_fwd(
     Q, K, V, KeyMask, Out,  # this direction's query, key, value, key mask, output
     b, h, H, Lq, Lk, D,
     sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,  # input strides (batch, head, token)
-    scale, dropout_p, seed, tile_id,
+    scale, dropout_p, Seed, tile_id,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
 ):
@@ -133,13 +133,13 @@ def _attend_fwd(
     v = _load_tile(V, b, h, sv_b, sv_h, sv_l, Lk, D, BLOCK_K, BLOCK_D)  # (BLOCK_K, BLOCK_D)
     p = _probs(q, k, _key_mask(KeyMask, b, sm_b, Lk, HAS_MASK, BLOCK_K), scale, DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, tile_id, dropout_p, BLOCK_Q, BLOCK_K, TILE)
-        p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        keep = _dropout_keep(Seed, tile_id, dropout_p, BLOCK_Q, BLOCK_K, TILE)
+        p = tl.where(keep, p * dropout_scale(dropout_p), 0.0)
     o = _mm(p.to(v.dtype), v, DOT_PRECISION)  # (BLOCK_Q, BLOCK_D) fp32
     _store_tile(Out, o, b, h, H, Lq, D, BLOCK_Q, BLOCK_D)
 
 
-@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
+@triton.jit
 def _cross_attn_fwd_kernel(
     LQ, LK, LV,  # (B, H, L, D) language query, key, value
     VQ, VK, VV,  # (B, H, V, D) vision query, key, value
@@ -150,7 +150,7 @@ def _cross_attn_fwd_kernel(
     slm_b, svm_b,  # mask batch strides
     H, L, V, D,
     scale,  # 1 / sqrt(D)
-    dropout_p, seed,
+    dropout_p, Seed,  # drop probability, (1,) int64 Philox seed (read only if HAS_DROPOUT)
     HAS_LMASK: tl.constexpr, HAS_VMASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -163,14 +163,14 @@ def _cross_attn_fwd_kernel(
         _attend_fwd(
             LQ, VK, VV, VMask, LO, b, h, H, L, V, D,
             slq_b, slq_h, slq_l, svk_b, svk_h, svk_l, svv_b, svv_h, svv_l, svm_b,
-            scale, dropout_p, seed, tile_id,
+            scale, dropout_p, Seed, tile_id,
             HAS_VMASK, HAS_DROPOUT, DOT_PRECISION, BLOCK_L, BLOCK_V, BLOCK_D, BLOCK_L * BLOCK_V,
         )
     else:
         _attend_fwd(
             VQ, LK, LV, LMask, VO, b, h, H, V, L, D,
             svq_b, svq_h, svq_l, slk_b, slk_h, slk_l, slv_b, slv_h, slv_l, slm_b,
-            scale, dropout_p, seed, tile_id,
+            scale, dropout_p, Seed, tile_id,
             HAS_LMASK, HAS_DROPOUT, DOT_PRECISION, BLOCK_V, BLOCK_L, BLOCK_D, BLOCK_L * BLOCK_V,
         )
 
@@ -180,7 +180,7 @@ def _attend_bwd(
     Q, K, V, KeyMask, DO, DQ, DK, DV,  # this direction's inputs, output gradient, input gradients
     b, h, H, Lq, Lk, D,
     sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, so_b, so_h, so_l,
-    scale, dropout_p, seed, tile_id,
+    scale, dropout_p, Seed, tile_id,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
 ):
@@ -191,9 +191,9 @@ def _attend_bwd(
     p = _probs(q, k, _key_mask(KeyMask, b, sm_b, Lk, HAS_MASK, BLOCK_K), scale, DOT_PRECISION)  # (BLOCK_Q, BLOCK_K)
     dp = _mm(do, tl.trans(v), DOT_PRECISION)  # d(dropped probs), (BLOCK_Q, BLOCK_K)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, tile_id, dropout_p, BLOCK_Q, BLOCK_K, TILE)
-        pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        keep = _dropout_keep(Seed, tile_id, dropout_p, BLOCK_Q, BLOCK_K, TILE)
+        pd = tl.where(keep, p * dropout_scale(dropout_p), 0.0)
+        dp = tl.where(keep, dp * dropout_scale(dropout_p), 0.0)
     else:
         pd = p
     dv = _mm(tl.trans(pd.to(do.dtype)), do, DOT_PRECISION)  # (BLOCK_K, BLOCK_D)
@@ -205,7 +205,7 @@ def _attend_bwd(
     _store_tile(DV, dv, b, h, H, Lk, D, BLOCK_K, BLOCK_D)
 
 
-@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
+@triton.jit
 def _cross_attn_bwd_kernel(
     LQ, LK, LV, VQ, VK, VV, LMask, VMask,  # forward inputs, as in _cross_attn_fwd_kernel
     DLO, DVO,  # (B, H, L, D), (B, H, V, D) gradients of the two contexts
@@ -215,7 +215,7 @@ def _cross_attn_bwd_kernel(
     slm_b, svm_b,
     slo_b, slo_h, slo_l, svo_b, svo_h, svo_l,  # context-gradient strides
     H, L, V, D,
-    scale, dropout_p, seed,
+    scale, dropout_p, Seed,
     HAS_LMASK: tl.constexpr, HAS_VMASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -228,14 +228,14 @@ def _cross_attn_bwd_kernel(
         _attend_bwd(
             LQ, VK, VV, VMask, DLO, DLQ, DVK, DVV, b, h, H, L, V, D,
             slq_b, slq_h, slq_l, svk_b, svk_h, svk_l, svv_b, svv_h, svv_l, svm_b, slo_b, slo_h, slo_l,
-            scale, dropout_p, seed, tile_id,
+            scale, dropout_p, Seed, tile_id,
             HAS_VMASK, HAS_DROPOUT, DOT_PRECISION, BLOCK_L, BLOCK_V, BLOCK_D, BLOCK_L * BLOCK_V,
         )
     else:
         _attend_bwd(
             VQ, LK, LV, LMask, DVO, DVQ, DLK, DLV, b, h, H, V, L, D,
             svq_b, svq_h, svq_l, slk_b, slk_h, slk_l, slv_b, slv_h, slv_l, slm_b, svo_b, svo_h, svo_l,
-            scale, dropout_p, seed, tile_id,
+            scale, dropout_p, Seed, tile_id,
             HAS_LMASK, HAS_DROPOUT, DOT_PRECISION, BLOCK_V, BLOCK_L, BLOCK_D, BLOCK_L * BLOCK_V,
         )
 
@@ -287,7 +287,7 @@ def _cross_attention_fwd_impl(
     wrap(_cross_attn_fwd_kernel)[(b * h, 2)](
         lang_q, lang_k, lang_v, visn_q, visn_k, visn_v, lmask, vmask, lang_ctx, visn_ctx,
         *_strides(lang_q, lang_k, lang_v, visn_q, visn_k, visn_v), lmask.stride(0), vmask.stride(0),
-        h, length_l, length_v, d, 1.0 / math.sqrt(d), dropout_p, seed,
+        h, length_l, length_v, d, 1.0 / math.sqrt(d), dropout_p, lang_q if seed is None else seed,
         HAS_LMASK=has_lmask, HAS_VMASK=has_vmask, **meta,
     )
     return lang_ctx, visn_ctx
@@ -297,7 +297,8 @@ def _cross_attention_fwd_impl(
 def _cross_attention_fwd(
     lang_q: torch.Tensor, lang_k: torch.Tensor, lang_v: torch.Tensor,
     visn_q: torch.Tensor, visn_k: torch.Tensor, visn_v: torch.Tensor,
-    lang_mask: torch.Tensor | None, visn_mask: torch.Tensor | None, dropout_p: float, seed: int,
+    lang_mask: torch.Tensor | None, visn_mask: torch.Tensor | None, dropout_p: float,
+    seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _cross_attention_fwd_impl(
         wrap_triton, lang_q, lang_k, lang_v, visn_q, visn_k, visn_v, lang_mask, visn_mask, dropout_p, seed
@@ -318,7 +319,7 @@ def _cross_attention_bwd_impl(
         lang_q, lang_k, lang_v, visn_q, visn_k, visn_v, lmask, vmask, d_lang_ctx, d_visn_ctx, *grads,
         *_strides(lang_q, lang_k, lang_v, visn_q, visn_k, visn_v), lmask.stride(0), vmask.stride(0),
         *_strides(d_lang_ctx, d_visn_ctx),
-        h, length_l, length_v, d, 1.0 / math.sqrt(d), dropout_p, seed,
+        h, length_l, length_v, d, 1.0 / math.sqrt(d), dropout_p, lang_q if seed is None else seed,
         HAS_LMASK=has_lmask, HAS_VMASK=has_vmask, **meta,
     )
     return tuple(grads)
@@ -329,7 +330,8 @@ def _cross_attention_bwd(
     d_lang_ctx: torch.Tensor, d_visn_ctx: torch.Tensor,
     lang_q: torch.Tensor, lang_k: torch.Tensor, lang_v: torch.Tensor,
     visn_q: torch.Tensor, visn_k: torch.Tensor, visn_v: torch.Tensor,
-    lang_mask: torch.Tensor | None, visn_mask: torch.Tensor | None, dropout_p: float, seed: int,
+    lang_mask: torch.Tensor | None, visn_mask: torch.Tensor | None, dropout_p: float,
+    seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _cross_attention_bwd_impl(
         wrap_triton, d_lang_ctx, d_visn_ctx, lang_q, lang_k, lang_v, visn_q, visn_k, visn_v, lang_mask, visn_mask,
@@ -343,15 +345,15 @@ class _BidirectionalCrossAttention(torch.autograd.Function):
         inputs = [_unit_last(t) for t in (lang_q, lang_k, lang_v, visn_q, visn_k, visn_v)]
         fwd = pick(torch.ops.lxmert_fast.bidirectional_cross_attention_fwd, _cross_attention_fwd_impl)
         lang_ctx, visn_ctx = fwd(*inputs, lang_mask, visn_mask, dropout_p, seed)
-        ctx.save_for_backward(*inputs, lang_mask, visn_mask)
-        ctx.dropout_p, ctx.seed = dropout_p, seed
+        ctx.save_for_backward(*inputs, lang_mask, visn_mask, seed)
+        ctx.dropout_p = dropout_p
         return lang_ctx, visn_ctx
 
     @staticmethod
     def backward(ctx, d_lang_ctx, d_visn_ctx):
-        *inputs, lang_mask, visn_mask = ctx.saved_tensors
+        *inputs, lang_mask, visn_mask, seed = ctx.saved_tensors
         grads = pick(torch.ops.lxmert_fast.bidirectional_cross_attention_bwd, _cross_attention_bwd_impl)(
-            d_lang_ctx, d_visn_ctx, *inputs, lang_mask, visn_mask, ctx.dropout_p, ctx.seed
+            d_lang_ctx, d_visn_ctx, *inputs, lang_mask, visn_mask, ctx.dropout_p, seed
         )
         return (*grads, None, None, None, None)
 
@@ -382,13 +384,13 @@ def bidirectional_cross_attention(
 
     q/k/v: (B, H, L, D) language and (B, H, V, D) vision, one dtype; masks: bool (B, L) / (B, V), True = real token,
     or None. ``dropout_p`` is applied to the attention probabilities as given (pass 0.0 in eval); ``seed`` (int) fixes
-    the dropout mask, None draws one from torch's default generator. Queries with no unmasked key get zeros.
+    the dropout mask, None draws one with torch's generator of the inputs' device (fresh at each CUDA-graph
+    replay). Queries with no unmasked key get zeros.
     """
     _check(lang_q, lang_k, lang_v, visn_q, visn_k, visn_v, lang_mask, visn_mask)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if dropout_p > 0 and seed is None:
-        seed = new_seed()
+    seed_tensor = dropout_seed(seed, lang_q.device) if dropout_p > 0 else None
     return _BidirectionalCrossAttention.apply(
-        lang_q, lang_k, lang_v, visn_q, visn_k, visn_v, lang_mask, visn_mask, dropout_p, int(seed or 0)
+        lang_q, lang_k, lang_v, visn_q, visn_k, visn_v, lang_mask, visn_mask, dropout_p, seed_tensor
     )

@@ -43,13 +43,24 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"LXMERT_FAST_BACKEND={backend!r}: expected one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        # The fused kernels win only without Python launch overhead. Measured on an H100 (bf16, batch 256, training
+        # step, benchmarks/profile_step.py): eager, torch 107 ms vs triton 154 ms; torch.compile + CUDA graph,
+        # torch 42.7 ms vs triton 40.7 ms. So: triton on CUDA while torch.compile traces, torch otherwise. For a
+        # CUDA-graphed eager step (lxmert_fast.cuda_graphs) pass backend="triton": 48 ms vs 58 ms.
+        return "triton" if device.type == "cuda" and torch.compiler.is_compiling() else "torch"
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before lxmert_fast.kernels is imported, "
             "to run the kernels on the CPU under Triton's interpreter); use backend='torch' on the CPU"
         )
     return backend
+
+
+def static_shapes_only() -> bool:
+    """True while torch.compile traces or a CUDA graph captures: shapes that depend on data (packing the padded
+    text away, the LM head at labelled tokens only) would need a host synchronisation, so the model keeps every
+    shape static then. The values are the same either way."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def _kernels():
@@ -633,7 +644,7 @@ class LxmertModel(LxmertPreTrainedModel):
             token_type_ids = torch.zeros(input_shape, dtype=torch.long, device=device)
         # masks in the parameters' dtype, as transformers builds them (finfo.min, not the original's -10000);
         # padded text is packed away unless attention maps (which cover the padding too) are requested
-        pack = self.pack_text and not output_attentions and not torch.compiler.is_compiling()
+        pack = self.pack_text and not output_attentions and not static_shapes_only()
         lang_stream = Stream.make(attention_mask, *input_shape, self.dtype, pack=pack)
         visn_stream = Stream.make(visual_attention_mask, *visual_feats.shape[:2], self.dtype)
 
@@ -759,7 +770,7 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         lang_output, visual_output, pooled_output = out[:3]
         device = lang_output.device
 
-        sparse_lm = lm_logits_at_labels_only and labels is not None
+        sparse_lm = lm_logits_at_labels_only and labels is not None and not static_shapes_only()
         lang_prediction_scores = None if sparse_lm else self.cls.predictions(lang_output)
         cross_relationship_score = self.cls.seq_relationship(pooled_output)
         # transformers returns this odd scalar when the QA head is disabled; kept for drop-in compatibility

@@ -149,7 +149,7 @@ def test_rejects_unsupported_sizes():
 def test_registered_ops_match_eager_path():
     # torch.compile sees the registered custom ops; eager calls launch the same kernels directly.
     qkv, lang_mask, visn_mask, douts = make_inputs((1, 2, 5, 7, 8))
-    fwd_args = (*qkv, lang_mask, visn_mask, 0.2, 5)
+    fwd_args = (*qkv, lang_mask, visn_mask, 0.2, torch.tensor([5], device=DEVICE))
     outs = torch.ops.lxmert_fast.bidirectional_cross_attention_fwd(*fwd_args)
     fn = lambda *a: bidirectional_cross_attention(*a, dropout_p=0.2, seed=5)
     got = outputs_and_grads(fn, qkv, lang_mask, visn_mask, douts)
@@ -168,5 +168,15 @@ def test_torch_compile_forward_and_backward():
     compiled = torch.compile(bidirectional_cross_attention, fullgraph=True)
     got = outputs_and_grads(compiled, qkv, lang_mask, visn_mask, douts)
     want = outputs_and_grads(bidirectional_cross_attention_ref, qkv, lang_mask, visn_mask, douts)
+    for name, g, w in zip(NAMES, got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@gpu_only
+def test_torch_compile_with_dropout_equals_eager():
+    qkv, lang_mask, visn_mask, douts = make_inputs((16, 12, 20, 36, 64))
+    fn = lambda *a: bidirectional_cross_attention(*a, dropout_p=0.1, seed=7)  # noqa: E731
+    got = outputs_and_grads(torch.compile(fn, fullgraph=True), qkv, lang_mask, visn_mask, douts)
+    want = outputs_and_grads(fn, qkv, lang_mask, visn_mask, douts)
     for name, g, w in zip(NAMES, got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
