@@ -260,12 +260,7 @@ def main(argv=None):
     """Fine-tune and / or evaluate; returns {"valid": metrics, "best_score", "test": metrics, "submission"}."""
     args = parse_args(argv)
     t_start = time.perf_counter()
-    training.init_distributed()
-    rank, world = training.rank(), training.world_size()
-    ds_config, precision = training.load_ds_config(args.deepspeed_config)
-    micro, accum = training.batch_geometry(ds_config, world)
-    os.makedirs(args.output_dir, exist_ok=True)
-    ckpt_dir = os.path.join(args.output_dir, "checkpoints")
+    rank, world, ds_config, precision, micro, accum, ckpt_dir = training.start_run(args)
     num_workers = args.num_workers if args.num_workers is not None else min(4, (os.cpu_count() or 2) // 2)
 
     if args.train is None and args.valid is None and args.test_json is None:

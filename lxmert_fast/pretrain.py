@@ -228,12 +228,7 @@ def validate(engine, valid_set, collate, micro, args, dtype, num_workers):
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.perf_counter()
-    training.init_distributed()
-    rank, world = training.rank(), training.world_size()
-    ds_config, precision = training.load_ds_config(args.deepspeed_config)
-    micro, accum = training.batch_geometry(ds_config, world)
-    os.makedirs(args.output_dir, exist_ok=True)
-    ckpt_dir = os.path.join(args.output_dir, "checkpoints")
+    rank, world, ds_config, precision, micro, accum, ckpt_dir = training.start_run(args)
 
     from lxmert_fast import LxmertForPreTraining
 

@@ -96,6 +96,16 @@ def barrier():
 
 
 # --------------------------------------------------------------------------------------------- DeepSpeed config
+def start_run(args):
+    """What both entry scripts do first: join the process group, read the DeepSpeed config and its batch geometry,
+    make the output folder. Returns (rank, world, ds_config, precision, micro, accum, checkpoint folder)."""
+    init_distributed()
+    ds_config, precision = load_ds_config(args.deepspeed_config)
+    micro, accum = batch_geometry(ds_config, world_size())
+    os.makedirs(args.output_dir, exist_ok=True)
+    return rank(), world_size(), ds_config, precision, micro, accum, os.path.join(args.output_dir, "checkpoints")
+
+
 def load_ds_config(path_or_dict, log=print0):
     """Read a DeepSpeed JSON and adapt it to this machine. Returns (config dict, precision: fp16 | bf16 | fp32).
 

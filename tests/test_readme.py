@@ -1,4 +1,7 @@
-"""The README's Python examples run and print what the README says they print."""
+"""The README's Python examples run and print what the README says they print.
+
+```python blocks are complete programs and run here; ```py blocks are fragments (a GPU training loop, say) and do not.
+"""
 
 import contextlib
 import io
