@@ -3,21 +3,13 @@ and refuses batches whose shapes differ from the captured one."""
 
 import pytest
 import torch
-from helpers import make_batch, small_config
+from helpers import make_batch, small_config, to_device
 
 import lxmert_fast
 from lxmert_fast.cuda_graphs import GraphedStep, _copy_into
 
 CUDA = torch.cuda.is_available()
 gpu_only = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU")
-
-
-def to_cuda(batch):
-    if isinstance(batch, dict):
-        return {key: to_cuda(value) for key, value in batch.items()}
-    if isinstance(batch, tuple):
-        return tuple(to_cuda(value) for value in batch)
-    return batch.cuda()
 
 
 def test_copy_into_names_the_mismatching_entry():
@@ -33,8 +25,8 @@ def test_copy_into_names_the_mismatching_entry():
         _copy_into(static, {"input_ids": static["input_ids"]}, "batch")
 
 
-def train(model, batches, graphed):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
+def training_step(model, optimizer):
+    """Forward with every pre-training loss, backward, optimiser step; returns the loss."""
 
     def step(batch):
         loss = model(**batch).loss
@@ -42,6 +34,12 @@ def train(model, batches, graphed):
         optimizer.step()
         return loss
 
+    return step
+
+
+def train(model, batches, graphed):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
+    step = training_step(model, optimizer)
     run = GraphedStep(step, optimizer, warmup=2) if graphed else step
     losses = []
     for batch in batches:
@@ -55,7 +53,7 @@ def train(model, batches, graphed):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_graphed_training_equals_eager_training(backend):
     config = small_config("uneven")
-    batches = [to_cuda(make_batch(config, batch=4, text_len=9, objects=5, seed=s)) for s in range(6)]
+    batches = [to_device(make_batch(config, batch=4, text_len=9, objects=5, seed=s), "cuda") for s in range(6)]
     curves = []
     for graphed in (False, True):
         torch.manual_seed(0)
@@ -74,15 +72,8 @@ def test_graph_replays_draw_new_dropout_masks(backend):
     torch.manual_seed(0)
     model = lxmert_fast.LxmertForPreTraining(config, backend=backend).cuda().train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay fixed: only the masks can change
-
-    def step(batch):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        return loss
-
-    graphed = GraphedStep(step, optimizer, warmup=1)
-    batch = to_cuda(make_batch(config, batch=4, text_len=9, objects=5))
+    graphed = GraphedStep(training_step(model, optimizer), optimizer, warmup=1)
+    batch = to_device(make_batch(config, batch=4, text_len=9, objects=5), "cuda")
     losses = [graphed(batch).item() for _ in range(4)]  # one eager call, then a capture and replays
     assert graphed.graph is not None
     assert len(set(losses[1:])) == 3, f"replays repeated a dropout mask: {losses}"
@@ -94,15 +85,8 @@ def test_graphed_step_refuses_a_batch_of_another_shape():
     config = small_config("tiny")
     model = lxmert_fast.LxmertForPreTraining(config, backend="torch").cuda().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
-
-    def step(batch):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        return loss
-
-    graphed = GraphedStep(step, optimizer, warmup=1)
+    graphed = GraphedStep(training_step(model, optimizer), optimizer, warmup=1)
     for _ in range(2):
-        graphed(to_cuda(make_batch(config, batch=2, text_len=6, objects=4)))
+        graphed(to_device(make_batch(config, batch=2, text_len=6, objects=4), "cuda"))
     with pytest.raises(ValueError, match="input_ids"):
-        graphed(to_cuda(make_batch(config, batch=2, text_len=7, objects=4)))
+        graphed(to_device(make_batch(config, batch=2, text_len=7, objects=4), "cuda"))

@@ -6,19 +6,11 @@ tests run the compiled kernels.
 
 import pytest
 import torch
-from helpers import make_batch, small_config
+from helpers import make_batch, small_config, to_device
 
 import lxmert_fast
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def to_device(batch):
-    if isinstance(batch, dict):
-        return {key: to_device(value) for key, value in batch.items()}
-    if isinstance(batch, tuple):
-        return tuple(to_device(value) for value in batch)
-    return batch.to(DEVICE)
 
 
 def twin_models(config, **kwargs):
@@ -35,7 +27,7 @@ def test_triton_backend_equals_torch_backend(name):
     reference, fused = twin_models(config)
     reference.train()
     fused.train()  # dropout is off in these configs: train mode checks the training code paths
-    batch = to_device(make_batch(config, batch=2, text_len=7, objects=5, seed=1))
+    batch = to_device(make_batch(config, batch=2, text_len=7, objects=5, seed=1), DEVICE)
     expected = reference(**batch, return_task_losses=True)
     actual = fused(**batch, return_task_losses=True)
     for task, value in expected.task_losses.items():
@@ -52,7 +44,7 @@ def test_triton_backend_equals_torch_backend(name):
 def test_triton_backend_trains_like_torch_backend():
     """The same short training run, with and without the kernels, follows the same loss curve."""
     config = small_config("tiny")
-    batch = to_device(make_batch(config, batch=2, text_len=6, objects=4, seed=100))
+    batch = to_device(make_batch(config, batch=2, text_len=6, objects=4, seed=100), DEVICE)
     curves = []
     for model in twin_models(config):
         model.train()
@@ -74,7 +66,7 @@ def test_triton_backend_dropout_draws_fresh_masks_each_call():
     """With dropout on, two training-mode calls differ (each kernel launch takes a new seed) and stay finite."""
     config = small_config("tiny", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     _, fused = twin_models(config)
-    batch = to_device(make_batch(config, batch=2, text_len=6, objects=4, targets=False))
+    batch = to_device(make_batch(config, batch=2, text_len=6, objects=4, targets=False), DEVICE)
     fused.train()
     with torch.no_grad():
         first = fused(**batch).cross_relationship_score
@@ -88,7 +80,7 @@ def test_triton_backend_under_autocast_matches_torch_backend():
     error of the torch path."""
     config = small_config("tiny")
     reference, fused = twin_models(config)
-    batch = to_device(make_batch(config, batch=2, text_len=6, objects=4, seed=7))
+    batch = to_device(make_batch(config, batch=2, text_len=6, objects=4, seed=7), DEVICE)
     half = torch.float16 if DEVICE == "cuda" else torch.bfloat16
     with torch.autocast(DEVICE, dtype=half):
         expected = reference(**batch, return_task_losses=True)
