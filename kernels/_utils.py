@@ -36,6 +36,11 @@ def dropout_seed(seed: int | None, device: torch.device) -> torch.Tensor:
     return torch.full((1,), int(seed), dtype=torch.int64, device=device)
 
 
+def seed_slot(seed: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """What a kernel's Seed pointer gets: the seed tensor, or without dropout any tensor (``like``), never read."""
+    return like if seed is None else seed
+
+
 def rows_2d(t: torch.Tensor) -> torch.Tensor:
     """(..., N) -> contiguous (rows, N)."""
     return t.reshape(-1, t.shape[-1]).contiguous()

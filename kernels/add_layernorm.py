@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._utils import block_size, dropout_scale, dropout_seed, layernorm_rows, num_programs, pick, rows_2d
+from ._utils import block_size, dropout_scale, dropout_seed, layernorm_rows, num_programs, pick, rows_2d, seed_slot
 
 MAX_HIDDEN = 8192
 
@@ -177,7 +177,7 @@ def _add_layernorm_fwd_impl(wrap, x, residual, weight, bias, eps, dropout_p, see
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
     block_m, block_n, warps = _tile(n)
     wrap(_add_layernorm_fwd_kernel)[(triton.cdiv(m, block_m),)](
-        x, residual, weight, bias, y, mean, rstd, m, n, eps, dropout_p, x if seed is None else seed,
+        x, residual, weight, bias, y, mean, rstd, m, n, eps, dropout_p, seed_slot(seed, x),
         HAS_DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
     return y, mean, rstd
@@ -202,7 +202,7 @@ def _add_layernorm_bwd_impl(wrap, dy, x, residual, weight, mean, rstd, dropout_p
     partials = torch.empty(2, programs, n, device=x.device, dtype=torch.float32)  # dweight, dbias per program
     wrap(_add_layernorm_bwd_kernel)[(programs,)](
         dy, x, residual, weight, mean, rstd, dx, dr, partials[0], partials[1], m, n, rows_per_program, dropout_p,
-        x if seed is None else seed, HAS_DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        seed_slot(seed, x), HAS_DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
     dw, db = partials.sum(1).to(weight.dtype)  # one reduction for both
     return dx, dr, dw, db

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._utils import block_size, dropout_scale, dropout_seed, interpreted, pick
+from ._utils import block_size, dropout_scale, dropout_seed, interpreted, pick, seed_slot
 
 MAX_LEN = 128
 MAX_HEAD_DIM = 128
@@ -287,7 +287,7 @@ def _cross_attention_fwd_impl(
     wrap(_cross_attn_fwd_kernel)[(b * h, 2)](
         lang_q, lang_k, lang_v, visn_q, visn_k, visn_v, lmask, vmask, lang_ctx, visn_ctx,
         *_strides(lang_q, lang_k, lang_v, visn_q, visn_k, visn_v), lmask.stride(0), vmask.stride(0),
-        h, length_l, length_v, d, 1.0 / math.sqrt(d), dropout_p, lang_q if seed is None else seed,
+        h, length_l, length_v, d, 1.0 / math.sqrt(d), dropout_p, seed_slot(seed, lang_q),
         HAS_LMASK=has_lmask, HAS_VMASK=has_vmask, **meta,
     )
     return lang_ctx, visn_ctx
@@ -319,7 +319,7 @@ def _cross_attention_bwd_impl(
         lang_q, lang_k, lang_v, visn_q, visn_k, visn_v, lmask, vmask, d_lang_ctx, d_visn_ctx, *grads,
         *_strides(lang_q, lang_k, lang_v, visn_q, visn_k, visn_v), lmask.stride(0), vmask.stride(0),
         *_strides(d_lang_ctx, d_visn_ctx),
-        h, length_l, length_v, d, 1.0 / math.sqrt(d), dropout_p, lang_q if seed is None else seed,
+        h, length_l, length_v, d, 1.0 / math.sqrt(d), dropout_p, seed_slot(seed, lang_q),
         HAS_LMASK=has_lmask, HAS_VMASK=has_vmask, **meta,
     )
     return tuple(grads)
