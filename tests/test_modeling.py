@@ -266,3 +266,46 @@ def test_a_batch_without_masked_words_or_questions_gives_zero_not_nan():
         assert torch.isfinite(out.loss)
         out.loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_cpu_dropout_drops_p_scales_the_rest_and_follows_the_seed():
+    """The model's CPU dropout (uniform floats, not bernoulli_) is still dropout: a fraction p zeroed, the rest
+    scaled by 1/(1-p) forward and backward, fixed by torch.manual_seed, identity in eval mode."""
+    from lxmert_fast.modeling import Dropout
+
+    p, n = 0.1, 400_000
+    dropout = Dropout(p).train()
+    x = torch.full((n,), 2.0, requires_grad=True)
+    torch.manual_seed(3)
+    out = dropout(x)
+    dropped = (out == 0).float().mean().item()
+    assert abs(dropped - p) < 5 * (p * (1 - p) / n) ** 0.5, dropped  # five standard deviations
+    torch.testing.assert_close(out[out != 0], torch.full_like(out[out != 0], 2.0 / (1 - p)))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, (out != 0).float() / (1 - p))
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x), out)
+    assert not torch.equal(dropout(x), out)  # the next call draws a new mask
+    assert torch.equal(dropout.eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+    assert (Dropout(1.0).train()(x) == 0).all()
+
+
+def test_training_mode_dropout_matches_transformers_in_expectation():
+    """With dropout on, ours and transformers' draw different masks, but averaged over many masks the outputs agree
+    to within the sampling noise (two transformers averages with different seeds). A wrong keep-probability, scale
+    or dropout site shows here: p=0.2 in place of 0.3 gives 2.5x the noise."""
+    config = small_config(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    hf, ours = paired(transformers.LxmertModel, lxmert_fast.LxmertModel, config, train=True)
+    batch = model_inputs(make_batch(config))
+    keep = batch["attention_mask"].bool()
+
+    def mean_output(model, seed, samples=600):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return torch.stack([model(**batch).language_output[keep] for _ in range(samples)]).mean(0)
+
+    hf_mean = mean_output(hf, seed=0)
+    noise = (hf_mean - mean_output(hf, seed=1)).abs().mean()
+    gap = (hf_mean - mean_output(ours, seed=2)).abs().mean()
+    assert gap < 1.5 * noise, f"ours differs from transformers by {gap:.4f} on average, sampling noise {noise:.4f}"
