@@ -86,6 +86,11 @@ FULL = {
     "pretrain_steps_cpu": 6,
     "pretrain_log_every": 8,
     "pretrain_log_every_cpu": 2,
+    "data_images": 300,
+    "data_batch": 256,
+    "data_batches": 12,
+    "data_workers": [0, 1, 4],
+    "data_workers_cpu": [0, 1],
 }
 # Smoke: tiny shapes and one timed iteration, about a minute on two CPU cores.
 SMOKE = {
@@ -103,6 +108,10 @@ SMOKE = {
     "pretrain_batch": 4,
     "pretrain_steps": 3,
     "pretrain_log_every": 1,
+    "data_images": 6,
+    "data_batch": 4,
+    "data_batches": 2,
+    "data_workers": [0],
 }
 
 

@@ -166,6 +166,12 @@ def markdown(doc, plots=()):
                 met = "met" if r["target_met"] else "NOT met"
                 out.append(f"\nTarget {r['target_speedup']}x over transformers ({r['case']}): {met}.")
 
+    if "data" in by_suite:
+        out += ["", "## Pre-training data loader", ""]
+        rows = [[r["case"], r["impl"], _fmt(r["ms"], ".1f"), _fmt(r.get("samples_per_s"), ".0f"), _speedups(r)]
+                for r in _ordered(by_suite["data"])]
+        out.append(_table(["case", "impl", "ms/batch", "samples/s", "ours speed-up"], rows))
+
     if "pretrain" in by_suite:
         out += ["", "## End to end: pre-training throughput and the paper's schedule", ""]
         rows = []

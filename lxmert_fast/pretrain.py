@@ -80,7 +80,7 @@ def build_parser():
     data.add_argument("--answer-table", help="all_ans.json")
     data.add_argument("--tokenizer", help="tokenizer folder or hub name (default: the sample data's vocabulary)")
     data.add_argument("--sample-data-dir", default="sample_data", help="where sample data is generated if needed")
-    data.add_argument("--num-workers", type=int, default=None, help="data-loader workers (default: min(4, cores/2))")
+    data.add_argument("--num-workers", type=int, default=None, help="data-loader workers (default: min(8, cores/2))")
     model = p.add_argument_group("model and schedule")
     model.add_argument(
         "--model-config",
@@ -165,7 +165,8 @@ def build_data(args, config):
     if missing:
         raise SystemExit(f"--train-json given without {', '.join('--' + m.replace('_', '-') for m in missing)}")
     stores = [lxdata.FeatureStore.from_tsv(path) for path in _split(args.features)]  # converted once, then mapped
-    common = dict(seed=args.seed, task_matched="matched" in args.tasks)
+    # features travel as stored (float16, half the bytes); training.to_device casts them to the model's dtype
+    common = dict(seed=args.seed, task_matched="matched" in args.tasks, feature_dtype="float16")
     train = lxdata.PretrainDataset(
         _split(args.train_json),
         stores,
@@ -305,7 +306,8 @@ def main(argv=None):
             training.print0(f"validation at step {step}: loss {record.get('valid_loss', float('nan')):.4f}")
         validated_at = step
 
-    num_workers = args.num_workers if args.num_workers is not None else min(4, (os.cpu_count() or 2) // 2)
+    # one worker process delivers about 1,500-2,000 samples/s (benchmarks/bench_data.py); a graphed step takes 6,400
+    num_workers = args.num_workers if args.num_workers is not None else min(8, (os.cpu_count() or 2) // 2)
     try:
         while step < total_steps and epoch < epochs:
             train_set.set_epoch(epoch)

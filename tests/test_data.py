@@ -315,6 +315,23 @@ def test_batches_do_not_depend_on_the_number_of_workers(dataset):
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+def test_a_batch_holds_the_items_it_would_hold_one_by_one(sample, store, table, dataset):
+    """The DataLoader builds a whole batch at once (__getitems__): an item's values must not depend on its batch,
+    and float16 features (what pretrain.py ships) must be the float32 ones in half the bytes."""
+    keys = [(1, 40), 3, (0, 17), 3, 88]
+    batch = pretrain_collate(dataset.__getitems__(keys))
+    one_by_one = pretrain_collate([dataset[k] for k in keys])
+    flat = lambda b: [b[k] for k in sorted(b) if k != "obj_labels"] + [t for v in b["obj_labels"].values() for t in v]
+    assert all(torch.equal(a, b) for a, b in zip(flat(batch), flat(one_by_one), strict=True))
+    half = PretrainDataset(sample.train_json, [store], table, sample.tokenizer_dir, seed=7, feature_dtype="float16")
+    half_batch = pretrain_collate(half.__getitems__(keys))
+    assert half_batch["visual_feats"].dtype == torch.float16
+    assert torch.equal(half_batch["visual_feats"].float(), batch["visual_feats"])
+    assert torch.equal(half_batch["obj_labels"]["feat"][0].float(), batch["obj_labels"]["feat"][0])
+    with pytest.raises(ValueError, match="feature_dtype"):
+        PretrainDataset(sample.train_json, [store], table, sample.tokenizer_dir, feature_dtype="int8")
+
+
 def test_masking_and_mismatch_rates(sample, store, table):
     ds = PretrainDataset(sample.train_json, [store], table, sample.tokenizer_dir, seed=1)
     mask_id = ds.tokenizer.mask_token_id

@@ -26,7 +26,8 @@ touch Python object refcounts (which would un-share copy-on-write pages) when th
 
 Public API
     PretrainDataset(annotation_paths, feature_stores, answer_table, tokenizer, *, max_seq_length=20, seed=9595,
-                    word_mask_rate=0.15, obj_mask_rate=0.15, task_matched=True, qa_from_epoch=0, sources=None)
+                    word_mask_rate=0.15, obj_mask_rate=0.15, task_matched=True, qa_from_epoch=0, sources=None,
+                    feature_dtype=np.float32)
         .set_epoch(epoch), .epoch, .qa_enabled, len(ds), ds[index] or ds[(epoch, index)] -> dict of numpy arrays,
         .uid(index) -> "{img_id}_{source}_{index}", .num_dropped (sentences without features)
     pretrain_collate(items) -> dict of tensors: exactly the keyword arguments of LxmertForPreTraining.forward
@@ -37,6 +38,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -74,6 +76,9 @@ class PretrainDataset(torch.utils.data.Dataset):
     answer_table:     AnswerTable or a path to all_ans.json.
     tokenizer:        a transformers fast BERT tokenizer, or a local folder / hub name for BertTokenizerFast.
     sources:          keep only these sentence sources (e.g. {"mscoco", "vg", "vqa", "gqa", "visual7w"}).
+    feature_dtype:    dtype of visual_feats and the feat target. float32 (default) suits the model as is;
+                      float16, the stores' own dtype, gives the same values in half the bytes to copy between
+                      loader processes and to the device, which then casts (pretrain.py does this).
     """
 
     def __init__(
@@ -90,6 +95,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         task_matched: bool = True,
         qa_from_epoch: int = 0,
         sources: Iterable[str] | None = None,
+        feature_dtype=np.float32,
     ):
         if isinstance(annotation_paths, str | Path):
             annotation_paths = [annotation_paths]
@@ -109,6 +115,9 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.task_matched = task_matched
         self.qa_from_epoch = qa_from_epoch
         self.epoch = 0
+        self.feature_dtype = np.dtype(feature_dtype)
+        if self.feature_dtype not in (np.float16, np.float32):
+            raise ValueError(f"feature_dtype must be float16 or float32, got {self.feature_dtype}")
 
         dims = {(s.feat_dim, s.max_boxes) for s in self.stores}
         if len(dims) != 1:
@@ -244,8 +253,22 @@ class PretrainDataset(torch.utils.data.Dataset):
     # -- items ----------------------------------------------------------------------------------------------------
 
     def __getitem__(self, item) -> dict[str, np.ndarray]:
-        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
-        index = int(index)
+        return {k: v[0] for k, v in self.__getitems__([item]).items()}
+
+    def __getitems__(self, items: Sequence) -> StackedItems:
+        """Many items at once, stacked (the DataLoader calls this for a whole batch): the same values as stacking
+        ``ds[i]`` for each, with one tokenizer call and the features read straight into the batch's array instead
+        of copied per item and again by the collate function."""
+        keys = [item if isinstance(item, tuple) else (self.epoch, item) for item in items]
+        draws = [self._draw(int(epoch), int(index)) for epoch, index in keys]
+        out = self._text_inputs(draws)
+        out.update(self._visual_inputs(draws))
+        out["matched_label"] = np.array([d.matched for d in draws], dtype=np.int64)
+        out["ans"] = np.array([d.ans for d in draws], dtype=np.int64)
+        return StackedItems(out)
+
+    def _draw(self, epoch: int, index: int) -> _Draw:
+        """Every random choice of one item, in a fixed order from its own generator."""
         if not 0 <= index < len(self):
             raise IndexError(index)
         rng = np.random.default_rng([self.seed, epoch, index])
@@ -254,7 +277,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         obj_p = rng.random(self.max_boxes)
         word_p = rng.random(self.max_seq_length - 2)
         word_random_ids = rng.integers(self.vocab_size, size=self.max_seq_length - 2)
-        img = self._img[index]
+        img = int(self._img[index])
 
         sent_index, matched = index, 1
         if self.task_matched and rng.random() < 0.5:
@@ -263,9 +286,15 @@ class PretrainDataset(torch.utils.data.Dataset):
             while self._img[sent_index] == img:
                 sent_index = int(rng.integers(len(self)))
 
-        out = self._text_inputs(self.sentence(sent_index), word_p, word_random_ids)
-        out.update(self._visual_inputs(img, obj_p, rng))
-        out["matched_label"] = np.int64(matched)
+        # As for words (below): p < 0.8 rate zeroed, < 0.9 rate replaced, < rate kept.
+        store, row = self._image(img)
+        rate = self.obj_mask_rate
+        masked = (obj_p < rate) & (np.arange(self.max_boxes) < int(store.num_boxes[row]))
+        replaced = []
+        for i in np.flatnonzero(masked & (obj_p >= 0.8 * rate) & (obj_p < 0.9 * rate)):
+            # As the original's random_feat(): a random sentence's image, a random object of it.
+            other_store, other_row = self._image(self._img[rng.integers(len(self))])
+            replaced.append((int(i), other_store, other_row, int(rng.integers(int(other_store.num_boxes[other_row])))))
 
         ans = IGNORE_INDEX
         start = self._lab_end[index - 1] if index > 0 else 0
@@ -279,91 +308,118 @@ class PretrainDataset(torch.utils.data.Dataset):
                 p = scores / total if total > 0 else np.full(len(scores), 1.0 / len(scores))
                 choice = int(rng.choice(len(scores), p=p))
             ans = int(self._ans[start + choice])
-        out["ans"] = np.int64(ans)
-        return out
+        return _Draw(sent_index, matched, word_p, word_random_ids, img, obj_p, masked, replaced, ans)
 
-    def _text_inputs(self, sent: str, p: np.ndarray, random_ids: np.ndarray) -> dict[str, np.ndarray]:
+    def _text_inputs(self, draws: list[_Draw]) -> dict[str, np.ndarray]:
         cls_id, sep_id, pad_id, mask_id = self._special
-        tokens = np.asarray(self.tokenizer.encode(sent, add_special_tokens=False), dtype=np.int64)
-        tokens = tokens[: self.max_seq_length - 2]
-        n = len(tokens)
-        # One uniform per token decides both "masked?" (p < rate) and which replacement: the original rescales p
-        # by 1/rate and compares with 0.8 / 0.9, i.e. p < 0.8 rate -> [MASK], p < 0.9 rate -> random, else kept.
-        p, random_ids = p[:n], random_ids[:n]
+        batch, length = len(draws), self.max_seq_length
+        sentences = [self.sentence(d.sent_index) for d in draws]
+        encoded = self.tokenizer(sentences, add_special_tokens=False)["input_ids"]
+        input_ids = np.full((batch, length), pad_id, dtype=np.int64)
+        labels = np.full((batch, length), IGNORE_INDEX, dtype=np.int64)
+        attention_mask = np.zeros((batch, length), dtype=np.int64)
         rate = self.word_mask_rate
-        masked = p < rate
-        masked_tokens = tokens.copy()
-        masked_tokens[p < 0.8 * rate] = mask_id
-        swap = (p >= 0.8 * rate) & (p < 0.9 * rate)
-        masked_tokens[swap] = random_ids[swap]
-
-        length = n + 2
-        input_ids = np.full(self.max_seq_length, pad_id, dtype=np.int64)
-        input_ids[0], input_ids[1 : n + 1], input_ids[n + 1] = cls_id, masked_tokens, sep_id
-        labels = np.full(self.max_seq_length, IGNORE_INDEX, dtype=np.int64)
-        labels[1 : n + 1] = np.where(masked, tokens, IGNORE_INDEX)
-        attention_mask = np.zeros(self.max_seq_length, dtype=np.int64)
-        attention_mask[:length] = 1
+        for k, (d, tokens) in enumerate(zip(draws, encoded, strict=True)):
+            tokens = np.asarray(tokens[: length - 2], dtype=np.int64)
+            n = len(tokens)
+            # One uniform per token decides both "masked?" (p < rate) and which replacement: the original rescales
+            # p by 1/rate and compares with 0.8 / 0.9, i.e. p < 0.8 rate -> [MASK], p < 0.9 rate -> random, else
+            # kept.
+            p, random_ids = d.word_p[:n], d.word_random_ids[:n]
+            masked_tokens = tokens.copy()
+            masked_tokens[p < 0.8 * rate] = mask_id
+            swap = (p >= 0.8 * rate) & (p < 0.9 * rate)
+            masked_tokens[swap] = random_ids[swap]
+            input_ids[k, 0], input_ids[k, 1 : n + 1], input_ids[k, n + 1] = cls_id, masked_tokens, sep_id
+            labels[k, 1 : n + 1] = np.where(p < rate, tokens, IGNORE_INDEX)
+            attention_mask[k, : n + 2] = 1
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "token_type_ids": np.zeros(self.max_seq_length, dtype=np.int64),
+            "token_type_ids": np.zeros((batch, length), dtype=np.int64),
             "labels": labels,
         }
 
-    def _visual_inputs(self, img: int, p: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        store, row = self._image(img)
-        nb = int(store.num_boxes[row])
-        feats = store.features[row].astype(np.float32)  # (B, F)
-        valid = np.arange(self.max_boxes) < nb
-
-        # As for words: p < 0.8 rate zeroed, < 0.9 rate replaced, < rate kept.
-        rate = self.obj_mask_rate
-        masked = (p < rate) & valid
-        masked_feats = feats.copy()
-        masked_feats[masked & (p < 0.8 * rate)] = 0.0
-        for i in np.flatnonzero(masked & (p >= 0.8 * rate) & (p < 0.9 * rate)):
-            # As the original's random_feat(): a random sentence's image, a random object of it.
-            other_store, other_row = self._image(self._img[rng.integers(len(self))])
-            j = rng.integers(int(other_store.num_boxes[other_row]))
-            masked_feats[i] = other_store.features[other_row, j]
-
-        return {
-            "visual_feats": masked_feats,
-            "visual_pos": np.array(store.boxes[row], dtype=np.float32),
-            "visual_attention_mask": valid.astype(np.int64),
-            "obj_ids": np.array(store.obj_ids[row], dtype=np.int64),
-            "obj_conf": np.array(store.obj_conf[row], dtype=np.float32),
-            "attr_ids": np.array(store.attr_ids[row], dtype=np.int64),
-            "attr_conf": np.array(store.attr_conf[row], dtype=np.float32),
-            "feat_target": feats,
-            "feat_mask": masked.astype(np.float32),
+    def _visual_inputs(self, draws: list[_Draw]) -> dict[str, np.ndarray]:
+        batch, boxes = len(draws), self.max_boxes
+        feats = np.empty((batch, boxes, self.feat_dim), dtype=self.feature_dtype)
+        out = {
+            "visual_pos": np.empty((batch, boxes, 4), dtype=np.float32),
+            "visual_attention_mask": np.empty((batch, boxes), dtype=np.int64),
+            "obj_ids": np.empty((batch, boxes), dtype=np.int64),
+            "obj_conf": np.empty((batch, boxes), dtype=np.float32),
+            "attr_ids": np.empty((batch, boxes), dtype=np.int64),
+            "attr_conf": np.empty((batch, boxes), dtype=np.float32),
         }
+        for k, d in enumerate(draws):
+            store, row = self._image(d.img)
+            feats[k] = store.features[row]  # read (and converted) in one pass, in place
+            out["visual_pos"][k] = store.boxes[row]
+            out["visual_attention_mask"][k] = np.arange(boxes) < int(store.num_boxes[row])
+            out["obj_ids"][k] = store.obj_ids[row]
+            out["obj_conf"][k] = store.obj_conf[row]
+            out["attr_ids"][k] = store.attr_ids[row]
+            out["attr_conf"][k] = store.attr_conf[row]
+
+        masked = np.stack([d.masked for d in draws])
+        rate = self.obj_mask_rate
+        masked_feats = feats.copy()
+        masked_feats[masked & (np.stack([d.obj_p for d in draws]) < 0.8 * rate)] = 0.0
+        for k, d in enumerate(draws):
+            for i, other_store, other_row, j in d.replaced:
+                masked_feats[k, i] = other_store.features[other_row, j]
+        out.update({"visual_feats": masked_feats, "feat_target": feats, "feat_mask": masked.astype(np.float32)})
+        return out
 
 
-def pretrain_collate(items: Sequence[dict[str, np.ndarray]]) -> dict:
+class _Draw(NamedTuple):
+    """One item's random choices (PretrainDataset._draw)."""
+
+    sent_index: int  # the item's own sentence, or another image's when mismatched
+    matched: int
+    word_p: np.ndarray  # (max_seq_length - 2,) uniforms: which word pieces are masked, and how
+    word_random_ids: np.ndarray  # replacement ids for the "random word" case
+    img: int
+    obj_p: np.ndarray  # (max_boxes,) uniforms: which objects are masked, and how
+    masked: np.ndarray  # (max_boxes,) bool: masked real objects
+    replaced: list  # (object, store, row, object of that row) for each object replaced by another's feature
+    ans: int
+
+
+class StackedItems(dict):
+    """Items already stacked along a first batch dimension (``PretrainDataset.__getitems__``), keyed as one item."""
+
+    @staticmethod
+    def stack(items: Sequence[dict[str, np.ndarray]]) -> StackedItems:
+        return StackedItems({key: np.stack([item[key] for item in items]) for key in items[0]})
+
+
+def pretrain_collate(items) -> dict:
     """Stack PretrainDataset items into the keyword arguments of transformers' LxmertForPreTraining.forward:
     input_ids / attention_mask / token_type_ids / labels (B, L) long, visual_feats (B, 36, F) float32,
     visual_pos (B, 36, 4) float32, visual_attention_mask (B, 36) long, obj_labels {"obj": (ids (B, 36) long,
     conf (B, 36) float32), "attr": (ids, conf), "feat": (features (B, 36, F) float32, mask (B, 36) float32)},
-    matched_label (B,) long, ans (B,) long (-100: no QA label)."""
+    matched_label (B,) long, ans (B,) long (-100: no QA label).
 
-    def stack(key):
-        return torch.from_numpy(np.stack([item[key] for item in items]))
+    ``items`` is a list of items, or the StackedItems that the dataset's ``__getitems__`` gives a DataLoader."""
+    stacked = items if isinstance(items, StackedItems) else StackedItems.stack(items)
+
+    def get(key):
+        return torch.from_numpy(stacked[key])
 
     return {
-        "input_ids": stack("input_ids"),
-        "attention_mask": stack("attention_mask"),
-        "token_type_ids": stack("token_type_ids"),
-        "visual_feats": stack("visual_feats"),
-        "visual_pos": stack("visual_pos"),
-        "visual_attention_mask": stack("visual_attention_mask"),
-        "labels": stack("labels"),
+        "input_ids": get("input_ids"),
+        "attention_mask": get("attention_mask"),
+        "token_type_ids": get("token_type_ids"),
+        "visual_feats": get("visual_feats"),
+        "visual_pos": get("visual_pos"),
+        "visual_attention_mask": get("visual_attention_mask"),
+        "labels": get("labels"),
         "obj_labels": {
-            "obj": (stack("obj_ids"), stack("obj_conf")),
-            "attr": (stack("attr_ids"), stack("attr_conf")),
-            "feat": (stack("feat_target"), stack("feat_mask")),
+            "obj": (get("obj_ids"), get("obj_conf")),
+            "attr": (get("attr_ids"), get("attr_conf")),
+            "feat": (get("feat_target"), get("feat_mask")),
         },
-        "matched_label": stack("matched_label"),
-        "ans": stack("ans"),
+        "matched_label": get("matched_label"),
+        "ans": get("ans"),
     }
