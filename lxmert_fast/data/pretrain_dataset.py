@@ -29,8 +29,10 @@ Public API
                     word_mask_rate=0.15, obj_mask_rate=0.15, task_matched=True, qa_from_epoch=0, sources=None,
                     feature_dtype=np.float32)
         .set_epoch(epoch), .epoch, .qa_enabled, len(ds), ds[index] or ds[(epoch, index)] -> dict of numpy arrays,
-        .uid(index) -> "{img_id}_{source}_{index}", .num_dropped (sentences without features)
-    pretrain_collate(items) -> dict of tensors: exactly the keyword arguments of LxmertForPreTraining.forward
+        .uid(index) -> "{img_id}_{source}_{index}", .num_dropped (sentences without features),
+        .__getitems__(indices) -> StackedItems: a whole batch at once (a DataLoader calls it), the same values
+    pretrain_collate(items or StackedItems) -> dict of tensors: exactly the keyword arguments of
+        LxmertForPreTraining.forward
 """
 
 from __future__ import annotations
