@@ -81,6 +81,12 @@ def build_parser():
     sched.add_argument("--weight-decay", type=float, default=0.01)
     sched.add_argument("--loss", choices=("bce", "ce"), default="bce", help="VQA / GQA loss (NLVR2: always CE)")
     sched.add_argument("--seed", type=int, default=9595)
+    sched.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model through DeepSpeed's engine.compile(), with the Triton kernels on a GPU "
+        "(as pretrain.py --compile)",
+    )
     run = p.add_argument_group("output")
     run.add_argument("--output-dir", help="default: output/finetune_TASK")
     run.add_argument("--test", action="store_true", help="predict --test-json and write the submission file")
@@ -285,6 +291,8 @@ def main(argv=None):
         answer_table=args.answer_table,
         label2ans=label2ans,
         config=scratch_config,
+        # compiled on a GPU: the fused kernels, chosen up front (see pretrain.py); eager: "auto"
+        backend="triton" if args.compile and torch.cuda.is_available() else "auto",
         log=training.print0,
     )
     if len(any_set.tokenizer) > model.config.vocab_size:
@@ -310,6 +318,8 @@ def main(argv=None):
     optimizer = build_optimizer(objective.parameters(), args.optimizer, args.lr, args.weight_decay)
     scheduler = build_scheduler(optimizer, max(total_steps, 1), args.warmup)
     engine = training.build_engine(objective, optimizer, scheduler, ds_config)
+    if args.compile:
+        engine.compile()  # compiled on the first step; static shapes inside (see modeling.static_shapes_only)
     dtype = training.model_dtype(precision)
     training.print0(
         f"LXMERT fine-tuning ({args.task}): {model.num_parameters() / 1e6:.1f}M parameters, "
