@@ -323,6 +323,9 @@ def test_a_batch_holds_the_items_it_would_hold_one_by_one(sample, store, table, 
     one_by_one = pretrain_collate([dataset[k] for k in keys])
     flat = lambda b: [b[k] for k in sorted(b) if k != "obj_labels"] + [t for v in b["obj_labels"].values() for t in v]
     assert all(torch.equal(a, b) for a, b in zip(flat(batch), flat(one_by_one), strict=True))
+    default = torch.utils.data.default_collate(dataset.__getitems__(keys))  # a DataLoader without collate_fn
+    assert torch.equal(default["visual_feats"], batch["visual_feats"])
+    assert torch.equal(default["labels"], batch["labels"])
     half = PretrainDataset(sample.train_json, [store], table, sample.tokenizer_dir, seed=7, feature_dtype="float16")
     half_batch = pretrain_collate(half.__getitems__(keys))
     assert half_batch["visual_feats"].dtype == torch.float16

@@ -31,8 +31,7 @@ Public API
         .set_epoch(epoch), .epoch, .qa_enabled, len(ds), ds[index] or ds[(epoch, index)] -> dict of numpy arrays,
         .uid(index) -> "{img_id}_{source}_{index}", .num_dropped (sentences without features),
         .__getitems__(indices) -> StackedItems: a whole batch at once (a DataLoader calls it), the same values
-    pretrain_collate(items or StackedItems) -> dict of tensors: exactly the keyword arguments of
-        LxmertForPreTraining.forward
+    pretrain_collate(items) -> dict of tensors: exactly the keyword arguments of LxmertForPreTraining.forward
 """
 
 from __future__ import annotations
@@ -255,7 +254,7 @@ class PretrainDataset(torch.utils.data.Dataset):
     # -- items ----------------------------------------------------------------------------------------------------
 
     def __getitem__(self, item) -> dict[str, np.ndarray]:
-        return {k: v[0] for k, v in self.__getitems__([item]).items()}
+        return self.__getitems__([item])[0]
 
     def __getitems__(self, items: Sequence) -> StackedItems:
         """Many items at once, stacked (the DataLoader calls this for a whole batch): the same values as stacking
@@ -388,12 +387,15 @@ class _Draw(NamedTuple):
     ans: int
 
 
-class StackedItems(dict):
-    """Items already stacked along a first batch dimension (``PretrainDataset.__getitems__``), keyed as one item."""
+class StackedItems(list):
+    """What ``PretrainDataset.__getitems__`` returns: a list of items, as the DataLoader protocol expects (torch's
+    default_collate stacks them as usual), each a view into ``arrays``, the batch already stacked along a first
+    dimension, which pretrain_collate takes without copying."""
 
-    @staticmethod
-    def stack(items: Sequence[dict[str, np.ndarray]]) -> StackedItems:
-        return StackedItems({key: np.stack([item[key] for item in items]) for key in items[0]})
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+        size = len(next(iter(arrays.values())))
+        super().__init__({key: value[i] for key, value in arrays.items()} for i in range(size))
 
 
 def pretrain_collate(items) -> dict:
@@ -403,8 +405,11 @@ def pretrain_collate(items) -> dict:
     conf (B, 36) float32), "attr": (ids, conf), "feat": (features (B, 36, F) float32, mask (B, 36) float32)},
     matched_label (B,) long, ans (B,) long (-100: no QA label).
 
-    ``items`` is a list of items, or the StackedItems that the dataset's ``__getitems__`` gives a DataLoader."""
-    stacked = items if isinstance(items, StackedItems) else StackedItems.stack(items)
+    From the StackedItems that the dataset's ``__getitems__`` gives a DataLoader, nothing is copied."""
+    if isinstance(items, StackedItems):
+        stacked = items.arrays
+    else:
+        stacked = {key: np.stack([item[key] for item in items]) for key in items[0]}
 
     def get(key):
         return torch.from_numpy(stacked[key])
