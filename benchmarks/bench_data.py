@@ -4,8 +4,9 @@ A compiled and graphed training step takes 40 ms per batch of 256 on an H100 (6,
 keep up. Ours: ``PretrainDataset.__getitems__`` (a whole batch at once, features as stored in float16, the way
 pretrain.py loads). Baseline, same data, same run: the same dataset indexed one item at a time (``ds[i]``, each
 built as a batch of one) and stacked by the collate function, float32 features: what a DataLoader does with a dataset
-that has no ``__getitems__``. It is slower than the item-by-item code this replaced (1,350 samples/s in the main
-process on the 2-core CPU of the 2026-11-23 results, against 820 for this baseline and 2,900 for ours). Both go
+that has no ``__getitems__``. It is slower than the item-by-item code this replaced: on the 2-core CPU of
+results/cpu-amd-epyc-2-cores-2026-11-23-131002.md, in the main process, this baseline gave 864 samples/s and ours
+2,384; the replaced code, timed on the same machine that day from the previous commit, gave 1,352. Both go
 through a torch DataLoader with the same batch sampler, at 0 (in the main process) and more worker processes; time
 per batch after two warm-up batches.
 """
