@@ -47,7 +47,7 @@ def _ds_config(path, precision, micro_batch):
     return path
 
 
-def run_pretrain(bench, tmp_path, precision, micro_batch, steps, log_every, compile_model=False):
+def run_pretrain(bench, tmp_path, precision, micro_batch, steps, log_every, compile_model=False, engine="deepspeed"):
     """Run pretrain.py for ``steps`` optimiser steps; returns (metrics records, the run's config dict, wall s)."""
     from lxmert_fast.data import ensure_sample_data
 
@@ -74,6 +74,8 @@ def run_pretrain(bench, tmp_path, precision, micro_batch, steps, log_every, comp
         cmd += ["--num-workers", "0"]
     if compile_model:
         cmd.append("--compile")
+    if engine != "deepspeed":
+        cmd += ["--engine", engine]
     env = bench.child_env(PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
@@ -94,8 +96,12 @@ def deepspeed_available():
 
 
 @pytest.mark.slow  # on a CPU DeepSpeed JIT-builds its shm communication op first: minutes when its cache is cold
-@pytest.mark.parametrize("compile_model", [False, True], ids=["eager", "compiled"])
-def test_pretrain_throughput(bench, tmp_path, deepspeed_available, compile_model):
+@pytest.mark.parametrize(
+    "engine,compile_model",
+    [("deepspeed", False), ("deepspeed", True), ("torch", False), ("torch", True)],
+    ids=["deepspeed", "deepspeed-compiled", "torch", "torch-compiled"],
+)
+def test_pretrain_throughput(bench, tmp_path, deepspeed_available, engine, compile_model):
     from lxmert_fast import LxmertConfig
 
     if compile_model and not (bench.full and bench.cuda):
@@ -104,7 +110,7 @@ def test_pretrain_throughput(bench, tmp_path, deepspeed_available, compile_model
     micro_batch, steps = bench.shape("pretrain_batch"), bench.shape("pretrain_steps")
     log_every = bench.shape("pretrain_log_every")
     metrics, config_dict, wall, cmd = run_pretrain(bench, tmp_path, precision, micro_batch, steps, log_every,
-                                                   compile_model)
+                                                   compile_model, engine)
 
     windows = [m["samples_per_s"] for m in metrics if "samples_per_s" in m]
     assert len(windows) >= 2, metrics
@@ -114,10 +120,11 @@ def test_pretrain_throughput(bench, tmp_path, deepspeed_available, compile_model
     flops = pretraining_flops_per_sample(config, s["text_len"], s["num_objects"], lm_head="masked")
     run_precision = precision if bench.cuda else "fp32"
     peak = bench.peak_tflops(run_precision)
-    flag = " --compile" if compile_model else ""
+    flag = (" --engine torch" if engine == "torch" else "") + (" --compile" if compile_model else "")
+    how = "DeepSpeed ZeRO-2" if engine == "deepspeed" else "plain PyTorch" + (", CUDA graphs" if bench.cuda else "")
     case = f"pretrain.py{flag}/{run_precision}/micro-batch {micro_batch}"
     ours = bench.record(
-        SUITE, case, f"lxmert_fast pretrain.py{flag} (DeepSpeed ZeRO-2, {run_precision})", 1e3 * micro_batch / sps,
+        SUITE, case, f"lxmert_fast pretrain.py{flag} ({how}, {run_precision})", 1e3 * micro_batch / sps,
         "ours",
         flops=flops * micro_batch, dtype=run_precision, samples_per_s=sps, paper_hours=paper_schedule_hours(sps),
         flops_per_sample=flops, paper_samples_per_s=PAPER_SAMPLES_PER_S, log_windows=windows, wall_s=wall,

@@ -28,6 +28,8 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 import deepspeed.comm as dist  # noqa: E402
 
+from lxmert_fast.data import to_device  # noqa: E402,F401  (the loops call training.to_device)
+
 CKPT_LATEST = "latest"
 
 
@@ -64,6 +66,13 @@ def init_distributed():
     deepspeed.init_distributed(verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def local_device():
+    """This process's device: its GPU (LOCAL_RANK) or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def rank():
@@ -172,19 +181,6 @@ def full_parameters(engine, model):
 
 def model_dtype(precision):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-
-
-def to_device(batch, device, float_dtype):
-    """Move a (nested) batch to ``device``; floating tensors become ``float_dtype`` (the engine's parameter dtype)."""
-    if isinstance(batch, torch.Tensor):
-        if batch.is_floating_point():
-            return batch.to(device=device, dtype=float_dtype, non_blocking=True)
-        return batch.to(device=device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device, float_dtype) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device, float_dtype) for v in batch)
-    return batch
 
 
 def loss_scale(engine):
@@ -313,7 +309,8 @@ def load_checkpoint(engine, ckpt_dir):
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None, None
-    _load_without_code(engine)
+    if isinstance(engine, deepspeed.DeepSpeedEngine):  # lxmert_fast's single-device engine loads safely itself
+        _load_without_code(engine)
     path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:
         raise RuntimeError(f"could not load checkpoint {os.path.join(ckpt_dir, tag)}")

@@ -172,14 +172,12 @@ def test_final_folder_loads_in_transformers_and_lxmert_fast(uninterrupted):
         torch.testing.assert_close(ours.state_dict()[name], tensor, rtol=0, atol=0)
 
 
-@pytest.mark.slow
-def test_sigkill_and_resume_gives_the_same_weights(uninterrupted, workdir):
-    out = workdir / "killed"
-    cmd = [sys.executable, SCRIPT, *RUN_ARGS, "--output-dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=workdir, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _kill_after_step_6_and_resume(cmd, cwd, out):
+    """Start ``cmd``, SIGKILL it right after step 6 (its last checkpoint is at 4), resume it; returns the log."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:  # kill right after step 6 (a checkpoint was at 4)
+    while time.time() < deadline and proc.poll() is None:
         if metrics.is_file() and '"step": 6,' in metrics.read_text():
             break
         time.sleep(0.05)
@@ -187,15 +185,57 @@ def test_sigkill_and_resume_gives_the_same_weights(uninterrupted, workdir):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (out / "checkpoints" / "latest").read_text().strip() == "step000000004"
-    rc, log = _run(cmd + ["--resume"], cwd=workdir)
+    rc, log = _run(cmd + ["--resume"], cwd=cwd)
     assert rc == 0, log
     assert "resumed from" in log
-    a = load_file(str(uninterrupted[0] / "final_model" / "model.safetensors"))
-    b = load_file(str(out / "final_model" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     steps, _ = _metrics(out)
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))  # the killed run's extra lines are dropped
+    return log
+
+
+def _max_weight_difference(run_a, run_b):
+    a = load_file(str(run_a / "final_model" / "model.safetensors"))
+    b = load_file(str(run_b / "final_model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_the_same_weights(uninterrupted, workdir):
+    out = workdir / "killed"
+    _kill_after_step_6_and_resume([sys.executable, SCRIPT, *RUN_ARGS, "--output-dir", str(out)], workdir, out)
+    assert _max_weight_difference(uninterrupted[0], out) <= 1e-6
+
+
+# ------------------------------------------------------------------------------ --engine torch (single device)
+@pytest.fixture(scope="module")
+def torch_engine_run(workdir):
+    out = workdir / "torch_engine"
+    rc, log = _run([sys.executable, SCRIPT, *RUN_ARGS, "--engine", "torch", "--output-dir", str(out)], cwd=workdir)
+    assert rc == 0, log
+    return out, log
+
+
+@pytest.mark.slow
+def test_torch_engine_trains_like_deepspeed(uninterrupted, torch_engine_run):
+    out, log = torch_engine_run
+    assert "plain PyTorch" in log
+    ours = [r["loss"] for r in _metrics(out)[0]]
+    deepspeed_losses = [r["loss"] for r in _metrics(uninterrupted[0])[0]]
+    assert len(ours) == STEPS and ours[-1] < ours[0] - 2.0
+    # the same samples, dropout masks, optimiser, schedule and clipping: only the summation order of DeepSpeed's
+    # flat gradient buffers differs (fp32 on a CPU)
+    assert ours == pytest.approx(deepspeed_losses, rel=1e-5)
+    assert _max_weight_difference(uninterrupted[0], out) <= 1e-5
+    assert (out / "checkpoints" / "step000000008" / "state.pt").is_file()
+
+
+@pytest.mark.slow
+def test_torch_engine_sigkill_and_resume_gives_the_same_weights(torch_engine_run, workdir):
+    out = workdir / "torch_engine_killed"
+    cmd = [sys.executable, SCRIPT, *RUN_ARGS, "--engine", "torch", "--output-dir", str(out)]
+    _kill_after_step_6_and_resume(cmd, workdir, out)
+    assert _max_weight_difference(torch_engine_run[0], out) == 0.0
 
 
 @pytest.mark.slow
@@ -232,8 +272,9 @@ def test_two_cpu_ranks_zero2_follow_one_rank(uninterrupted, workdir, tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(workdir):
-    out = workdir / "nan"
+@pytest.mark.parametrize("engine", ["deepspeed", "torch"])
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(workdir, engine):
+    out = workdir / f"nan_{engine}"
     cmd = [
         sys.executable,
         SCRIPT,
@@ -249,11 +290,13 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(workdir):
         str(out),
         "--inject-nan-at-step",
         "3",
+        "--engine",
+        engine,
     ]
     rc, log = _run(cmd, cwd=workdir)
     assert rc != 0
     assert "non-finite loss at step 3" in log, log
-    assert "step000000002" in log
+    assert "weights were not updated" in log and "step000000002" in log
     assert (out / "checkpoints" / "latest").read_text().strip() == "step000000002"
     assert not (out / "final_model").exists()
 
@@ -301,3 +344,125 @@ def test_resume_never_executes_code_from_a_checkpoint(tmp_path):
     with pytest.raises(RuntimeError, match="bad.pt: not a loadable checkpoint"):
         engine.checkpoint_engine.load(str(bad))
     assert not marker.exists()
+
+
+def _single_device_engine(tmp_seed=0, accumulation=1, clip=1.0):
+    from lxmert_fast.pretrain import PretrainingObjective
+    from lxmert_fast.single_device import SingleDeviceEngine
+
+    torch.manual_seed(tmp_seed)
+    objective = PretrainingObjective(LxmertForPreTraining(small_config("tiny"), backend="torch"))
+    optimizer = BertAdam(objective.parameters(), lr=1e-3)
+    scheduler = build_scheduler(optimizer, total_steps=10)
+    engine = SingleDeviceEngine(objective, optimizer, scheduler, device="cpu", precision="fp32",
+                                gradient_clipping=clip, accumulation=accumulation)
+    return engine, objective, optimizer, scheduler
+
+
+def test_torch_engine_checkpoint_never_executes_code_and_names_a_bad_file(tmp_path):
+    engine, objective, *_ = _single_device_engine()
+    engine.save_checkpoint(str(tmp_path), "good", client_state={"step": 3, "rng": training_rng_state()})
+    before = {k: v.clone() for k, v in objective.state_dict().items()}
+    path, client = engine.load_checkpoint(str(tmp_path), "good")
+    assert path.endswith("good/state.pt") and client["step"] == 3
+    assert all(torch.equal(before[k], v) for k, v in objective.state_dict().items())
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "evil").mkdir()
+    torch.save({"module": objective.state_dict(), "client_state": Exploit()}, tmp_path / "evil" / "state.pt")
+    with pytest.raises(RuntimeError, match=r"evil/state.pt: not a checkpoint of pretrain.py --engine torch"):
+        engine.load_checkpoint(str(tmp_path), "evil")
+    assert not marker.exists()
+    (tmp_path / "cut").mkdir()
+    data = (tmp_path / "good" / "state.pt").read_bytes()
+    (tmp_path / "cut" / "state.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RuntimeError, match=r"cut/state.pt"):
+        engine.load_checkpoint(str(tmp_path), "cut")
+
+
+def training_rng_state():
+    from lxmert_fast import training
+
+    return training.rng_state()
+
+
+def test_torch_engine_accumulates_clips_and_steps_at_the_boundary():
+    config = small_config("tiny")
+    halves = [make_batch(config, batch=2, seed=s) for s in (5, 6)]
+    engine, objective, optimizer, _ = _single_device_engine(accumulation=2, clip=0.5)
+    reference, ref_objective, ref_optimizer, ref_scheduler = _single_device_engine(accumulation=1, clip=0.0)
+    for i, half in enumerate(halves):
+        torch.manual_seed(100 + i)
+        engine.forward_backward(half)
+        engine.step()
+        if i == 0:  # no update before the boundary
+            assert all(torch.equal(p, q) for p, q in zip(objective.parameters(), ref_objective.parameters(),
+                                                         strict=True))
+    # by hand: mean of the two micro-batch losses, clipped to norm 0.5, one BertAdam step
+    for i, half in enumerate(halves):
+        torch.manual_seed(100 + i)
+        (ref_objective(half)["loss"] / 2).backward()
+    torch.nn.utils.clip_grad_norm_(ref_objective.parameters(), 0.5)
+    ref_optimizer.step()
+    ref_scheduler.step()
+    for p, q in zip(objective.parameters(), ref_objective.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+    assert all(p.grad is None for p in objective.parameters())  # eager: the gradients are reset after the update
+    assert engine.scheduler.last_epoch == 1
+
+
+def test_torch_engine_refuses_several_ranks_and_turns_fp16_into_bf16(monkeypatch):
+    from lxmert_fast.pretrain import single_device_precision
+
+    with pytest.raises(SystemExit, match="2 ranks: use --engine deepspeed"):
+        single_device_precision("fp32", world=2)
+    assert single_device_precision("bf16", world=1) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert single_device_precision("fp16", world=1) == "bf16"
+
+
+def test_bertadam_multi_tensor_step_equals_the_per_parameter_formulas():
+    """BertAdam updates all parameters with one multi-tensor operation per formula; on the CPU that is bit for bit
+    the per-parameter arithmetic of its docstring, with parameters of several shapes and one without a gradient."""
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2), (1,)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    expected = [p.detach().clone() for p in params]
+    m = [torch.zeros_like(p) for p in expected]
+    v = [torch.zeros_like(p) for p in expected]
+    lr, b1, b2, eps, wd = 1e-2, 0.9, 0.999, 1e-6, 0.01
+    opt = BertAdam(params, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    for step in range(4):
+        for i, p in enumerate(params):
+            p.grad = None if (i == 1 and step == 0) else torch.randn(p.shape)
+            if p.grad is None:
+                continue
+            g = p.grad
+            m[i].mul_(b1).add_(g, alpha=1 - b1)
+            v[i].mul_(b2).addcmul_(g, g, value=1 - b2)
+            update = m[i] / (v[i].sqrt() + eps)
+            update.add_(expected[i], alpha=wd)
+            expected[i].add_(update, alpha=-lr)
+        opt.step()
+    for p, e in zip(params, expected, strict=True):
+        assert torch.equal(p.detach(), e)
+    assert opt.state[params[1]]["step"] == 3 and opt.state[params[0]]["step"] == 4
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(REPO, "configs")) if f.startswith("ds_")))
+def test_every_deepspeed_config_loads_with_a_batch_geometry(name):
+    from lxmert_fast import training
+
+    cfg, precision = training.load_ds_config(os.path.join(REPO, "configs", name), log=lambda *a: None)
+    micro, accum = training.batch_geometry(cfg, world=1)
+    assert micro >= 1 and accum >= 1 and precision in ("fp16", "bf16", "fp32")
+    assert "optimizer" not in cfg and "scheduler" not in cfg
+    if name.startswith("ds_paper"):  # the paper's global batch on one rank
+        assert micro * accum == 256
+    if name == "ds_paper_1gpu_bf16.json":  # --engine torch graphs only steps without accumulation
+        assert accum == 1 and cfg["gradient_clipping"] == 1.0 and cfg["bf16"]["enabled"]
