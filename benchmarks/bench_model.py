@@ -20,6 +20,7 @@ import time
 import pytest
 import torch
 
+from lxmert_fast.data import to_device
 from lxmert_fast.flops import count_flops, pretraining_flops_per_sample
 
 SUITE = "model"
@@ -88,15 +89,7 @@ def make_batch(config, batch, text_len, num_objects, device, seed=0, labels=True
             "matched_label": matched,
             "ans": ans,
         })
-    return _to(out, device)
-
-
-def _to(x, device):
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    if isinstance(x, tuple):
-        return tuple(_to(v, device) for v in x)
-    return x.to(device)
+    return to_device(out, device)
 
 
 _STATES = {}

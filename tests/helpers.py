@@ -71,12 +71,3 @@ def model_inputs(batch):
     """Only the encoder's inputs of a batch made by make_batch."""
     keys = ("input_ids", "visual_feats", "visual_pos", "attention_mask", "visual_attention_mask", "token_type_ids")
     return {key: batch[key] for key in keys}
-
-
-def to_device(batch, device):
-    """A batch of make_batch (tensors, dicts and tuples of them) moved to ``device``."""
-    if isinstance(batch, dict):
-        return {key: to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, tuple):
-        return tuple(to_device(value, device) for value in batch)
-    return batch.to(device)

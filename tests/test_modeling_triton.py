@@ -6,9 +6,10 @@ tests run the compiled kernels.
 
 import pytest
 import torch
-from helpers import make_batch, small_config, to_device
+from helpers import make_batch, small_config
 
 import lxmert_fast
+from lxmert_fast.data import to_device
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -31,7 +31,7 @@ from .formats import (
     read_pretrain_json,
     write_feature_tsv,
 )
-from .pretrain_dataset import IGNORE_INDEX, PretrainDataset, pretrain_collate
+from .pretrain_dataset import IGNORE_INDEX, PretrainDataset, pretrain_collate, to_device
 from .sample import (
     ATTRIBUTE_NAMES,
     OBJECT_NAMES,
@@ -61,6 +61,7 @@ __all__ = [
     "make_uid",
     "normalize_answer",
     "pretrain_collate",
+    "to_device",
     "read_feature_tsv",
     "read_pretrain_json",
     "write_feature_tsv",

@@ -430,3 +430,17 @@ def pretrain_collate(items) -> dict:
         "matched_label": get("matched_label"),
         "ans": get("ans"),
     }
+
+
+def to_device(batch, device, float_dtype=None):
+    """Move a collated batch (tensors in dicts, tuples and lists) to ``device``; floating tensors become
+    ``float_dtype`` when given (features travel as float16 and are cast on the device)."""
+    if isinstance(batch, torch.Tensor):
+        if float_dtype is not None and batch.is_floating_point():
+            return batch.to(device=device, dtype=float_dtype, non_blocking=True)
+        return batch.to(device=device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, float_dtype) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device, float_dtype) for v in batch)
+    return batch
