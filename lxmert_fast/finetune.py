@@ -14,6 +14,8 @@ Per epoch: train, then evaluate on --valid (metrics.jsonl gets `eval_score`, the
 model is kept in OUTPUT_DIR/best_model). At the end: OUTPUT_DIR/final_model, and with --test the submission file.
 The DeepSpeed JSON (--deepspeed_config, default configs/ds_finetune_fp16.json: batch 32, clipping 5.0) decides
 batch size, precision and ZeRO; the task's learning rate, epochs and warm-up default to the original's.
+``--engine torch`` trains on one device without DeepSpeed, the step replayed as a CUDA graph on a GPU (see
+lxmert_fast/single_device.py).
 """
 
 import argparse
@@ -81,12 +83,6 @@ def build_parser():
     sched.add_argument("--weight-decay", type=float, default=0.01)
     sched.add_argument("--loss", choices=("bce", "ce"), default="bce", help="VQA / GQA loss (NLVR2: always CE)")
     sched.add_argument("--seed", type=int, default=9595)
-    sched.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the model through DeepSpeed's engine.compile(), with the Triton kernels on a GPU "
-        "(as pretrain.py --compile)",
-    )
     run = p.add_argument_group("output")
     run.add_argument("--output-dir", help="default: output/finetune_TASK")
     run.add_argument("--test", action="store_true", help="predict --test-json and write the submission file")
@@ -95,7 +91,7 @@ def build_parser():
     run.add_argument("--log-every", type=int, default=10)
     run.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/latest")
     run.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    deepspeed.add_config_arguments(p)
+    training.add_engine_arguments(p)
     return p
 
 
@@ -283,6 +279,7 @@ def main(argv=None):
     if args.from_scratch or not (args.load or args.load_lxmert_qa):
         scratch_config = resolve_model_config(args.model_config)
         scratch_config.vocab_size, scratch_config.visual_feat_dim = len(any_set.tokenizer), any_set.feat_dim
+    plan = training.plan_engine(args, precision, world, accum)
     torch.manual_seed(args.seed)  # the same random head on every rank
     model = build_task_model(
         args.task,
@@ -291,8 +288,7 @@ def main(argv=None):
         answer_table=args.answer_table,
         label2ans=label2ans,
         config=scratch_config,
-        # compiled on a GPU: the fused kernels, chosen up front (see pretrain.py); eager: "auto"
-        backend="triton" if args.compile and torch.cuda.is_available() else "auto",
+        backend=plan.model_backend,
         log=training.print0,
     )
     if len(any_set.tokenizer) > model.config.vocab_size:
@@ -317,14 +313,12 @@ def main(argv=None):
     objective = FinetuneObjective(model, args.task, args.loss)
     optimizer = build_optimizer(objective.parameters(), args.optimizer, args.lr, args.weight_decay)
     scheduler = build_scheduler(optimizer, max(total_steps, 1), args.warmup)
-    engine = training.build_engine(objective, optimizer, scheduler, ds_config)
-    if args.compile:
-        engine.compile()  # compiled on the first step; static shapes inside (see modeling.static_shapes_only)
-    dtype = training.model_dtype(precision)
+    engine, dtype = training.build_engine(plan, objective, optimizer, scheduler, ds_config)
     training.print0(
         f"LXMERT fine-tuning ({args.task}): {model.num_parameters() / 1e6:.1f}M parameters, "
         f"{len(train_set) if train_set else 0} train / {len(valid_set) if valid_set else 0} valid samples"
-        f"{f', {len(label2ans)} answers' if label2ans else ''}, {world} rank(s) on {engine.device}, {precision}, "
+        f"{f', {len(label2ans)} answers' if label2ans else ''}, {world} rank(s) on {engine.device}, {plan.precision}, "
+        f"{plan.describe(engine)}, "
         f"batch {micro * accum * world}, {steps_per_epoch} steps/epoch, {total_steps} steps, lr {args.lr}"
     )
 
@@ -356,6 +350,15 @@ def main(argv=None):
         state = {"step": step, "epoch": epoch, "pos": pos, "micro_step": micro_step, "best": best, "rng": rngs}
         training.save_checkpoint(engine, ckpt_dir, step, state, keep=args.keep_checkpoints)
 
+    def check_losses(losses):
+        """The loss averaged over ranks; a NaN or inf stops the run before the weights are updated."""
+        values, bad = training.reduce_losses({"loss": losses["loss"]}, engine.device)
+        if bad:
+            raise training.NonFiniteLossError(
+                f"non-finite loss at step {step + 1} (epoch {epoch}, micro-batch {pos}); weights were not updated"
+            )
+        return values
+
     bar = training.progress_bar(total_steps, initial=step, desc=f"finetune {args.task}")
     timer = training.Timer()
     loss_sum, count = 0.0, 0
@@ -373,16 +376,10 @@ def main(argv=None):
             for batch in loader:
                 training.seed_step(args.seed, micro_step, rank)
                 batch.pop("index")
-                losses = engine(training.to_device(batch, engine.device, dtype))
-                values, bad = training.reduce_losses({"loss": losses["loss"]}, engine.device)
-                if bad:
-                    raise training.NonFiniteLossError(
-                        f"non-finite loss at step {step + 1} (epoch {epoch}, "
-                        f"micro-batch {pos}); weights were not updated"
-                    )
-                engine.backward(losses["loss"])
                 lr = scheduler.get_last_lr()[0]
-                engine.step()
+                values = training.train_micro_batch(
+                    engine, training.to_device(batch, engine.device, dtype), check_losses
+                )
                 micro_step, pos = micro_step + 1, pos + 1
                 timer.add(micro * world)
                 loss_sum, count = loss_sum + values["loss"], count + 1

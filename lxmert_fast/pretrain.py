@@ -4,6 +4,8 @@
     deepspeed --num_gpus 4 lxmert_fast/pretrain.py --config configs/recipe_lxmert_paper.json \
         --train-json data/lxmert/mscoco_train.json,... --features a.tsv,b.tsv --answer-table data/lxmert/all_ans.json
     python lxmert_fast/pretrain.py ...                    # the same, as one process
+    python lxmert_fast/pretrain.py --engine torch --deepspeed_config configs/ds_paper_1gpu_bf16.json ...
+                                                          # one GPU, no DeepSpeed, the step as a CUDA graph
 
 The DeepSpeed JSON (--deepspeed_config) decides batch size, accumulation, precision and ZeRO stage; everything
 else is a flag here, and ``--config FILE.json`` may supply any flag (the command line wins).
@@ -23,7 +25,6 @@ import torch.nn as nn  # noqa: E402
 
 from lxmert_fast import training  # noqa: E402  (sets DS_ACCELERATOR before deepspeed is imported)
 from lxmert_fast.optimization import build_optimizer, build_scheduler  # noqa: E402
-from lxmert_fast.single_device import SingleDeviceEngine  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
@@ -102,25 +103,6 @@ def build_parser():
     model.add_argument("--lr", type=float, default=1e-4)
     model.add_argument("--weight-decay", type=float, default=0.01)
     model.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the total steps")
-    model.add_argument(
-        "--engine",
-        choices=("deepspeed", "torch"),
-        default="deepspeed",
-        help="deepspeed: DeepSpeed's engine (ZeRO, fp16 loss scaling, any number of ranks); torch: one process on one "
-        "device, plain PyTorch, bf16 autocast and the step replayed as a CUDA graph on a GPU (see "
-        "lxmert_fast/single_device.py); it reads batch size, accumulation, precision and clipping from the same JSON",
-    )
-    model.add_argument(
-        "--no-cuda-graphs",
-        action="store_true",
-        help="with --engine torch on a GPU: launch every step eagerly instead of replaying a CUDA graph",
-    )
-    model.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the model (DeepSpeed's engine.compile() with --engine deepspeed): faster steps on a GPU, "
-        "after a minute or two of compiling (benchmarks/README.md has measurements)",
-    )
     for task, what in (
         ("mlm", "masked language model"),
         ("matched", "cross-modality matching"),
@@ -137,7 +119,7 @@ def build_parser():
     run.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/latest")
     run.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
     run.add_argument("--inject-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests
-    training.add_deepspeed_arguments(p)
+    training.add_engine_arguments(p)
     return p
 
 
@@ -204,19 +186,6 @@ def _split(value):
 
 
 # ----------------------------------------------------------------------------------------------------- training
-def single_device_precision(precision, world):
-    """The precision --engine torch trains in, from the DeepSpeed JSON's: fp16 becomes bf16 autocast (fp16 needs
-    loss scaling on the host at every step, which a CUDA graph cannot replay)."""
-    if world > 1:
-        raise SystemExit(f"--engine torch runs one process; this run has {world} ranks: use --engine deepspeed")
-    if precision == "fp16":
-        if not torch.cuda.is_bf16_supported():
-            raise SystemExit("--engine torch trains in bf16 or fp32 and this GPU has no bf16: use --engine deepspeed")
-        training.print0("--engine torch: the DeepSpeed config's fp16 runs as bf16 autocast, with fp32 weights")
-        return "bf16"
-    return precision
-
-
 def save_hf_model(model, out_dir):
     """config.json + model.safetensors in fp32, loadable by lxmert_fast's and transformers' from_pretrained."""
     from lxmert_fast import LxmertForPreTraining
@@ -278,39 +247,17 @@ def main(argv=None):
     else:
         epochs = args.epochs
 
-    single_device = args.engine == "torch"
-    if single_device:
-        precision = single_device_precision(precision, world)
-    graphs = single_device and torch.cuda.is_available() and not args.no_cuda_graphs and accum == 1
+    plan = training.plan_engine(args, precision, world, accum)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
-    # compiled or graphed on a GPU: the fused kernels, chosen up front (an "auto" model would switch inside the first
-    # trace and cost a second compile); eager: "auto", which is the plain PyTorch path there (modeling.resolve_backend)
-    backend = "triton" if (args.compile or graphs) and torch.cuda.is_available() else "auto"
-    model = LxmertForPreTraining(config, backend=backend)
+    model = LxmertForPreTraining(config, backend=plan.model_backend)
     objective = PretrainingObjective(model)
-    if single_device:
-        objective.to(training.local_device())
     optimizer = build_optimizer(objective.parameters(), args.optimizer, args.lr, args.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps, args.warmup)
-    if single_device:
-        engine = SingleDeviceEngine(
-            objective, optimizer, scheduler, device=training.local_device(), precision=precision,
-            gradient_clipping=ds_config.get("gradient_clipping", 0.0), accumulation=accum, cuda_graphs=graphs,
-            compile_model=args.compile,
-        )
-        dtype = torch.float32  # the weights stay fp32 under bf16 autocast
-    else:
-        engine = training.build_engine(objective, optimizer, scheduler, ds_config)
-        if args.compile:
-            engine.compile()  # compiled on the first step; static shapes inside (see modeling.static_shapes_only)
-        dtype = training.model_dtype(precision)
+    engine, dtype = training.build_engine(plan, objective, optimizer, scheduler, ds_config)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 leaves p empty
-    how = f"plain PyTorch{', CUDA graphs' if graphs else ''}" if single_device else "DeepSpeed"
-    how += f" ZeRO-{engine.zero_optimization_stage()}" if not single_device else ""
-    how += ", compiled" if args.compile else ""
     training.print0(
         f"LXMERT pre-training: {n_params / 1e6:.1f}M parameters, {len(train_set)} samples, {world} rank(s) on "
-        f"{engine.device}, {precision}, {how}, micro-batch {micro} x accumulation "
+        f"{engine.device}, {plan.precision}, {plan.describe(engine)}, micro-batch {micro} x accumulation "
         f"{accum} x {world} = {micro * accum * world}, {steps_per_epoch} steps/epoch, {total_steps} steps, "
         f"tasks {','.join(args.tasks)}, optimizer {args.optimizer} lr {args.lr}"
     )
@@ -350,6 +297,23 @@ def main(argv=None):
             training.print0(f"validation at step {step}: loss {record.get('valid_loss', float('nan')):.4f}")
         validated_at = step
 
+    def check_losses(losses):
+        """The losses' values averaged over ranks; a NaN or inf stops the run before the weights are updated."""
+        if args.inject_nan_at_step is not None and step + 1 == args.inject_nan_at_step:
+            losses = {**losses, "loss": losses["loss"] * float("nan")}
+        values, bad = training.reduce_losses(losses, engine.device)
+        if bad:
+            where = (
+                f"the last good checkpoint is {os.path.join(ckpt_dir, last_ckpt)}"
+                if last_ckpt
+                else "no checkpoint was written yet"
+            )
+            raise training.NonFiniteLossError(
+                f"non-finite loss at step {step + 1} (epoch {epoch}, micro-batch {pos}): "
+                f"{ {k: losses[k].item() for k in sorted(losses)} }; weights were not updated; {where}"
+            )
+        return values
+
     # one worker process delivers about 1,500-2,000 samples/s (benchmarks/bench_data.py); a graphed step takes 6,400
     num_workers = args.num_workers if args.num_workers is not None else min(8, (os.cpu_count() or 2) // 2)
     try:
@@ -361,26 +325,8 @@ def main(argv=None):
             for batch in loader:
                 training.seed_step(args.seed, micro_step, rank)
                 batch = training.to_device(batch, engine.device, dtype)
-                # DeepSpeed: the forward here, the backward after the check; plain PyTorch: both here (one graph).
-                # Either way the weights are updated only after the losses were found finite.
-                losses = engine.forward_backward(batch) if single_device else engine(batch)
-                if args.inject_nan_at_step is not None and step + 1 == args.inject_nan_at_step:
-                    losses = {**losses, "loss": losses["loss"] * float("nan")}
-                values, bad = training.reduce_losses(losses, engine.device)
-                if bad:
-                    where = (
-                        f"the last good checkpoint is {os.path.join(ckpt_dir, last_ckpt)}"
-                        if last_ckpt
-                        else "no checkpoint was written yet"
-                    )
-                    raise training.NonFiniteLossError(
-                        f"non-finite loss at step {step + 1} (epoch {epoch}, micro-batch {pos}): "
-                        f"{ {k: losses[k].item() for k in sorted(losses)} }; weights were not updated; {where}"
-                    )
-                if not single_device:
-                    engine.backward(losses["loss"])
                 lr = scheduler.get_last_lr()[0]  # the rate this update uses (the scheduler moves on in step())
-                engine.step()
+                values = training.train_micro_batch(engine, batch, check_losses)
                 micro_step += 1
                 pos += 1
                 timer.add(micro * world)

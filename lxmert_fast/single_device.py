@@ -1,4 +1,5 @@
-"""``pretrain.py --engine torch``: one process on one device, plain PyTorch, the training step as a CUDA graph.
+"""``--engine torch`` of pretrain.py and finetune.py: one process on one device, plain PyTorch, the training step
+as a CUDA graph.
 
 Why a second engine: at LXMERT's sizes a training step is a few thousand small kernels, and launched one by one
 from Python the CPU cannot keep a GPU busy. On an H100 (bf16, batch 256, benchmarks/profile_step.py) an eager step
@@ -14,9 +15,9 @@ What this engine does per micro-batch:
   optimiser and the learning-rate schedule, launched eagerly: the caller checks the losses for NaN first, so a
   non-finite loss never updates the weights.
 
-It mirrors the part of DeepSpeed's engine that pretrain.py uses (``device``, ``train``/``eval``, calling it for
-validation losses, ``save_checkpoint``/``load_checkpoint``), so the loop, the ``latest`` pointer and exact resume
-are shared with the DeepSpeed engine. A checkpoint is one ``state.pt`` per tag: model, optimiser and schedule state
+It mirrors the part of DeepSpeed's engine that the training loops use (``device``, ``train``/``eval``, calling it
+for validation, ``save_checkpoint``/``load_checkpoint``), so the loops (``training.train_micro_batch``), the
+``latest`` pointer and exact resume are shared with the DeepSpeed engine. A checkpoint is one ``state.pt`` per tag: model, optimiser and schedule state
 and the loop's client state, read back with ``torch.load(weights_only=True)``.
 """
 
@@ -35,8 +36,8 @@ CHECKPOINT_FILE = "state.pt"
 class SingleDeviceEngine:
     def __init__(self, module, optimizer, scheduler, *, device, precision, gradient_clipping=0.0,
                  accumulation=1, cuda_graphs=True, compile_model=False):
-        """``module(batch)`` returns a dict of scalar losses with the total under "loss" (pretrain.py's
-        PretrainingObjective). ``precision``: "bf16" (autocast; the weights stay fp32) or "fp32"."""
+        """``module(batch)`` returns a dict with the total loss under "loss" (pretrain.py's PretrainingObjective,
+        the tasks' FinetuneObjective). ``precision``: "bf16" (autocast; the weights stay fp32) or "fp32"."""
         if precision not in ("bf16", "fp32"):
             raise ValueError(f"--engine torch trains in bf16 or fp32, not {precision}")
         self.module = module

@@ -16,6 +16,7 @@ import shutil
 import socket
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -161,15 +162,104 @@ def batch_geometry(cfg, world):
     return micro, accum
 
 
-def build_engine(model, optimizer, scheduler, ds_config):
-    """deepspeed.initialize with our optimiser and schedule; DeepSpeed owns precision, ZeRO, clipping, accumulation."""
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    return engine
+# ------------------------------------------------------------------------------------------------------ engines
+class EnginePlan(NamedTuple):
+    """How a run trains, decided before the model is built: which engine, in which precision, graphed or not."""
+
+    engine: str  # "deepspeed" | "torch" (lxmert_fast.single_device)
+    precision: str  # fp16 | bf16 | fp32
+    cuda_graphs: bool
+    compile: bool
+
+    @property
+    def model_backend(self):
+        # compiled or graphed on a GPU: the fused kernels, chosen up front (an "auto" model would switch inside the
+        # first trace and cost a second compile); eager: "auto", the plain PyTorch path there (modeling.resolve_backend)
+        return "triton" if (self.compile or self.cuda_graphs) and torch.cuda.is_available() else "auto"
+
+    def describe(self, engine):
+        how = f"DeepSpeed ZeRO-{engine.zero_optimization_stage()}" if self.engine == "deepspeed" else "plain PyTorch"
+        return how + (", CUDA graphs" if self.cuda_graphs else "") + (", compiled" if self.compile else "")
 
 
-def add_deepspeed_arguments(parser):
-    """DeepSpeed's own flags (--deepspeed, --deepspeed_config)."""
+def add_engine_arguments(parser):
+    """--engine, --no-cuda-graphs, --compile, and DeepSpeed's own flags (--deepspeed, --deepspeed_config)."""
+    group = parser.add_argument_group("engine")
+    group.add_argument(
+        "--engine",
+        choices=("deepspeed", "torch"),
+        default="deepspeed",
+        help="deepspeed: DeepSpeed's engine (ZeRO, fp16 loss scaling, any number of ranks); torch: one process on one "
+        "device, plain PyTorch, bf16 autocast and each forward + backward replayed as a CUDA graph on a GPU "
+        "(lxmert_fast/single_device.py); both read batch size, accumulation, precision and clipping from the "
+        "DeepSpeed JSON",
+    )
+    group.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="with --engine torch on a GPU: launch every step eagerly instead of replaying a CUDA graph",
+    )
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (with the Triton kernels on a GPU): faster steps after a minute or two of "
+        "compiling (benchmarks/README.md has measurements)",
+    )
     return deepspeed.add_config_arguments(parser)
+
+
+def plan_engine(args, precision, world, accum) -> EnginePlan:
+    """The run's EnginePlan from the flags and the DeepSpeed JSON's precision. --engine torch trains one process in
+    bf16 or fp32: fp16 becomes bf16 autocast (fp16 needs loss scaling on the host at every step, which a CUDA graph
+    cannot replay), and a graph needs steps without gradient accumulation (its replays overwrite the gradients)."""
+    if args.engine == "deepspeed":
+        return EnginePlan("deepspeed", precision, False, args.compile)
+    if world > 1:
+        raise SystemExit(f"--engine torch runs one process; this run has {world} ranks: use --engine deepspeed")
+    if precision == "fp16":
+        if not torch.cuda.is_bf16_supported():
+            raise SystemExit("--engine torch trains in bf16 or fp32 and this GPU has no bf16: use --engine deepspeed")
+        print0("--engine torch: the DeepSpeed config's fp16 runs as bf16 autocast, with fp32 weights")
+        precision = "bf16"
+    graphs = torch.cuda.is_available() and not args.no_cuda_graphs
+    if graphs and accum > 1:
+        print0(f"--engine torch: gradient accumulation ({accum} micro-batches) runs eagerly, without CUDA graphs")
+        graphs = False
+    return EnginePlan("torch", precision, graphs, args.compile)
+
+
+def build_engine(plan: EnginePlan, objective, optimizer, scheduler, ds_config):
+    """The engine of ``plan`` around ``objective`` (a module whose forward(batch) returns a dict of losses with the
+    total under "loss"), with our optimiser and schedule. Returns (engine, the dtype batches' floats move in)."""
+    if plan.engine == "torch":
+        from lxmert_fast.single_device import SingleDeviceEngine
+
+        accum = batch_geometry(ds_config, 1)[1]
+        engine = SingleDeviceEngine(
+            objective.to(local_device()), optimizer, scheduler, device=local_device(), precision=plan.precision,
+            gradient_clipping=ds_config.get("gradient_clipping", 0.0), accumulation=accum,
+            cuda_graphs=plan.cuda_graphs, compile_model=plan.compile,
+        )
+        return engine, torch.float32  # the weights stay fp32 under bf16 autocast
+    # DeepSpeed owns precision, ZeRO, clipping and accumulation
+    engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if plan.compile:
+        engine.compile()  # compiled on the first step; static shapes inside (see modeling.static_shapes_only)
+    return engine, model_dtype(plan.precision)
+
+
+def train_micro_batch(engine, batch, check_losses):
+    """One micro-batch on either engine: losses, ``check_losses(losses)`` (returns what the caller logs, or raises,
+    before anything is updated), backward, optimiser step at the accumulation boundary. Returns check's result."""
+    if isinstance(engine, deepspeed.DeepSpeedEngine):
+        losses = engine(batch)
+        checked = check_losses(losses)
+        engine.backward(losses["loss"])
+    else:  # lxmert_fast.single_device: forward and backward are one CUDA graph; the update waits for the check
+        losses = engine.forward_backward(batch)
+        checked = check_losses(losses)
+    engine.step()
+    return checked
 
 
 def full_parameters(engine, model):

@@ -416,14 +416,28 @@ def test_torch_engine_accumulates_clips_and_steps_at_the_boundary():
     assert engine.scheduler.last_epoch == 1
 
 
-def test_torch_engine_refuses_several_ranks_and_turns_fp16_into_bf16(monkeypatch):
-    from lxmert_fast.pretrain import single_device_precision
+def test_engine_plan_refuses_several_ranks_turns_fp16_into_bf16_and_graphs_only_without_accumulation(monkeypatch):
+    from types import SimpleNamespace
+
+    from lxmert_fast import training
+
+    def plan(engine="torch", precision="fp32", world=1, accum=1, cuda=False, **flags):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        args = SimpleNamespace(engine=engine, no_cuda_graphs=False, compile=False, **flags)
+        return training.plan_engine(args, precision, world, accum)
 
     with pytest.raises(SystemExit, match="2 ranks: use --engine deepspeed"):
-        single_device_precision("fp32", world=2)
-    assert single_device_precision("bf16", world=1) == "bf16"
+        plan(world=2)
+    assert plan(engine="deepspeed", precision="fp16", world=2) == ("deepspeed", "fp16", False, False)
+    assert plan(precision="bf16") == ("torch", "bf16", False, False)  # no CUDA: no graphs
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert single_device_precision("fp16", world=1) == "bf16"
+    assert plan(precision="fp16", cuda=True) == ("torch", "bf16", True, False)
+    assert plan(precision="fp16", cuda=True).model_backend == "triton"
+    assert plan(precision="bf16", cuda=True, accum=4).cuda_graphs is False
+    assert plan(precision="bf16", cuda=True, accum=1).cuda_graphs is True
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(SystemExit, match="no bf16"):
+        plan(precision="fp16", cuda=True)
 
 
 def test_bertadam_multi_tensor_step_equals_the_per_parameter_formulas():
