@@ -17,8 +17,9 @@ What this engine does per micro-batch:
 
 It mirrors the part of DeepSpeed's engine that the training loops use (``device``, ``train``/``eval``, calling it
 for validation, ``save_checkpoint``/``load_checkpoint``), so the loops (``training.train_micro_batch``), the
-``latest`` pointer and exact resume are shared with the DeepSpeed engine. A checkpoint is one ``state.pt`` per tag: model, optimiser and schedule state
-and the loop's client state, read back with ``torch.load(weights_only=True)``.
+``latest`` pointer and exact resume are shared with the DeepSpeed engine. A checkpoint is one ``state.pt`` per
+tag: model, optimiser and schedule state and the loop's client state, read back with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
