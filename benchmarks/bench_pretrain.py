@@ -47,12 +47,22 @@ def _ds_config(path, precision, micro_batch):
     return path
 
 
-def run_pretrain(bench, tmp_path, precision, micro_batch, steps, log_every, compile_model=False, engine="deepspeed"):
-    """Run pretrain.py for ``steps`` optimiser steps; returns (metrics records, the run's config dict, wall s)."""
-    from lxmert_fast.data import ensure_sample_data
+@pytest.fixture(scope="module")
+def sample_data(bench, tmp_path_factory):
+    """The sample data set, generated (and its feature store converted) once for every run of this file."""
+    from lxmert_fast.data import FeatureStore, ensure_sample_data
 
     feat_dim = 2048 if bench.full else 24
-    sample = ensure_sample_data(tmp_path / "sample_data", num_images=300 if bench.full else 6, feat_dim=feat_dim)
+    sample = ensure_sample_data(tmp_path_factory.mktemp("pretrain_bench") / "sample_data",
+                                num_images=300 if bench.full else 6, feat_dim=feat_dim)
+    FeatureStore.from_tsv(sample.features_tsv, progress=False)
+    return sample, feat_dim
+
+
+def run_pretrain(bench, sample_data, tmp_path, precision, micro_batch, steps, log_every, compile_model=False,
+                 engine="deepspeed"):
+    """Run pretrain.py for ``steps`` optimiser steps; returns (metrics records, the run's config dict, wall s)."""
+    sample, feat_dim = sample_data
     sentences = sum(len(s) for r in json.loads(Path(sample.train_json).read_text()) for s in r["sentf"].values())
     copies = math.ceil((steps + 2) * micro_batch / sentences)
     model_config = REPO / "configs" / "lxmert_base.json" if bench.full else _tiny_model_config(
@@ -101,7 +111,7 @@ def deepspeed_available():
     [("deepspeed", False), ("deepspeed", True), ("torch", False), ("torch", True)],
     ids=["deepspeed", "deepspeed-compiled", "torch", "torch-compiled"],
 )
-def test_pretrain_throughput(bench, tmp_path, deepspeed_available, engine, compile_model):
+def test_pretrain_throughput(bench, sample_data, tmp_path, deepspeed_available, engine, compile_model):
     from lxmert_fast import LxmertConfig
 
     if compile_model and not (bench.full and bench.cuda):
@@ -109,8 +119,8 @@ def test_pretrain_throughput(bench, tmp_path, deepspeed_available, engine, compi
     precision = "bf16" if bench.cuda else "fp16"  # pretrain.py turns fp16 into fp32 without CUDA, and says so
     micro_batch, steps = bench.shape("pretrain_batch"), bench.shape("pretrain_steps")
     log_every = bench.shape("pretrain_log_every")
-    metrics, config_dict, wall, cmd = run_pretrain(bench, tmp_path, precision, micro_batch, steps, log_every,
-                                                   compile_model, engine)
+    metrics, config_dict, wall, cmd = run_pretrain(bench, sample_data, tmp_path, precision, micro_batch, steps,
+                                                   log_every, compile_model, engine)
 
     windows = [m["samples_per_s"] for m in metrics if "samples_per_s" in m]
     assert len(windows) >= 2, metrics

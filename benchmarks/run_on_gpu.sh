@@ -5,10 +5,12 @@
 #   bash benchmarks/run_on_gpu.sh tests          # compiled kernels, triton backend, CUDA graphs (~4 min)
 #   bash benchmarks/run_on_gpu.sh bench [ARGS]   # pytest benchmarks/ --benchmark [ARGS]; results in benchmarks/results/
 #
-# The whole suite takes about 15 minutes on an H100; within a device call's 10-minute limit run it in two parts:
-#   bash benchmarks/run_on_gpu.sh bench benchmarks/bench_kernels.py benchmarks/bench_pretrain.py
+# The whole suite took about 15 minutes on an H100 before bench_pretrain.py ran four pre-training cases (both
+# engines, eager and --compile; not yet timed); within a device call's 10-minute limit run it in three parts:
+#   bash benchmarks/run_on_gpu.sh bench benchmarks/bench_kernels.py benchmarks/bench_data.py
+#   bash benchmarks/run_on_gpu.sh bench benchmarks/bench_pretrain.py
 #   bash benchmarks/run_on_gpu.sh bench benchmarks/bench_model.py -k "not cpu_target"
-# and join the two result files with `python benchmarks/report.py --merge OUT.json A.json B.json`.
+# and join the result files with `python benchmarks/report.py --merge OUT.json A.json B.json C.json`.
 # Logs and the results this run wrote are also copied to $OUT when it is set (the device tool's output folder).
 set -uo pipefail
 mode=${1:?usage: run_on_gpu.sh tests|bench [pytest args]}
