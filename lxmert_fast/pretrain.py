@@ -385,9 +385,6 @@ def main(argv=None):
     training.shutdown()
 
 
-# finetune.py imports this name; the function lives in training.py now
-
-
 if __name__ == "__main__":
     try:
         main()
