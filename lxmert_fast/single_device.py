@@ -128,7 +128,9 @@ class SingleDeviceEngine:
         """Load ``ckpt_dir/tag/state.pt``; returns (path, client_state). Never executes code from the file."""
         path = os.path.join(ckpt_dir, tag, CHECKPOINT_FILE)
         try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
+            # on the CPU: the RNG states in the client state must stay CPU tensors; load_state_dict moves the
+            # weights and the optimiser state to the parameters' device
+            state = torch.load(path, map_location="cpu", weights_only=True)
             self.module.load_state_dict(state["module"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])

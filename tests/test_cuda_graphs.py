@@ -137,3 +137,34 @@ def test_torch_engine_graph_replays_follow_the_per_step_seed():
     second, _ = _engine_losses(config, "triton", graphs=True, seed_each_step=True)
     assert first == second
     assert all(torch.isfinite(torch.tensor(first)))
+
+
+@gpu_only
+def test_torch_engine_checkpoint_round_trip_on_the_gpu(tmp_path):
+    """A checkpoint written on the GPU loads back into a fresh engine: weights and optimiser state on the GPU, the
+    RNG states of the client state on the CPU, where torch.set_rng_state needs them."""
+    from lxmert_fast import training
+    from lxmert_fast.optimization import BertAdam, build_scheduler
+    from lxmert_fast.pretrain import PretrainingObjective
+    from lxmert_fast.single_device import SingleDeviceEngine
+
+    config = small_config("tiny")
+
+    def engine():
+        torch.manual_seed(0)
+        objective = PretrainingObjective(lxmert_fast.LxmertForPreTraining(config, backend="torch")).cuda()
+        optimizer = BertAdam(objective.parameters(), lr=1e-3)
+        return SingleDeviceEngine(objective, optimizer, build_scheduler(optimizer, 10), device="cuda",
+                                  precision="fp32", cuda_graphs=False)
+
+    first = engine()
+    first.forward_backward(to_device(make_batch(config, batch=2, seed=1), "cuda"))
+    first.step()
+    first.save_checkpoint(str(tmp_path), "t", client_state={"rng": training.rng_state()})
+    second = engine()
+    _, client = second.load_checkpoint(str(tmp_path), "t")
+    training.set_rng_state(client["rng"])
+    for a, b in zip(first.module.parameters(), second.module.parameters(), strict=True):
+        assert b.device.type == "cuda" and torch.equal(a, b)
+    state = second.optimizer.state[next(second.module.parameters())]
+    assert state["exp_avg"].device.type == "cuda"
