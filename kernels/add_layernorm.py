@@ -14,7 +14,7 @@ x, residual and y share one dtype (fp32, fp16, bf16); weight/bias may be any flo
 Backward derivation (per row, N = hidden size, xhat = (h - mean) * rstd, g = dy * weight):
     dweight = sum_rows dy * xhat        dbias = sum_rows dy
     dh = rstd * (g - mean(g) - xhat * mean(g * xhat))
-    dresidual = dh                       dx = dh * mask / (1 - p)
+    dresidual = dh                       dx = dh * mask / (1 - p)     (p = 0: dx is dresidual, written once)
 """
 
 import torch
@@ -100,7 +100,7 @@ def _add_layernorm_bwd_kernel(
     W,  # (N,) LayerNorm weight
     Mean,  # (M,) fp32 from forward
     Rstd,  # (M,) fp32 from forward
-    DX,  # (M, N) gradient of x
+    DX,  # (M, N) gradient of x (written only if HAS_DROPOUT; otherwise it equals DR)
     DR,  # (M, N) gradient of residual
     DW,  # (programs, N) fp32 partial dweight, one row per program
     DB,  # (programs, N) fp32 partial dbias
@@ -142,9 +142,9 @@ def _add_layernorm_bwd_kernel(
         mean_gx = tl.sum(g * xhat, axis=1) / N
         dh = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
         tl.store(DR + offs, dh.to(DR.dtype.element_ty), mask=ok)
-        if HAS_DROPOUT:
+        if HAS_DROPOUT:  # without dropout dx equals dresidual: the caller uses DR for both, one write fewer
             dh = tl.where(keep, dh * dropout_scale(dropout_p), 0.0)
-        tl.store(DX + offs, dh.to(DX.dtype.element_ty), mask=ok)
+            tl.store(DX + offs, dh.to(DX.dtype.element_ty), mask=ok)
     tl.store(DW + pid * N + cols, dw, mask=col_ok)
     tl.store(DB + pid * N + cols, db, mask=col_ok)
 
@@ -197,11 +197,13 @@ def _add_layernorm_bwd_impl(wrap, dy, x, residual, weight, mean, rstd, dropout_p
     programs = max(1, min(num_programs(x.device, per_sm=2), triton.cdiv(m, block_m)))
     rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
     programs = triton.cdiv(m, rows_per_program)
-    dx = torch.empty_like(x)
     dr = torch.empty_like(residual)
+    # without dropout dx == dresidual: no second tensor (an empty one, so the custom op's outputs do not alias)
+    dx = torch.empty_like(x) if dropout_p > 0 else x.new_empty(0)
     partials = torch.empty(2, programs, n, device=x.device, dtype=torch.float32)  # dweight, dbias per program
     wrap(_add_layernorm_bwd_kernel)[(programs,)](
-        dy, x, residual, weight, mean, rstd, dx, dr, partials[0], partials[1], m, n, rows_per_program, dropout_p,
+        dy, x, residual, weight, mean, rstd, dx if dropout_p > 0 else dr, dr, partials[0], partials[1], m, n,
+        rows_per_program, dropout_p,
         seed_slot(seed, x), HAS_DROPOUT=dropout_p > 0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
     dw, db = partials.sum(1).to(weight.dtype)  # one reduction for both
@@ -235,6 +237,8 @@ class _AddLayerNorm(torch.autograd.Function):
         dx, dr, dw, db = pick(torch.ops.lxmert_fast.add_layernorm_bwd, _add_layernorm_bwd_impl)(
             rows_2d(dy), x2, r2, weight, mean, rstd, ctx.dropout_p, seed
         )
+        if ctx.dropout_p == 0:
+            dx = dr  # the same gradient: one tensor for both inputs, as autograd's own add does
         return dx.view(dy.shape), dr.view(dy.shape), dw, db.to(ctx.bias_dtype), None, None, None
 
 
