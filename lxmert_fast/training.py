@@ -399,8 +399,17 @@ def load_checkpoint(engine, ckpt_dir):
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None, None
-    if isinstance(engine, deepspeed.DeepSpeedEngine):  # lxmert_fast's single-device engine loads safely itself
-        _load_without_code(engine)
+    from lxmert_fast.single_device import CHECKPOINT_FILE
+
+    folder = os.path.join(ckpt_dir, tag)
+    written_by_torch_engine = os.path.isfile(os.path.join(folder, CHECKPOINT_FILE))
+    if isinstance(engine, deepspeed.DeepSpeedEngine):
+        if written_by_torch_engine:
+            raise RuntimeError(f"{folder} was written by --engine torch: resume it with --engine torch")
+        _load_without_code(engine)  # lxmert_fast's single-device engine loads safely itself
+    elif not written_by_torch_engine and os.listdir(folder):
+        raise RuntimeError(f"{folder} has no {CHECKPOINT_FILE}: it was written by DeepSpeed, resume it with "
+                           "--engine deepspeed")
     path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:
         raise RuntimeError(f"could not load checkpoint {os.path.join(ckpt_dir, tag)}")

@@ -272,6 +272,22 @@ def test_two_cpu_ranks_zero2_follow_one_rank(uninterrupted, workdir, tmp_path):
 
 
 @pytest.mark.slow
+def test_resuming_with_the_other_engine_says_which_one_wrote_the_checkpoint(uninterrupted, torch_engine_run, workdir,
+                                                                             tmp_path):
+    import shutil
+
+    for run, engine, message in (
+        (uninterrupted[0], "torch", "written by DeepSpeed, resume it with --engine deepspeed"),
+        (torch_engine_run[0], "deepspeed", "written by --engine torch: resume it with --engine torch"),
+    ):
+        out = tmp_path / engine
+        shutil.copytree(run, out)
+        cmd = [sys.executable, SCRIPT, *RUN_ARGS, "--output-dir", str(out), "--resume", "--engine", engine]
+        rc, log = _run(cmd, cwd=workdir)
+        assert rc != 0 and message in log, log
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["deepspeed", "torch"])
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(workdir, engine):
     out = workdir / f"nan_{engine}"
