@@ -48,24 +48,51 @@ class BertAdam(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-            # one multi-tensor launch per operation instead of one per parameter (about 470 in LXMERT): the same
-            # element-wise arithmetic, in the same order, as the per-parameter formulas in the class docstring
-            b1, b2 = group["betas"]
-            grads = [p.grad for p in params]
-            m = [self.state[p]["exp_avg"] for p in params]
-            v = [self.state[p]["exp_avg_sq"] for p in params]
-            torch._foreach_mul_(m, b1)
-            torch._foreach_add_(m, grads, alpha=1.0 - b1)
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, grads, grads, value=1.0 - b2)
-            denominator = torch._foreach_sqrt(v)
-            torch._foreach_add_(denominator, group["eps"])
-            update = torch._foreach_div(m, denominator)
-            del denominator
-            if group["weight_decay"] > 0.0:
-                torch._foreach_add_(update, params, alpha=group["weight_decay"])
-            torch._foreach_add_(params, update, alpha=-group["lr"])
+            for chunk in _chunks(params, chunk_elements(params[0].device)):
+                self._update(chunk, group)
         return loss
+
+
+    @torch.no_grad()
+    def _update(self, params, group):
+        # one multi-tensor launch per operation instead of one per parameter (about 470 in LXMERT): the same
+        # element-wise arithmetic, in the same order, as the per-parameter formulas in the class docstring
+        b1, b2 = group["betas"]
+        grads = [p.grad for p in params]
+        m = [self.state[p]["exp_avg"] for p in params]
+        v = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_mul_(m, b1)
+        torch._foreach_add_(m, grads, alpha=1.0 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1.0 - b2)
+        denominator = torch._foreach_sqrt(v)
+        torch._foreach_add_(denominator, group["eps"])
+        update = torch._foreach_div(m, denominator)
+        del denominator
+        if group["weight_decay"] > 0.0:
+            torch._foreach_add_(update, params, alpha=group["weight_decay"])
+        torch._foreach_add_(params, update, alpha=-group["lr"])
+
+
+def chunk_elements(device) -> int:
+    """How many elements BertAdam updates per multi-tensor operation. On a GPU, chunks of 16M: ~15 chunks for
+    LXMERT instead of 470 parameters, so few launches, and temporaries of 64 MB, not twice the model. On a CPU, one
+    parameter at a time, where a larger working set is slower (the base model's step on 2 cores of an EPYC, median
+    of 14 interleaved: 1.29 s one parameter at a time, 1.51 s in 16M chunks, 1.91 s all at once; the earlier
+    per-parameter code, with one more temporary, 1.62 s)."""
+    return 1 << 24 if device.type == "cuda" else 0
+
+
+def _chunks(params, max_elements):
+    chunk, size = [], 0
+    for p in params:
+        if chunk and size + p.numel() > max_elements:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(p)
+        size += p.numel()
+    if chunk:
+        yield chunk
 
 
 def build_optimizer(params, name="bertadam", lr=1e-4, weight_decay=0.01):

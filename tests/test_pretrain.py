@@ -456,9 +456,15 @@ def test_engine_plan_refuses_several_ranks_turns_fp16_into_bf16_and_graphs_only_
         plan(precision="fp16", cuda=True)
 
 
-def test_bertadam_multi_tensor_step_equals_the_per_parameter_formulas():
-    """BertAdam updates all parameters with one multi-tensor operation per formula; on the CPU that is bit for bit
-    the per-parameter arithmetic of its docstring, with parameters of several shapes and one without a gradient."""
+@pytest.mark.parametrize("chunk", [0, 40, 1 << 40], ids=["one-per-chunk", "several-per-chunk", "one-chunk"])
+def test_bertadam_multi_tensor_step_equals_the_per_parameter_formulas(monkeypatch, chunk):
+    """BertAdam updates chunks of parameters with one multi-tensor operation per formula (on a GPU; one parameter
+    per chunk on a CPU); whatever the chunking, that is bit for bit the per-parameter arithmetic of its docstring,
+    with parameters of several shapes and one without a gradient."""
+    import lxmert_fast.optimization as optimization
+
+    monkeypatch.setattr(optimization, "chunk_elements", lambda device: chunk)
+    assert [len(c) for c in optimization._chunks([torch.zeros(35), torch.zeros(5), torch.zeros(8)], 40)] == [2, 1]
     torch.manual_seed(0)
     shapes = [(7, 5), (5,), (3, 4, 2), (1,)]
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
