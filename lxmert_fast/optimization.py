@@ -52,8 +52,6 @@ class BertAdam(torch.optim.Optimizer):
                 self._update(chunk, group)
         return loss
 
-
-    @torch.no_grad()
     def _update(self, params, group):
         # one multi-tensor launch per operation instead of one per parameter (about 470 in LXMERT): the same
         # element-wise arithmetic, in the same order, as the per-parameter formulas in the class docstring

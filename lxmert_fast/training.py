@@ -30,6 +30,7 @@ import deepspeed  # noqa: E402
 import deepspeed.comm as dist  # noqa: E402
 
 from lxmert_fast.data import to_device  # noqa: E402,F401  (the loops call training.to_device)
+from lxmert_fast.single_device import CHECKPOINT_FILE, SingleDeviceEngine  # noqa: E402
 
 CKPT_LATEST = "latest"
 
@@ -66,7 +67,7 @@ def init_distributed():
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(verbose=False)
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(local_device())
 
 
 def local_device():
@@ -232,8 +233,6 @@ def build_engine(plan: EnginePlan, objective, optimizer, scheduler, ds_config):
     """The engine of ``plan`` around ``objective`` (a module whose forward(batch) returns a dict of losses with the
     total under "loss"), with our optimiser and schedule. Returns (engine, the dtype batches' floats move in)."""
     if plan.engine == "torch":
-        from lxmert_fast.single_device import SingleDeviceEngine
-
         accum = batch_geometry(ds_config, 1)[1]
         engine = SingleDeviceEngine(
             objective.to(local_device()), optimizer, scheduler, device=local_device(), precision=plan.precision,
@@ -399,8 +398,6 @@ def load_checkpoint(engine, ckpt_dir):
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None, None
-    from lxmert_fast.single_device import CHECKPOINT_FILE
-
     folder = os.path.join(ckpt_dir, tag)
     written_by_torch_engine = os.path.isfile(os.path.join(folder, CHECKPOINT_FILE))
     if isinstance(engine, deepspeed.DeepSpeedEngine):
