@@ -1,6 +1,7 @@
 """Model benchmarks: lxmert_fast's LXMERT against transformers' with the same weights on the same batch.
 
-- training step (forward with all pre-training losses, backward, AdamW step) and inference (eval, no labels) of
+- training step (forward with all pre-training losses, backward, AdamW step; ours evaluates the LM head at the
+  masked tokens only, as pretrain.py does, for the same loss) and inference (eval, no labels) of
   ``LxmertForPreTraining``: eager at each batch size; fp32 on CPU, fp16 (with a GradScaler) and bf16 under autocast
   on a GPU; peak GPU memory of each (one model on the device at a time);
 - the same steps without launch overhead, bf16 at one batch size on a GPU: captured in a CUDA graph
@@ -143,8 +144,16 @@ def _graph(step, optimizer, batch):
     return lambda: graphed(batch)
 
 
-def _train_step(model, batch, dtype, device, mode):
+def _train_step(model, batch, dtype, device, mode, ours):
+    """``ours``: lxmert_fast's LM head at the masked tokens only (``lm_logits_at_labels_only``, with the capacity
+    that compiled and graphed steps need), as pretrain.py trains; the same loss as transformers' head at every
+    token."""
     cuda, graphed = device.type == "cuda", "graphed" in mode
+    extra = {}
+    if ours:
+        from lxmert_fast.modeling import lm_label_capacity
+
+        extra = dict(lm_logits_at_labels_only=True, lm_label_capacity=lm_label_capacity(batch["labels"].cpu()))
     if graphed and dtype == torch.float16:
         raise ValueError("fp16 is not graphed: its GradScaler reads the overflow flag on the host at every step")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda, capturable=graphed)
@@ -155,7 +164,7 @@ def _train_step(model, batch, dtype, device, mode):
     def step(batch=batch):
         # autocast's weight-cast cache must not outlive a graph capture
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=not graphed):
-            loss = fwd(**batch).loss
+            loss = fwd(**batch, **extra).loss
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -201,8 +210,10 @@ def measure_models(bench, benchmark, case, impls, config, batch, batch_size, dty
         model = step = None
         try:
             model = build(name, config, state, "LxmertForPreTraining", dev)
-            make = _train_step if step_kind == "train" else _infer_step
-            step = make(model, batch, dtype, dev, mode)
+            if step_kind == "train":
+                step = _train_step(model, batch, dtype, dev, mode, ours=role == "ours")
+            else:
+                step = _infer_step(model, batch, dtype, dev, mode)
             if bench.cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()

@@ -5,7 +5,8 @@
 
 A variant is IMPL:MODE. IMPL: ``torch`` or ``triton`` (lxmert_fast's backends) or ``transformers``. MODE:
 
-- ``eager``: forward, backward, fused AdamW step, launched op by op (the way bench_model.py times a step);
+- ``eager``: forward, backward, fused AdamW step, launched op by op (the way bench_model.py times a step; ours
+  with the LM head at the masked tokens only, as pretrain.py trains: the same loss);
 - ``graphed``: the same step captured once in a CUDA graph and replayed (lxmert_fast.cuda_graphs.GraphedStep);
 - ``compiled``: ``torch.compile(model)``, launched eagerly; ``compiled+graphed``: both.
 
@@ -39,7 +40,7 @@ def make_step(impl, mode, config, state, batch, dtype):
     """A callable that runs one training step on ``batch`` (bench_model's, so the two files time the same step)."""
     name = "transformers" if impl == "transformers" else f"lxmert_fast[{impl}]"
     model = bench_model.build(name, config, state, "LxmertForPreTraining", torch.device("cuda"))
-    return bench_model._train_step(model, batch, dtype, torch.device("cuda"), mode)
+    return bench_model._train_step(model, batch, dtype, torch.device("cuda"), mode, ours=impl != "transformers")
 
 
 def time_step(step, steps):

@@ -43,7 +43,7 @@ class GraphedStep:
     optimiser's gradients are reset (set to None) before each eager step and before the capture, so replays
     overwrite them rather than accumulate; pass ``optimizer=None`` for a step without one (inference). The
     returned tensors belong to the graph and are overwritten by the next call: ``.item()`` or ``.clone()`` them to
-    keep them.
+    keep them. A batch that does not fit the captured one (``why_not``) is refused; ``run_eagerly`` takes it.
     """
 
     def __init__(self, step_fn: Callable, optimizer: torch.optim.Optimizer | None, warmup: int = 3):
@@ -54,30 +54,66 @@ class GraphedStep:
         self.static_batch = self.static_out = None
         self.calls = 0
         self._side_stream = torch.cuda.Stream()
+        self._graph_grads: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> the gradient buffer replays write
+        self._stray_grads = False  # an eager step gave gradients to parameters the graph leaves without one
 
     def __call__(self, batch):
         self.calls += 1
         if self.graph is not None:
             _copy_into(self.static_batch, batch, "batch")
+            if self._stray_grads:
+                self._restore_graph_grads()
             self.graph.replay()
             return self.static_out
         if self.calls <= self.warmup:
-            # warm-up on a side stream, as capture requires: lazy initialisation (cuBLAS handles, autotuning,
-            # optimiser state) happens here, not in the graph
-            self._side_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self._side_stream):
-                self._zero_grad()
-                out = self.step_fn(batch)
-            torch.cuda.current_stream().wait_stream(self._side_stream)
-            return out
+            return self._eager_before_capture(batch)
         self.static_batch = _clone(batch)
         self._zero_grad()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.static_out = self.step_fn(self.static_batch)
         self.graph = graph
+        self._graph_grads = {p: p.grad for p in self._parameters() if p.grad is not None}
         graph.replay()  # capturing records the step without running it
         return self.static_out
+
+    def why_not(self, batch) -> str | None:
+        """What keeps a replay from taking ``batch``: None when there is no graph yet or the batch has the captured
+        batch's structure, shapes, dtypes and non-tensor values."""
+        return None if self.graph is None else _mismatch(self.static_batch, batch, "batch")
+
+    def run_eagerly(self, batch):
+        """One eager step for a batch the graph was not recorded for (another shape, or another non-tensor value),
+        neither counted as a warm-up nor captured. After the capture its gradients go into the buffers the graph
+        owns, so whatever reads ``.grad`` next (the optimiser) works unchanged; the next replay overwrites them."""
+        if self.graph is None:
+            return self._eager_before_capture(batch)
+        self._restore_graph_grads()
+        for grad in self._graph_grads.values():
+            grad.zero_()
+        self._stray_grads = True
+        return self.step_fn(batch)  # backward adds into the existing (zeroed) gradients in place
+
+    def _eager_before_capture(self, batch):
+        # on a side stream, as capture requires: lazy initialisation (cuBLAS handles, autotuning, optimiser state)
+        # happens here, not in the graph
+        self._side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._side_stream):
+            self._zero_grad()
+            out = self.step_fn(batch)
+        torch.cuda.current_stream().wait_stream(self._side_stream)
+        return out
+
+    def _parameters(self):
+        if self.optimizer is None:
+            return []
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _restore_graph_grads(self):
+        """Every parameter's ``.grad`` back to what the graph writes: its buffer, or None."""
+        for p in self._parameters():
+            p.grad = self._graph_grads.get(p)
+        self._stray_grads = False
 
     def _zero_grad(self):
         if self.optimizer is not None:
@@ -94,25 +130,45 @@ def _clone(x):
     return x
 
 
-def _copy_into(static, new, where):
-    """Copy a batch into the captured batch's buffers, checking that the structure and shapes are the same."""
+def _mismatch(static, new, where) -> str | None:
+    """Why ``new`` cannot be copied into the captured batch ``static`` (None if it can)."""
     if isinstance(static, torch.Tensor):
         if not isinstance(new, torch.Tensor) or new.shape != static.shape or new.dtype != static.dtype:
             got = f"{tuple(new.shape)} {new.dtype}" if isinstance(new, torch.Tensor) else type(new).__name__
-            raise ValueError(
+            return (
                 f"GraphedStep: {where} is {got}, but the captured step was recorded with {tuple(static.shape)} "
                 f"{static.dtype}; a CUDA graph replays fixed shapes (pad batches to one size, drop the last one)"
             )
-        static.copy_(new, non_blocking=True)
     elif isinstance(static, dict):
         if not isinstance(new, dict) or new.keys() != static.keys():
-            raise ValueError(f"GraphedStep: {where} has keys {sorted(new)}, the captured step had {sorted(static)}")
+            return f"GraphedStep: {where} has keys {sorted(new)}, the captured step had {sorted(static)}"
         for k in static:
-            _copy_into(static[k], new[k], f"{where}[{k!r}]")
+            if (why := _mismatch(static[k], new[k], f"{where}[{k!r}]")) is not None:
+                return why
     elif isinstance(static, (list, tuple)):
         if not isinstance(new, (list, tuple)) or len(new) != len(static):
-            raise ValueError(f"GraphedStep: {where} does not have the captured step's {len(static)} items")
+            return f"GraphedStep: {where} does not have the captured step's {len(static)} items"
         for i, (s, n) in enumerate(zip(static, new, strict=True)):
-            _copy_into(s, n, f"{where}[{i}]")
+            if (why := _mismatch(s, n, f"{where}[{i}]")) is not None:
+                return why
     elif static != new:
-        raise ValueError(f"GraphedStep: {where} is {new!r}, but the captured step was recorded with {static!r}")
+        return f"GraphedStep: {where} is {new!r}, but the captured step was recorded with {static!r}"
+    return None
+
+
+def _copy_into(static, new, where):
+    """Copy a batch into the captured batch's buffers, checking that the structure and shapes are the same."""
+    if (why := _mismatch(static, new, where)) is not None:
+        raise ValueError(why)
+    _copy(static, new)
+
+
+def _copy(static, new):
+    if isinstance(static, torch.Tensor):
+        static.copy_(new, non_blocking=True)
+    elif isinstance(static, dict):
+        for k in static:
+            _copy(static[k], new[k])
+    elif isinstance(static, (list, tuple)):
+        for s, n in zip(static, new, strict=True):
+            _copy(s, n)

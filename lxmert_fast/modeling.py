@@ -767,13 +767,18 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         return_dict=None,
         return_task_losses: bool = False,
         lm_logits_at_labels_only: bool = False,
+        lm_label_capacity: int | None = None,
         **kwargs,
     ):
         """transformers' forward, plus two lxmert_fast options:
 
         - ``return_task_losses``: also return each task's loss (``task_losses``: mlm, matched, obj, attr, feat, qa).
         - ``lm_logits_at_labels_only``: evaluate the LM head only at labelled positions (the same loss, 85% less
-          head work); ``prediction_logits`` is then None.
+          head work); ``prediction_logits`` is then None. Under torch.compile or CUDA-graph capture, where shapes
+          must not depend on the data, this needs ``lm_label_capacity``: the most labelled tokens a batch may have
+          (pretrain.py passes the expected count plus ten standard deviations, and checks every batch on the host).
+          The head then runs on that many rows, the labelled ones first; without a capacity it runs on every token.
+          A batch with more labelled tokens than its capacity gets a NaN masked-LM loss, never a wrong one.
         """
         config = self.config
         return_dict = config.return_dict if return_dict is None else return_dict
@@ -792,7 +797,9 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         lang_output, visual_output, pooled_output = out[:3]
         device = lang_output.device
 
-        sparse_lm = lm_logits_at_labels_only and labels is not None and not static_shapes_only()
+        sparse_lm = lm_logits_at_labels_only and labels is not None
+        if sparse_lm and static_shapes_only() and lm_label_capacity is None:
+            sparse_lm = False  # no capacity: a static number of rows can only be every token
         lang_prediction_scores = None if sparse_lm else self.cls.predictions(lang_output)
         cross_relationship_score = self.cls.seq_relationship(pooled_output)
         # transformers returns this odd scalar when the QA head is disabled; kept for drop-in compatibility
@@ -801,10 +808,7 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         losses = {}
         if labels is not None and config.task_mask_lm:
             if sparse_lm:
-                flat_labels = labels.reshape(-1)
-                selected = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
-                logits = self.cls.predictions(lang_output.reshape(-1, lang_output.shape[-1]).index_select(0, selected))
-                losses["mlm"] = classification_loss(logits, flat_labels.index_select(0, selected))
+                losses["mlm"] = self.masked_lm_loss_at_labels(lang_output, labels, lm_label_capacity)
             else:
                 losses["mlm"] = classification_loss(lang_prediction_scores, labels)
         if matched_label is not None and config.task_matched:
@@ -832,6 +836,26 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             **hidden,
         )
 
+    def masked_lm_loss_at_labels(self, lang_output, labels, capacity=None):
+        """The masked-LM loss with the LM head evaluated at the labelled tokens only (see ``forward``).
+
+        Eagerly the labelled rows are found with ``nonzero``. With static shapes they are the first ``capacity``
+        rows of a stable sort that puts labelled tokens first; the rest of those rows are unlabelled filler, which
+        the loss ignores, so the loss is the same. A batch with more than ``capacity`` labelled tokens gets NaN in
+        either mode (a host-side check is the caller's job: here it would cost a synchronisation)."""
+        flat_labels = labels.reshape(-1)
+        labelled = flat_labels != IGNORE_INDEX
+        if static_shapes_only():
+            capacity = min(int(capacity), flat_labels.numel())
+            rows = torch.argsort((~labelled).to(torch.int32), stable=True)[:capacity]
+        else:
+            rows = labelled.nonzero().squeeze(1)
+        logits = self.cls.predictions(lang_output.reshape(-1, lang_output.shape[-1]).index_select(0, rows))
+        loss = classification_loss(logits, flat_labels.index_select(0, rows))
+        if capacity is not None:
+            loss = loss.masked_fill(labelled.sum() > capacity, float("nan"))
+        return loss
+
     def masked_object_losses(self, visual_output, obj_labels) -> dict[str, torch.Tensor]:
         """Detector-label CE (weighted by the detector's confidence, over ALL objects — the original's intent) and
         Smooth-L1 feature regression on masked objects, each a mean over B*V objects times visual_loss_normalizer."""
@@ -846,6 +870,20 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
                 loss = F.cross_entropy(prediction, label.reshape(-1), reduction="none")
             losses[key] = (loss * weight.reshape(-1).float()).mean() * self.config.visual_loss_normalizer
         return losses
+
+
+def lm_label_capacity(labels: torch.Tensor, mask_rate: float = 0.15) -> int | None:
+    """``lm_label_capacity`` for a batch of masked-LM ``labels`` (best on the CPU, before the batch moves: the count
+    reads the tensor), for the LM head under torch.compile or CUDA graphs (see LxmertForPreTraining.forward).
+
+    The capacity depends on the shape only, so one compiled graph serves every batch: the number of masked tokens
+    expected if every position could be masked, plus ten standard deviations, rounded up to a multiple of 64 (whole
+    GEMM tiles), at most every position: 1,024 rows instead of 5,120 at the paper's batch (256 x 20 tokens). Returns
+    None for the rare batch with more labelled tokens than that (the head then runs at every token)."""
+    positions = labels.numel()
+    spread = 10 * math.sqrt(positions * mask_rate * (1 - mask_rate))
+    capacity = min(positions, 64 * math.ceil((mask_rate * positions + spread) / 64))
+    return capacity if int((labels != IGNORE_INDEX).sum()) <= capacity else None
 
 
 def classification_loss(logits, labels):

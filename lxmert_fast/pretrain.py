@@ -41,10 +41,19 @@ def pretraining_losses(model, batch):
     language-model head evaluated only at masked tokens, cross-entropies in fp32, and 0 instead of NaN for a task
     with no label in the batch (a small batch, or QA before --qa-from-epoch).
     """
-    out = model(**batch, return_task_losses=True, lm_logits_at_labels_only=True)
+    out = model(**batch, return_task_losses=True, lm_logits_at_labels_only=True)  # see with_lm_label_capacity
     losses = {f"{task}_loss": value for task, value in out.task_losses.items()}
     losses["loss"] = out.loss
     return losses
+
+
+def with_lm_label_capacity(batch, dataset):
+    """The collated CPU batch with ``lm_label_capacity`` added (modeling.lm_label_capacity): under --compile and
+    CUDA graphs the LM head then runs on ~20% of the text positions instead of all of them, with the same loss.
+    Counted here, on the host, so the check costs no synchronisation."""
+    from lxmert_fast.modeling import lm_label_capacity
+
+    return {**batch, "lm_label_capacity": lm_label_capacity(batch["labels"], dataset.word_mask_rate)}
 
 
 class PretrainingObjective(nn.Module):
@@ -214,7 +223,8 @@ def validate(engine, valid_set, collate, micro, args, dtype, num_workers):
     batches = training.epoch_batches(len(valid_set), micro, args.seed, 0, rank, world)[: args.valid_batches]
     sums, count = {}, 0
     for batch in make_loader(valid_set, batches, collate, num_workers):
-        values, _ = training.reduce_losses(engine(training.to_device(batch, engine.device, dtype)), engine.device)
+        batch = training.to_device(with_lm_label_capacity(batch, valid_set), engine.device, dtype)
+        values, _ = training.reduce_losses(engine(batch), engine.device)
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
         count += 1
@@ -324,7 +334,7 @@ def main(argv=None):
             loader = make_loader(train_set, batches, collate, num_workers)
             for batch in loader:
                 training.seed_step(args.seed, micro_step, rank)
-                batch = training.to_device(batch, engine.device, dtype)
+                batch = training.to_device(with_lm_label_capacity(batch, train_set), engine.device, dtype)
                 lr = scheduler.get_last_lr()[0]  # the rate this update uses (the scheduler moves on in step())
                 values = training.train_micro_batch(engine, batch, check_losses)
                 micro_step += 1

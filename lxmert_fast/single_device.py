@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 
@@ -51,6 +52,7 @@ class SingleDeviceEngine:
         self.micro_steps = 0
         self.skipped_steps = 0  # no loss scaling, so no overflow steps; kept for the loop's metrics
         self.graphed = None
+        self.eager_steps = 0  # steps run outside the graph (a batch it does not fit)
         if cuda_graphs and self.device.type == "cuda" and self.accumulation == 1:
             # graph replays overwrite the gradients instead of adding to them, so accumulation runs eagerly
             self.graphed = GraphedStep(self._forward_backward, optimizer)
@@ -70,9 +72,16 @@ class SingleDeviceEngine:
 
     def forward_backward(self, batch):
         """Losses of ``batch`` (a dict of detached scalars) with their gradients added to the parameters'."""
-        if self.graphed is not None:
+        if self.graphed is None:
+            return self._forward_backward(batch)
+        why = self.graphed.why_not(batch)
+        if why is None:
             return self.graphed(batch)  # the graph's loss buffers: read them before the next call
-        return self._forward_backward(batch)
+        # e.g. a batch with more masked words than the LM head's rows in the graph (lm_label_capacity None)
+        self.eager_steps += 1
+        if self.eager_steps == 1:
+            warnings.warn(f"a batch the CUDA graph was not recorded for runs eagerly: {why}", stacklevel=2)
+        return self.graphed.run_eagerly(batch)
 
     def is_gradient_accumulation_boundary(self):
         return (self.micro_steps + 1) % self.accumulation == 0

@@ -24,6 +24,9 @@ def test_copy_into_names_the_mismatching_entry():
         _copy_into(static, {**static, "obj_labels": {"obj": (torch.ones(2, 3, dtype=torch.float16),)}}, "batch")
     with pytest.raises(ValueError, match="keys"):
         _copy_into(static, {"input_ids": static["input_ids"]}, "batch")
+    static["lm_label_capacity"] = 64  # a non-tensor value is part of what was captured
+    with pytest.raises(ValueError, match=r"batch\['lm_label_capacity'\] is None.*recorded with 64"):
+        _copy_into(static, {**static, "lm_label_capacity": None}, "batch")
 
 
 def training_step(model, optimizer):
@@ -102,10 +105,11 @@ class Objective(torch.nn.Module):
         self.model = model
 
     def forward(self, batch):
-        return {"loss": self.model(**batch).loss}
+        return {"loss": self.model(**batch, lm_logits_at_labels_only=True).loss}
 
 
-def _engine_losses(config, backend, graphs, steps=6, seed_each_step=False):
+def _engine_losses(config, backend, graphs, steps=6, seed_each_step=False, capacities=None):
+    """Losses and final weights of ``steps`` steps; ``capacities[s]``, when given, is step s's lm_label_capacity."""
     from lxmert_fast.optimization import BertAdam, build_scheduler
     from lxmert_fast.single_device import SingleDeviceEngine
 
@@ -119,9 +123,13 @@ def _engine_losses(config, backend, graphs, steps=6, seed_each_step=False):
         if seed_each_step:
             torch.manual_seed(1000 + s)  # as pretrain.py's training.seed_step
         batch = to_device(make_batch(config, batch=4, text_len=9, objects=5, seed=s), "cuda")
+        if capacities is not None:
+            batch["lm_label_capacity"] = capacities[s]
         losses.append(engine.forward_backward(batch)["loss"].item())
         engine.step()
     assert (engine.graphed is not None and engine.graphed.graph is not None) == graphs
+    if graphs and capacities is not None:
+        assert engine.eager_steps == sum(c != capacities[3] for c in capacities[3:])  # the graph is taken at step 4
     return losses, [p.detach().clone() for p in objective.parameters()]
 
 
@@ -133,6 +141,21 @@ def test_torch_engine_graphed_trains_like_eager(backend):
     graphed, graphed_weights = _engine_losses(config, backend, graphs=True)
     assert eager[-1] < eager[0]
     # steps 4-6 are replays; clipping and BertAdam run eagerly after each replay, on the graph's gradients
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), atol=1e-4, rtol=1e-4)
+    for a, b in zip(graphed_weights, eager_weights, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@gpu_only
+def test_torch_engine_graph_with_lm_capacity_and_an_eager_step_trains_like_eager():
+    """Inside the graph the LM head runs on 8 rows (make_batch labels 5 tokens of 36); step 5's batch has no
+    capacity (as pretrain.py marks a batch with too many masked words), so it runs eagerly into the graph's gradient
+    buffers, and step 6 is a replay again. Losses and weights follow the all-eager run."""
+    config = small_config("uneven")
+    capacities = [8, 8, 8, 8, None, 8]
+    eager, eager_weights = _engine_losses(config, "triton", graphs=False, capacities=capacities)
+    with pytest.warns(UserWarning, match="runs eagerly.*lm_label_capacity"):
+        graphed, graphed_weights = _engine_losses(config, "triton", graphs=True, capacities=capacities)
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), atol=1e-4, rtol=1e-4)
     for a, b in zip(graphed_weights, eager_weights, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -115,6 +115,72 @@ def test_lm_head_at_labels_only_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(param.grad, full_grads[name], atol=ATOL, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-shapes"])
+def test_lm_head_at_labels_with_a_capacity_gives_the_same_loss_and_gradients(monkeypatch, static):
+    """With static shapes (as under torch.compile or graph capture, simulated here) the LM head runs on a fixed
+    number of rows, labelled tokens first and unlabelled filler after: the loss and every gradient are still those
+    of the head at every token."""
+    config = small_config()
+    _, ours = paired(transformers.LxmertForPreTraining, lxmert_fast.LxmertForPreTraining, config, train=True)
+    batch = make_batch(config, batch=4, seed=4)
+    batch["labels"][1, 3:6] = torch.tensor([5, 6, 7])  # not only the first tokens: all must be picked
+    labelled = int((batch["labels"] != -100).sum())
+    full = ours(**batch, return_task_losses=True)
+    full.loss.backward()
+    full_grads = {n: p.grad.clone() for n, p in ours.named_parameters()}
+    monkeypatch.setattr("lxmert_fast.modeling.static_shapes_only", lambda: static)
+    for capacity in (labelled, labelled + 5, 10_000):  # exactly enough, filler rows, more rows than tokens
+        ours.zero_grad()
+        out = ours(**batch, return_task_losses=True, lm_logits_at_labels_only=True, lm_label_capacity=capacity)
+        assert out.prediction_logits is None
+        torch.testing.assert_close(out.task_losses["mlm"], full.task_losses["mlm"], atol=ATOL, rtol=0)
+        out.loss.backward()
+        for name, param in ours.named_parameters():
+            torch.testing.assert_close(param.grad, full_grads[name], atol=ATOL, rtol=1e-4, msg=name)
+    # too small a capacity: NaN, in both modes, never a loss over some of the labelled tokens
+    out = ours(**batch, return_task_losses=True, lm_logits_at_labels_only=True, lm_label_capacity=labelled - 1)
+    assert out.task_losses["mlm"].isnan() and out.loss.isnan()
+    assert torch.isfinite(out.task_losses["matched"])
+    # static shapes without a capacity: every token, the same loss, and the logits are returned
+    out = ours(**batch, return_task_losses=True, lm_logits_at_labels_only=True)
+    assert (out.prediction_logits is not None) == static
+    torch.testing.assert_close(out.task_losses["mlm"], full.task_losses["mlm"], atol=ATOL, rtol=0)
+
+
+def test_lm_label_capacity():
+    from lxmert_fast.modeling import lm_label_capacity
+
+    paper = torch.full((256, 20), -100)
+    paper[:, 1:4] = 7  # 768 labelled tokens, the expected 15%
+    assert lm_label_capacity(paper) == 1024  # 768 expected + 10 standard deviations (255), in whole 64-row tiles
+    paper[:, 4:8] = 7  # 1,792 labelled: more than the capacity
+    assert lm_label_capacity(paper) is None
+    small = torch.full((2, 9), -100)
+    small[:, 1] = 3
+    assert lm_label_capacity(small) == 18  # small batches: every position
+
+
+def test_lm_head_with_a_capacity_under_torch_compile():
+    """The real static-shape path: torch.compile (Inductor, on the CPU) traces the capacity branch (a stable argsort
+    instead of nonzero) and gives eager's loss and gradients."""
+    config = small_config("tiny")
+    _, ours = paired(transformers.LxmertForPreTraining, lxmert_fast.LxmertForPreTraining, config, train=True)
+    batch = make_batch(config, batch=2, text_len=6, objects=3, seed=5)
+    kwargs = dict(return_task_losses=True, lm_logits_at_labels_only=True, lm_label_capacity=4)
+    eager = ours(**batch, **kwargs)
+    eager.loss.backward()
+    eager_grads = {n: p.grad.clone() for n, p in ours.named_parameters()}
+    ours.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True)(**batch, **kwargs)  # fullgraph: no eager fallback inside
+    assert compiled.prediction_logits is None
+    torch.testing.assert_close(compiled.task_losses["mlm"], eager.task_losses["mlm"], atol=ATOL, rtol=0)
+    compiled.loss.backward()
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, eager_grads[name], atol=ATOL, rtol=1e-4, msg=name)
+    torch._dynamo.reset()
+
+
 def test_tuple_outputs_match_transformers():
     config = small_config()
     hf, ours = paired(transformers.LxmertForPreTraining, lxmert_fast.LxmertForPreTraining, config)
