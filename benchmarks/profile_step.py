@@ -6,7 +6,8 @@
 A variant is IMPL:MODE. IMPL: ``torch`` or ``triton`` (lxmert_fast's backends) or ``transformers``. MODE:
 
 - ``eager``: forward, backward, fused AdamW step, launched op by op (the way bench_model.py times a step; ours
-  with the LM head at the masked tokens only, as pretrain.py trains: the same loss);
+  as pretrain.py trains, with bench_model.our_extras: the LM head at the masked tokens only and the text padding
+  skipped, also when compiled or graphed; the same loss);
 - ``graphed``: the same step captured once in a CUDA graph and replayed (lxmert_fast.cuda_graphs.GraphedStep);
 - ``compiled``: ``torch.compile(model)``, launched eagerly; ``compiled+graphed``: both.
 

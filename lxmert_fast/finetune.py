@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from lxmert_fast import training  # noqa: E402  (sets DS_ACCELERATOR before deepspeed is imported)
 from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADataset, finetune_collate  # noqa: E402
 from lxmert_fast.evaluation import SUBMISSION_NAME, evaluate, write_submission  # noqa: E402
+from lxmert_fast.modeling import text_token_capacity  # noqa: E402
 from lxmert_fast.optimization import build_optimizer, build_scheduler  # noqa: E402
 from lxmert_fast.pretrain import CONFIG_DIR, REPO_ROOT, resolve_model_config  # noqa: E402
 from lxmert_fast.tasks import LABEL2ANS_FILE, TASKS, FinetuneObjective, build_task_model, predict  # noqa: E402
@@ -221,10 +222,12 @@ def predict_dataset(engine, dataset, task, label2ans, micro, dtype, num_workers)
         dataset, batch_sampler=batches, collate_fn=finetune_collate, num_workers=num_workers
     )
     predictions = {}
+    text_stats = dataset.text_length_stats()
     engine.eval()
     with torch.no_grad():
         for batch in loader:
             index = batch.pop("index").tolist()
+            batch["text_token_capacity"] = text_token_capacity(batch["attention_mask"], *text_stats)
             out = engine(training.to_device(batch, engine.device, dtype))
             for i, p in zip(index, predict(task, out["logits"], label2ans), strict=True):
                 predictions[dataset.qid(i)] = p
@@ -359,6 +362,7 @@ def main(argv=None):
             )
         return values
 
+    text_stats = train_set.text_length_stats() if train_set is not None else None
     bar = training.progress_bar(total_steps, initial=step, desc=f"finetune {args.task}")
     timer = training.Timer()
     loss_sum, count = 0.0, 0
@@ -376,6 +380,8 @@ def main(argv=None):
             for batch in loader:
                 training.seed_step(args.seed, micro_step, rank)
                 batch.pop("index")
+                # under --compile and CUDA graphs the token-wise layers then skip most of the question padding
+                batch["text_token_capacity"] = text_token_capacity(batch["attention_mask"], *text_stats)
                 lr = scheduler.get_last_lr()[0]
                 values = training.train_micro_batch(
                     engine, training.to_device(batch, engine.device, dtype), check_losses

@@ -76,22 +76,34 @@ class Stream(NamedTuple):
     Padded text tokens can be removed from the language stream ("packed"): token-wise work (every linear layer,
     LayerNorm, GeLU) then runs on the N real tokens only, (N, C) instead of (B, L, C); attention unpacks queries,
     keys and values to (B, L, ...) and masks the padding as usual. Real tokens get exactly the same values.
+
+    With static shapes (torch.compile, CUDA-graph capture) N cannot depend on the data: the stream is then packed
+    to a fixed ``capacity`` of rows, the real tokens first (a stable argsort) and padded positions as filler, whose
+    values nothing real attends to. Without a capacity it is not packed then.
     """
 
     keep: torch.Tensor | None  # (B, L) bool, True = real token; None = no mask given
     additive: torch.Tensor | None  # (B, 1, 1, L): 0 or finfo(dtype).min, added to attention scores (transformers')
-    index: torch.Tensor | None  # (N,) positions of the real tokens in the flattened (B * L); None = not packed
+    index: torch.Tensor | None  # (N,) positions of the packed rows in the flattened (B * L); None = not packed
     batch: int
     length: int
+    overflow: torch.Tensor | None = None  # () bool: more real tokens than the capacity (the outputs become NaN)
 
     @staticmethod
-    def make(mask, batch, length, dtype, pack=False) -> Stream:
+    def make(mask, batch, length, dtype, pack=False, capacity=None) -> Stream:
         if mask is None:
             return Stream(None, None, None, batch, length)
         additive = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
         keep = mask.bool()
-        index = keep.flatten().nonzero().squeeze(1) if pack and not bool(keep.all()) else None
-        return Stream(keep, additive, index, batch, length)
+        index = overflow = None
+        if capacity is not None:
+            overflow = keep.sum() > capacity
+        if pack and static_shapes_only():
+            if capacity is not None and capacity < keep.numel():
+                index = torch.argsort((~keep.flatten()).to(torch.int32), stable=True)[:capacity]
+        elif pack and not bool(keep.all()):
+            index = keep.flatten().nonzero().squeeze(1)
+        return Stream(keep, additive, index, batch, length, overflow)
 
     def pack(self, x):
         """(B, L, ...) -> (N, ...) when packed."""
@@ -640,8 +652,14 @@ class LxmertModel(LxmertPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        text_token_capacity: int | None = None,
         **kwargs,
     ):
+        """transformers' forward, plus ``text_token_capacity``: the most real (unpadded) text tokens the batch may
+        have. Eagerly the padded text is packed away exactly (see Stream); under torch.compile or CUDA-graph
+        capture, where shapes must not depend on the data, the text stream is packed to that many rows only when
+        it is given (``text_token_capacity()`` computes one), and not at all without it. A batch with more real
+        tokens than its capacity gets NaN outputs, in either mode, never wrong ones."""
         config = self.config
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -666,8 +684,8 @@ class LxmertModel(LxmertPreTrainedModel):
             token_type_ids = torch.zeros(input_shape, dtype=torch.long, device=device)
         # masks in the parameters' dtype, as transformers builds them (finfo.min, not the original's -10000);
         # padded text is packed away unless attention maps (which cover the padding too) are requested
-        pack = self.pack_text and not output_attentions and not static_shapes_only()
-        lang_stream = Stream.make(attention_mask, *input_shape, self.dtype, pack=pack)
+        pack = self.pack_text and not output_attentions
+        lang_stream = Stream.make(attention_mask, *input_shape, self.dtype, pack=pack, capacity=text_token_capacity)
         visn_stream = Stream.make(visual_attention_mask, *visual_feats.shape[:2], self.dtype)
 
         lang = lang_stream.pack(self.embeddings(input_ids, token_type_ids, inputs_embeds))
@@ -678,6 +696,10 @@ class LxmertModel(LxmertPreTrainedModel):
         if output_hidden_states:
             lang_states = tuple(lang_stream.unpack(state) for state in lang_states)
         pooled_output = self.pooler(lang_output)
+        if lang_stream.overflow is not None:  # a batch with more real tokens than text_token_capacity: NaN, not wrong
+            lang_output, visual_output, pooled_output = (
+                x.masked_fill(lang_stream.overflow, float("nan")) for x in (lang_output, visual_output, pooled_output)
+            )
 
         if not return_dict:
             hidden = (lang_states, visn_states) if output_hidden_states else ()
@@ -768,11 +790,13 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         return_task_losses: bool = False,
         lm_logits_at_labels_only: bool = False,
         lm_label_capacity: int | None = None,
+        text_token_capacity: int | None = None,
         **kwargs,
     ):
-        """transformers' forward, plus two lxmert_fast options:
+        """transformers' forward, plus these lxmert_fast options:
 
         - ``return_task_losses``: also return each task's loss (``task_losses``: mlm, matched, obj, attr, feat, qa).
+        - ``text_token_capacity``: see LxmertModel.forward.
         - ``lm_logits_at_labels_only``: evaluate the LM head only at labelled positions (the same loss, 85% less
           head work); ``prediction_logits`` is then None. Under torch.compile or CUDA-graph capture, where shapes
           must not depend on the data, this needs ``lm_label_capacity``: the most labelled tokens a batch may have
@@ -793,6 +817,7 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=False,
+            text_token_capacity=text_token_capacity,
         )
         lang_output, visual_output, pooled_output = out[:3]
         device = lang_output.device
@@ -872,6 +897,23 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         return losses
 
 
+def _capacity(expected: float, std: float, positions: int) -> int:
+    """Rows that a count with this mean and standard deviation essentially never exceeds: ten standard deviations
+    above the mean, rounded up to a multiple of 64 (whole GEMM tiles), at most every position."""
+    return min(positions, 64 * math.ceil((expected + 10 * std) / 64))
+
+
+def text_token_capacity(attention_mask: torch.Tensor, mean_length: float, std_length: float) -> int | None:
+    """``text_token_capacity`` for a (B, L) ``attention_mask`` (best on the CPU, before the batch moves), given the
+    data's text lengths in tokens with [CLS] and [SEP] (mean and standard deviation over the data set, e.g.
+    ``PretrainDataset.text_length_stats()``). It depends on the shape and the data set only, so one compiled graph
+    serves every batch: B * mean + 10 * sqrt(B) * std rows, rounded up to 64, at most B * L. Returns None for the
+    rare batch with more real tokens (it then runs unpacked)."""
+    batch = attention_mask.shape[0]
+    capacity = _capacity(batch * mean_length, math.sqrt(batch) * std_length, attention_mask.numel())
+    return capacity if int(attention_mask.sum()) <= capacity else None
+
+
 def lm_label_capacity(labels: torch.Tensor, mask_rate: float = 0.15) -> int | None:
     """``lm_label_capacity`` for a batch of masked-LM ``labels`` (best on the CPU, before the batch moves: the count
     reads the tensor), for the LM head under torch.compile or CUDA graphs (see LxmertForPreTraining.forward).
@@ -881,8 +923,7 @@ def lm_label_capacity(labels: torch.Tensor, mask_rate: float = 0.15) -> int | No
     GEMM tiles), at most every position: 1,024 rows instead of 5,120 at the paper's batch (256 x 20 tokens). Returns
     None for the rare batch with more labelled tokens than that (the head then runs at every token)."""
     positions = labels.numel()
-    spread = 10 * math.sqrt(positions * mask_rate * (1 - mask_rate))
-    capacity = min(positions, 64 * math.ceil((mask_rate * positions + spread) / 64))
+    capacity = _capacity(mask_rate * positions, math.sqrt(positions * mask_rate * (1 - mask_rate)), positions)
     return capacity if int((labels != IGNORE_INDEX).sum()) <= capacity else None
 
 
@@ -936,6 +977,7 @@ class LxmertForQuestionAnswering(LxmertPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        text_token_capacity: int | None = None,
         **kwargs,
     ):
         """`labels`: (B,) answer indices, cross-entropy as transformers (the VQA recipe's soft-score BCE lives in
@@ -953,6 +995,7 @@ class LxmertForQuestionAnswering(LxmertPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=False,
+            text_token_capacity=text_token_capacity,
         )
         answer_score = self.answer_head(out[2])
         loss = None
@@ -993,10 +1036,11 @@ class LxmertForNLVR2(LxmertPreTrainedModel):
         inputs_embeds=None,
         labels=None,
         return_dict=None,
+        text_token_capacity: int | None = None,
         **kwargs,
     ):
         """Text (B, L); visual_feats (B, 2, V, F), visual_pos (B, 2, V, 4), visual_attention_mask (B, 2, V);
-        labels (B,) in {0, 1}."""
+        labels (B,) in {0, 1}; ``text_token_capacity`` as LxmertModel's, for the (B, L) text given."""
         config = self.config
         return_dict = config.return_dict if return_dict is None else return_dict
         if visual_feats is None or visual_feats.dim() != 4 or visual_feats.shape[1] != 2:
@@ -1020,6 +1064,7 @@ class LxmertForNLVR2(LxmertPreTrainedModel):
             token_type_ids=twice(token_type_ids),
             inputs_embeds=twice(inputs_embeds),
             return_dict=False,
+            text_token_capacity=None if text_token_capacity is None else 2 * text_token_capacity,
         )
         pooled = out[2].view(-1, 2, config.hidden_size)  # (B, 2, C)
         logits = self.logit_fc(pooled.flatten(1))  # (B, 2)

@@ -41,19 +41,24 @@ def pretraining_losses(model, batch):
     language-model head evaluated only at masked tokens, cross-entropies in fp32, and 0 instead of NaN for a task
     with no label in the batch (a small batch, or QA before --qa-from-epoch).
     """
-    out = model(**batch, return_task_losses=True, lm_logits_at_labels_only=True)  # see with_lm_label_capacity
+    out = model(**batch, return_task_losses=True, lm_logits_at_labels_only=True)  # see with_capacities
     losses = {f"{task}_loss": value for task, value in out.task_losses.items()}
     losses["loss"] = out.loss
     return losses
 
 
-def with_lm_label_capacity(batch, dataset):
-    """The collated CPU batch with ``lm_label_capacity`` added (modeling.lm_label_capacity): under --compile and
-    CUDA graphs the LM head then runs on ~20% of the text positions instead of all of them, with the same loss.
-    Counted here, on the host, so the check costs no synchronisation."""
-    from lxmert_fast.modeling import lm_label_capacity
+def with_capacities(batch, mask_rate, text_stats):
+    """The collated CPU batch with ``lm_label_capacity`` and ``text_token_capacity`` added (see modeling): under
+    --compile and CUDA graphs the LM head then runs on ~20% of the text positions instead of all of them, and the
+    token-wise layers skip most of the text padding, with the same losses. Counted here, on the host, so the
+    checks cost no synchronisation. ``text_stats``: the training set's text_length_stats()."""
+    from lxmert_fast.modeling import lm_label_capacity, text_token_capacity
 
-    return {**batch, "lm_label_capacity": lm_label_capacity(batch["labels"], dataset.word_mask_rate)}
+    return {
+        **batch,
+        "lm_label_capacity": lm_label_capacity(batch["labels"], mask_rate),
+        "text_token_capacity": text_token_capacity(batch["attention_mask"], *text_stats),
+    }
 
 
 class PretrainingObjective(nn.Module):
@@ -215,7 +220,7 @@ def make_loader(dataset, batches, collate, num_workers):
 
 
 @torch.no_grad()
-def validate(engine, valid_set, collate, micro, args, dtype, num_workers):
+def validate(engine, valid_set, collate, micro, args, dtype, num_workers, text_stats):
     """Mean losses over the first --valid-batches micro-batches per rank (fixed masking: epoch 0, no dropout)."""
     engine.eval()
     valid_set.set_epoch(0)
@@ -223,7 +228,8 @@ def validate(engine, valid_set, collate, micro, args, dtype, num_workers):
     batches = training.epoch_batches(len(valid_set), micro, args.seed, 0, rank, world)[: args.valid_batches]
     sums, count = {}, 0
     for batch in make_loader(valid_set, batches, collate, num_workers):
-        batch = training.to_device(with_lm_label_capacity(batch, valid_set), engine.device, dtype)
+        batch = with_capacities(batch, valid_set.word_mask_rate, text_stats)
+        batch = training.to_device(batch, engine.device, dtype)
         values, _ = training.reduce_losses(engine(batch), engine.device)
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -246,6 +252,7 @@ def main(argv=None):
     if not training.is_main():
         train_set, valid_set, collate = build_data(args, config)
 
+    text_stats = train_set.text_length_stats()  # for text_token_capacity (see with_capacities)
     micro_per_epoch = training.num_micro_batches(len(train_set), micro, world) // accum * accum
     steps_per_epoch = micro_per_epoch // accum
     if steps_per_epoch == 0:
@@ -302,7 +309,7 @@ def main(argv=None):
     def run_validation():
         nonlocal validated_at
         if valid_set is not None:
-            record = validate(engine, valid_set, collate, micro, args, dtype, num_workers)
+            record = validate(engine, valid_set, collate, micro, args, dtype, num_workers, text_stats)
             metrics.log({"event": "valid", "step": step, "epoch": epoch, **record})
             training.print0(f"validation at step {step}: loss {record.get('valid_loss', float('nan')):.4f}")
         validated_at = step
@@ -334,7 +341,8 @@ def main(argv=None):
             loader = make_loader(train_set, batches, collate, num_workers)
             for batch in loader:
                 training.seed_step(args.seed, micro_step, rank)
-                batch = training.to_device(with_lm_label_capacity(batch, train_set), engine.device, dtype)
+                batch = with_capacities(batch, train_set.word_mask_rate, text_stats)
+                batch = training.to_device(batch, engine.device, dtype)
                 lr = scheduler.get_last_lr()[0]  # the rate this update uses (the scheduler moves on in step())
                 values = training.train_micro_batch(engine, batch, check_losses)
                 micro_step += 1

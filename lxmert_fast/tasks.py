@@ -96,7 +96,8 @@ class FinetuneObjective(nn.Module):
         self.model, self.task, self.loss = model, task, loss
 
     def forward(self, batch: dict) -> dict:
-        out = self.model(**{k: batch[k] for k in MODEL_INPUTS}, return_dict=True)
+        inputs = {k: batch[k] for k in MODEL_INPUTS}
+        out = self.model(**inputs, text_token_capacity=batch.get("text_token_capacity"), return_dict=True)
         logits = out.logits if self.task == "nlvr2" else out.question_answering_score  # (B, 2) / (B, A)
         result = {"logits": logits}
         if "target" in batch or "label" in batch:

@@ -109,7 +109,8 @@ class Objective(torch.nn.Module):
 
 
 def _engine_losses(config, backend, graphs, steps=6, seed_each_step=False, capacities=None):
-    """Losses and final weights of ``steps`` steps; ``capacities[s]``, when given, is step s's lm_label_capacity."""
+    """Losses and final weights of ``steps`` steps; ``capacities[s]``, when given, holds step s's extra keyword
+    arguments (lm_label_capacity, text_token_capacity)."""
     from lxmert_fast.optimization import BertAdam, build_scheduler
     from lxmert_fast.single_device import SingleDeviceEngine
 
@@ -124,7 +125,7 @@ def _engine_losses(config, backend, graphs, steps=6, seed_each_step=False, capac
             torch.manual_seed(1000 + s)  # as pretrain.py's training.seed_step
         batch = to_device(make_batch(config, batch=4, text_len=9, objects=5, seed=s), "cuda")
         if capacities is not None:
-            batch["lm_label_capacity"] = capacities[s]
+            batch.update(capacities[s])
         losses.append(engine.forward_backward(batch)["loss"].item())
         engine.step()
     assert (engine.graphed is not None and engine.graphed.graph is not None) == graphs
@@ -147,12 +148,15 @@ def test_torch_engine_graphed_trains_like_eager(backend):
 
 
 @gpu_only
-def test_torch_engine_graph_with_lm_capacity_and_an_eager_step_trains_like_eager():
-    """Inside the graph the LM head runs on 8 rows (make_batch labels 5 tokens of 36); step 5's batch has no
-    capacity (as pretrain.py marks a batch with too many masked words), so it runs eagerly into the graph's gradient
-    buffers, and step 6 is a replay again. Losses and weights follow the all-eager run."""
+def test_torch_engine_graph_with_capacities_and_an_eager_step_trains_like_eager():
+    """Inside the graph the LM head runs on 8 rows (make_batch labels 5 tokens of 36) and the text is packed to 24
+    rows (20 real tokens of 36); step 5's batch has no LM capacity (as pretrain.py marks a batch with too many
+    masked words), so it runs eagerly into the graph's gradient buffers, and step 6 is a replay again. Losses and
+    weights follow the all-eager run."""
     config = small_config("uneven")
-    capacities = [8, 8, 8, 8, None, 8]
+    fits, too_many_masked = dict(lm_label_capacity=8, text_token_capacity=24), dict(lm_label_capacity=None,
+                                                                                     text_token_capacity=24)
+    capacities = [fits, fits, fits, fits, too_many_masked, fits]
     eager, eager_weights = _engine_losses(config, "triton", graphs=False, capacities=capacities)
     with pytest.warns(UserWarning, match="runs eagerly.*lm_label_capacity"):
         graphed, graphed_weights = _engine_losses(config, "triton", graphs=True, capacities=capacities)

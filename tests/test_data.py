@@ -419,6 +419,21 @@ def test_long_sentences_are_truncated_and_padding_is_masked(tmp_path, sample, ta
     assert it["visual_attention_mask"].sum() == 10 and not it["feat_mask"][10:].any()
 
 
+def test_text_length_stats_are_those_of_the_items(tmp_path, sample, table):
+    """The statistics behind modeling.text_token_capacity: the lengths the items have ([CLS] and [SEP] included,
+    long sentences cut to max_seq_length)."""
+    tsv = tmp_path / "feats.tsv"
+    write_feature_tsv(tsv, [_record("img")])
+    sentences = ["a cat", "a dog on a mat", " ".join(["dog"] * 40)]
+    path = _write_json(tmp_path / "a.json", [{"img_id": "img", "sentf": {"vg": sentences}}])
+    ds = PretrainDataset(path, [tsv], table, sample.tokenizer_dir, task_matched=False)
+    lengths = np.array([ds[i]["attention_mask"].sum() for i in range(len(ds))], dtype=np.float64)
+    assert lengths.max() == ds.max_seq_length
+    mean, std = ds.text_length_stats()
+    assert (mean, std) == pytest.approx((lengths.mean(), lengths.std()))
+    assert ds.text_length_stats(samples=2) == pytest.approx((lengths[[0, 2]].mean(), lengths[[0, 2]].std()))
+
+
 def test_collate_matches_lxmert_forward_kwargs(dataset):
     batch = pretrain_collate([dataset[i] for i in range(5)])
     B, L, F = 5, 20, FEAT_DIM

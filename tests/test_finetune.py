@@ -7,6 +7,7 @@ minute or two on a 2-core CPU.
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -320,6 +321,13 @@ def test_nlvr2_pair_is_two_passes_concatenated(sample):
         ]
         expected = model.logit_fc(torch.cat(pooled, dim=-1))  # (B, 2H) -> (B, 2)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_text_length_stats_are_those_of_the_questions(sample):
+    paths, ft, store = sample["paths"], sample["ft"], sample["store"]
+    dataset = NLVR2Dataset(ft.split("nlvr2", "valid"), [store], paths.tokenizer_dir)
+    lengths = np.array([dataset[i]["attention_mask"].sum() for i in range(len(dataset))], dtype=np.float64)
+    assert dataset.text_length_stats() == pytest.approx((lengths.mean(), lengths.std()))
 
 
 def test_vqa_dataset_soft_targets_and_unknown_answers(sample, tmp_path, caplog):

@@ -42,6 +42,28 @@ def test_triton_backend_equals_torch_backend(name):
         torch.testing.assert_close(fused_params[param_name].grad, param.grad, atol=2e-5, rtol=1e-4, msg=param_name)
 
 
+def test_triton_backend_with_static_shape_capacities_equals_torch_backend(monkeypatch):
+    """The kernels on text packed to a fixed capacity and the LM head on fixed rows (the static-shape path of
+    torch.compile and CUDA graphs, simulated) give the eager torch path's losses and gradients."""
+    config = small_config("uneven")
+    reference, fused = twin_models(config)
+    reference.train()
+    fused.train()
+    batch = to_device(make_batch(config, batch=3, text_len=7, objects=5, seed=2), DEVICE)
+    real, labelled = int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum())
+    expected = reference(**batch, return_task_losses=True)
+    expected.loss.backward()
+    monkeypatch.setattr("lxmert_fast.modeling.static_shapes_only", lambda: True)
+    actual = fused(**batch, return_task_losses=True, lm_logits_at_labels_only=True,
+                   lm_label_capacity=labelled + 2, text_token_capacity=real + 3)
+    for task, value in expected.task_losses.items():
+        torch.testing.assert_close(actual.task_losses[task], value, atol=1e-5, rtol=1e-5, msg=task)
+    actual.loss.backward()
+    fused_params = dict(fused.named_parameters())
+    for param_name, param in reference.named_parameters():
+        torch.testing.assert_close(fused_params[param_name].grad, param.grad, atol=2e-5, rtol=1e-4, msg=param_name)
+
+
 def test_triton_backend_trains_like_torch_backend():
     """The same short training run, with and without the kernels, follows the same loss curve."""
     config = small_config("tiny")

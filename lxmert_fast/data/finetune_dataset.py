@@ -22,6 +22,7 @@ Public API
         target (num_answers,) soft scores, index; .qid(i), .labels (qid -> {answer: score}) for the metrics
     NLVR2Dataset(paths, stores, tokenizer, max_seq_length=20, require_labels=True)
         items: text inputs, visual_* with a leading pair axis of 2, label, index; .qid(i) is the identifier
+    both: .text_length_stats() -> (mean, std) of the text lengths in tokens
     finetune_collate(items) -> dict of tensors (the model's keyword arguments plus target / label, index)
 """
 
@@ -214,6 +215,12 @@ class _FinetuneDataset(torch.utils.data.Dataset):
             "attention_mask": (ids != self.tokenizer.pad_token_id).astype(np.int64),
             "token_type_ids": np.zeros_like(ids),
         }
+
+    def text_length_stats(self) -> tuple[float, float]:
+        """Mean and standard deviation of the text length in tokens ([CLS] and [SEP] included) over the data set:
+        what modeling.text_token_capacity needs."""
+        lengths = (self._input_ids != self.tokenizer.pad_token_id).sum(axis=1).astype(np.float64)
+        return float(lengths.mean()), float(lengths.std())
 
     def _visual(self, image: tuple[int, int]) -> dict[str, np.ndarray]:
         store, row = self.stores[image[0]], image[1]

@@ -30,6 +30,7 @@ Public API
                     feature_dtype=np.float32)
         .set_epoch(epoch), .epoch, .qa_enabled, len(ds), ds[index] or ds[(epoch, index)] -> dict of numpy arrays,
         .uid(index) -> "{img_id}_{source}_{index}", .num_dropped (sentences without features),
+        .text_length_stats() -> (mean, std) of the text lengths in tokens,
         .__getitems__(indices) -> StackedItems: a whole batch at once (a DataLoader calls it), the same values
     pretrain_collate(items) -> dict of tensors: exactly the keyword arguments of LxmertForPreTraining.forward
 """
@@ -243,6 +244,14 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     def img_id(self, index: int) -> str:
         return self._img_ids[self._img[index]]
+
+    def text_length_stats(self, samples: int = 4096) -> tuple[float, float]:
+        """Mean and standard deviation of the text length in tokens ([CLS] and [SEP] included, truncated as the
+        items are) over up to ``samples`` evenly spaced sentences: what modeling.text_token_capacity needs."""
+        indices = np.linspace(0, len(self) - 1, num=min(samples, len(self))).astype(np.int64)
+        pieces = self.tokenizer([self.sentence(int(i)) for i in indices], add_special_tokens=False)["input_ids"]
+        lengths = np.array([min(len(p), self.max_seq_length - 2) + 2 for p in pieces], dtype=np.float64)
+        return float(lengths.mean()), float(lengths.std())
 
     def uid(self, index: int) -> str:
         return make_uid(self.img_id(index), self._source_names[self._src[index]], int(self._sent_idx[index]))
