@@ -33,6 +33,8 @@ import torch
 from lxmert_fast.cuda_graphs import GraphedStep
 
 CHECKPOINT_FILE = "state.pt"
+# the model's keyword arguments that the loops set per batch; None marks a batch over the capacity (modeling.py)
+CAPACITY_KEYS = ("lm_label_capacity", "text_token_capacity")
 
 
 class SingleDeviceEngine:
@@ -75,6 +77,9 @@ class SingleDeviceEngine:
         if self.graphed is None:
             return self._forward_backward(batch)
         why = self.graphed.why_not(batch)
+        over_capacity = any(key in batch and batch[key] is None for key in CAPACITY_KEYS)
+        if why is None and self.graphed.graph is None and over_capacity:
+            why = "it is over a capacity (None), so it must not be the batch the graph is recorded for"
         if why is None:
             return self.graphed(batch)  # the graph's loss buffers: read them before the next call
         # e.g. a batch with more masked words than the LM head's rows in the graph (lm_label_capacity None)
