@@ -198,9 +198,10 @@ def build_data(args):
     def dataset(files, require_labels=True):
         if not files:
             return None
+        # features travel as stored (float16, half the bytes); training.to_device casts them to the model's dtype
         if vocab is None:
-            return NLVR2Dataset(files, stores, tokenizer, args.max_seq_length, require_labels)
-        return QADataset(files, stores, vocab, tokenizer, args.task, args.max_seq_length, require_labels)
+            return NLVR2Dataset(files, stores, tokenizer, args.max_seq_length, require_labels, "float16")
+        return QADataset(files, stores, vocab, tokenizer, args.task, args.max_seq_length, require_labels, "float16")
 
     train = dataset(_split(args.train)) if args.epochs > 0 else None
     valid = dataset(_split(args.valid))

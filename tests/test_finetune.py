@@ -323,6 +323,20 @@ def test_nlvr2_pair_is_two_passes_concatenated(sample):
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_float16_features_are_the_float32_values_in_half_the_bytes(sample):
+    """finetune.py loads features as float16 (the stores' dtype) and casts them on the device: the same values."""
+    paths, ft, store = sample["paths"], sample["ft"], sample["store"]
+    split = ft.split("nlvr2", "valid")
+    full = finetune_collate([NLVR2Dataset(split, [store], paths.tokenizer_dir)[i] for i in range(3)])
+    half_set = NLVR2Dataset(split, [store], paths.tokenizer_dir, feature_dtype="float16")
+    half = finetune_collate([half_set[i] for i in range(3)])
+    assert half["visual_feats"].dtype == torch.float16 and full["visual_feats"].dtype == torch.float32
+    assert torch.equal(half["visual_feats"].float(), full["visual_feats"])
+    assert all(torch.equal(half[k], full[k]) for k in full if k != "visual_feats")
+    with pytest.raises(ValueError, match="feature_dtype"):
+        NLVR2Dataset(split, [store], paths.tokenizer_dir, feature_dtype="int8")
+
+
 def test_text_length_stats_are_those_of_the_questions(sample):
     paths, ft, store = sample["paths"], sample["ft"], sample["store"]
     dataset = NLVR2Dataset(ft.split("nlvr2", "valid"), [store], paths.tokenizer_dir)

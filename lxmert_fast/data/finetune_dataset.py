@@ -17,10 +17,11 @@ Sentences are tokenised once at load time as the original: [CLS] word pieces [SE
 Public API
     read_annotations(path, task, require_labels=True) -> list[dict]   validated records
     AnswerVocab(label2ans)                  .ans2label, .label2ans, len(), .load(ans2label, label2ans=None), .save
-    QADataset(paths, stores, vocab, tokenizer, task="vqa", max_seq_length=20, require_labels=True)
+    QADataset(paths, stores, vocab, tokenizer, task="vqa", max_seq_length=20, require_labels=True,
+              feature_dtype=np.float32)
         items: text inputs, visual_feats (V, F), visual_pos (V, 4), visual_attention_mask (V,),
         target (num_answers,) soft scores, index; .qid(i), .labels (qid -> {answer: score}) for the metrics
-    NLVR2Dataset(paths, stores, tokenizer, max_seq_length=20, require_labels=True)
+    NLVR2Dataset(paths, stores, tokenizer, max_seq_length=20, require_labels=True, feature_dtype=np.float32)
         items: text inputs, visual_* with a leading pair axis of 2, label, index; .qid(i) is the identifier
     both: .text_length_stats() -> (mean, std) of the text lengths in tokens
     finetune_collate(items) -> dict of tensors (the model's keyword arguments plus target / label, index)
@@ -168,7 +169,12 @@ class AnswerVocab:
 class _FinetuneDataset(torch.utils.data.Dataset):
     """Shared by the task datasets: image lookup over several stores and sentence tokenisation."""
 
-    def __init__(self, stores, tokenizer, max_seq_length: int):
+    def __init__(self, stores, tokenizer, max_seq_length: int, feature_dtype=np.float32):
+        # feature_dtype float16, the stores' own, gives the same values in half the bytes to copy between loader
+        # processes and to the device, which then casts (finetune.py does this); float32 suits the model as is
+        self.feature_dtype = np.dtype(feature_dtype)
+        if self.feature_dtype not in (np.float16, np.float32):
+            raise ValueError(f"feature_dtype must be float16 or float32, got {self.feature_dtype}")
         if isinstance(stores, str | Path | FeatureStore):
             stores = [stores]
         self.stores = [as_feature_store(s) for s in stores]
@@ -226,7 +232,7 @@ class _FinetuneDataset(torch.utils.data.Dataset):
         store, row = self.stores[image[0]], image[1]
         nb = int(store.num_boxes[row])
         return {
-            "visual_feats": store.features[row].astype(np.float32),  # (V, F) from fp16
+            "visual_feats": store.features[row].astype(self.feature_dtype),  # (V, F), a copy out of the fp16 store
             "visual_pos": np.array(store.boxes[row], dtype=np.float32),  # (V, 4) in [0, 1]
             "visual_attention_mask": (np.arange(self.max_boxes) < nb).astype(np.int64),
         }
@@ -247,8 +253,9 @@ class QADataset(_FinetuneDataset):
         task: str = "vqa",
         max_seq_length: int = 20,
         require_labels: bool = True,
+        feature_dtype=np.float32,
     ):
-        super().__init__(stores, tokenizer, max_seq_length)
+        super().__init__(stores, tokenizer, max_seq_length, feature_dtype)
         if task not in ("vqa", "gqa"):
             raise ValueError(f"QADataset is for vqa or gqa, not {task!r}")
         self.task, self.vocab = task, vocab
@@ -306,8 +313,9 @@ class QADataset(_FinetuneDataset):
 class NLVR2Dataset(_FinetuneDataset):
     """NLVR2 statements about an image pair (img0 = left, img1 = right), label 1 = true."""
 
-    def __init__(self, paths, stores, tokenizer, max_seq_length: int = 20, require_labels: bool = True):
-        super().__init__(stores, tokenizer, max_seq_length)
+    def __init__(self, paths, stores, tokenizer, max_seq_length: int = 20, require_labels: bool = True,
+                 feature_dtype=np.float32):
+        super().__init__(stores, tokenizer, max_seq_length, feature_dtype)
         self.records: list[dict] = []
         self._images: list[tuple[tuple[int, int], tuple[int, int]]] = []
         for path in _split_paths(paths):
