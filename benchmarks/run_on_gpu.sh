@@ -11,6 +11,8 @@
 #   bash benchmarks/run_on_gpu.sh bench benchmarks/bench_pretrain.py
 #   bash benchmarks/run_on_gpu.sh bench benchmarks/bench_model.py -k "not cpu_target"
 # and join the result files with `python benchmarks/report.py --merge OUT.json A.json B.json C.json`.
+# The capacities' gain on a graphed step (not part of the suite; about a minute):
+#   python3 benchmarks/capacity_ab.py --batch 256 | tee "$OUT/capacity-ab.log"
 # Logs and the results this run wrote are also copied to $OUT when it is set (the device tool's output folder).
 set -uo pipefail
 mode=${1:?usage: run_on_gpu.sh tests|bench [pytest args]}
