@@ -402,6 +402,7 @@ def main(argv=None):
                             "lr": lr,
                             "loss": loss_sum / count,
                             "samples_per_s": timer.rate(),
+                            **training.graph_counters(engine),
                         }
                     )
                     bar.set_postfix(loss=f"{loss_sum / count:.3f}")

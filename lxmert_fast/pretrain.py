@@ -363,6 +363,7 @@ def main(argv=None):
                     if scale is not None:
                         record["loss_scale"] = scale
                         record["skipped_steps"] = int(engine.skipped_steps)
+                    record.update(training.graph_counters(engine))
                     metrics.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}")
                     first_loss = record["loss"] if first_loss is None else first_loss

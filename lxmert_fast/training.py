@@ -284,6 +284,14 @@ def loss_scale(engine):
     return None
 
 
+def graph_counters(engine) -> dict:
+    """For metrics.jsonl: ``eager_steps``, the batches that ran outside ``--engine torch``'s CUDA graph so far (a
+    batch over a capacity, or of another shape); nothing for an engine without a graph."""
+    if isinstance(engine, SingleDeviceEngine) and engine.graphed is not None:
+        return {"eager_steps": engine.eager_steps}
+    return {}
+
+
 # ----------------------------------------------------------------------------------------- data order, seeding
 def epoch_batches(num_samples, micro_batch, seed, epoch, rank_, world, start=0):
     """The micro-batches (lists of sample indices) of one rank in one epoch, from micro-batch ``start`` on.

@@ -375,6 +375,17 @@ def _single_device_engine(tmp_seed=0, accumulation=1, clip=1.0):
     return engine, objective, optimizer, scheduler
 
 
+def test_graph_counters_only_for_a_graphed_torch_engine():
+    """metrics.jsonl gets eager_steps (batches run outside the CUDA graph) only when there is a graph: on a CPU,
+    or with DeepSpeed, nothing."""
+    from lxmert_fast import training
+
+    engine, *_ = _single_device_engine()
+    assert engine.graphed is None and training.graph_counters(engine) == {}
+    engine.graphed, engine.eager_steps = object(), 2  # what a GPU run with two batches over a capacity holds
+    assert training.graph_counters(engine) == {"eager_steps": 2}
+
+
 def test_torch_engine_checkpoint_never_executes_code_and_names_a_bad_file(tmp_path):
     engine, objective, *_ = _single_device_engine()
     engine.save_checkpoint(str(tmp_path), "good", client_state={"step": 3, "rng": training_rng_state()})
