@@ -70,6 +70,16 @@ def _kernels():
     return kernels
 
 
+def true_first(flags: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` positions of a flat bool tensor when those holding True come first, each group in its
+    order (what a stable argsort of ~flags gives). Built from running counts and one scatter instead of a sort:
+    shapes static, no host synchronisation, nothing that CUDA-graph capture might refuse."""
+    ones = flags.to(torch.int64)
+    slot = torch.where(flags, ones.cumsum(0), ones.sum() + (1 - ones).cumsum(0)) - 1  # a permutation of 0..n-1
+    order = torch.empty_like(slot).scatter_(0, slot, torch.arange(flags.numel(), device=flags.device))
+    return order[:count]
+
+
 class Stream(NamedTuple):
     """How one token stream (language or vision) is masked and laid out.
 
@@ -78,7 +88,7 @@ class Stream(NamedTuple):
     keys and values to (B, L, ...) and masks the padding as usual. Real tokens get exactly the same values.
 
     With static shapes (torch.compile, CUDA-graph capture) N cannot depend on the data: the stream is then packed
-    to a fixed ``capacity`` of rows, the real tokens first (a stable argsort) and padded positions as filler, whose
+    to a fixed ``capacity`` of rows, the real tokens first (``true_first``) and padded positions as filler, whose
     values nothing real attends to. Without a capacity it is not packed then.
     """
 
@@ -100,7 +110,7 @@ class Stream(NamedTuple):
             overflow = keep.sum() > capacity
         if pack and static_shapes_only():
             if capacity is not None and capacity < keep.numel():
-                index = torch.argsort((~keep.flatten()).to(torch.int32), stable=True)[:capacity]
+                index = true_first(keep.flatten(), capacity)
         elif pack and not bool(keep.all()):
             index = keep.flatten().nonzero().squeeze(1)
         return Stream(keep, additive, index, batch, length, overflow)
@@ -865,14 +875,14 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         """The masked-LM loss with the LM head evaluated at the labelled tokens only (see ``forward``).
 
         Eagerly the labelled rows are found with ``nonzero``. With static shapes they are the first ``capacity``
-        rows of a stable sort that puts labelled tokens first; the rest of those rows are unlabelled filler, which
+        positions with the labelled tokens first (``true_first``); the rest of those rows are unlabelled filler, which
         the loss ignores, so the loss is the same. A batch with more than ``capacity`` labelled tokens gets NaN in
         either mode (a host-side check is the caller's job: here it would cost a synchronisation)."""
         flat_labels = labels.reshape(-1)
         labelled = flat_labels != IGNORE_INDEX
         if static_shapes_only():
             capacity = min(int(capacity), flat_labels.numel())
-            rows = torch.argsort((~labelled).to(torch.int32), stable=True)[:capacity]
+            rows = true_first(labelled, capacity)
         else:
             rows = labelled.nonzero().squeeze(1)
         logits = self.cls.predictions(lang_output.reshape(-1, lang_output.shape[-1]).index_select(0, rows))

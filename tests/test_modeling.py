@@ -205,6 +205,18 @@ def test_lm_head_at_labels_with_a_capacity_gives_the_same_loss_and_gradients(mon
     torch.testing.assert_close(out.task_losses["mlm"], full.task_losses["mlm"], atol=ATOL, rtol=0)
 
 
+def test_true_first_is_a_stable_partition():
+    from lxmert_fast.modeling import true_first
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 5120):
+        flags = torch.rand(n, generator=g) < 0.3
+        expected = torch.argsort((~flags).to(torch.int32), stable=True)
+        for count in sorted({0, 1, int(flags.sum()), n}):
+            assert torch.equal(true_first(flags, count), expected[:count])
+    assert torch.equal(true_first(torch.tensor([False, True, False, True]), 3), torch.tensor([1, 3, 0]))
+
+
 def test_lm_label_capacity():
     from lxmert_fast.modeling import lm_label_capacity
 
@@ -220,7 +232,7 @@ def test_lm_label_capacity():
 
 def test_capacities_under_torch_compile():
     """The real static-shape path: torch.compile (Inductor, on the CPU) traces the capacity branches (stable
-    argsorts instead of nonzero) of the LM head and of the text packing, and gives eager's loss and gradients."""
+    true_first instead of nonzero) of the LM head and of the text packing, and gives eager's loss and gradients."""
     config = small_config("tiny")
     _, ours = paired(transformers.LxmertForPreTraining, lxmert_fast.LxmertForPreTraining, config, train=True)
     batch = make_batch(config, batch=2, text_len=6, objects=3, seed=5)  # 9 real text tokens of 12, 3 labelled
