@@ -17,8 +17,12 @@ included, as issue 6 defines the count, although ours skips most of the padding:
 """
 
 import math
+import re
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -335,6 +339,18 @@ def test_cpu_target(bench, benchmark, cpu_batch):
     ours["target_met"] = ours["speedup"]["transformers"] >= CPU_TARGET_SPEEDUP
     benchmark.extra_info.update({"records": recs})
     benchmark.pedantic(steps["lxmert_fast[torch]"], rounds=1, iterations=1)
+
+
+def test_capacity_ab_script_runs(bench):
+    """Smoke mode only: benchmarks/capacity_ab.py (run by hand, on a GPU the first number for the capacities) works
+    end to end at a tiny batch, in its own process (it switches the model to the static-shape path for good)."""
+    if bench.full:
+        pytest.skip("a harness check: run the script itself for a measurement")
+    script = Path(__file__).with_name("capacity_ab.py")
+    done = subprocess.run([sys.executable, str(script), "--batch", "4", "--rounds", "1"], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "without capacities:" in done.stdout and re.search(r"speed-up: \d+\.\d+x", done.stdout), done.stdout
 
 
 def test_model_results_well_formed(bench, tmp_path):
