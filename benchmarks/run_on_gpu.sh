@@ -3,6 +3,7 @@
 # xformers. Run from the repository root there, with .whl (made here by ../shared/gpu/fetch-wheels.sh) carried along:
 #
 #   bash benchmarks/run_on_gpu.sh tests          # compiled kernels, triton backend, CUDA graphs (~4 min)
+#   bash benchmarks/run_on_gpu.sh first          # tests, then capacity_ab.py --batch 256: the first call to make
 #   bash benchmarks/run_on_gpu.sh bench [ARGS]   # pytest benchmarks/ --benchmark [ARGS]; results in benchmarks/results/
 #
 # The whole suite took about 15 minutes on an H100 before bench_pretrain.py ran four pre-training cases (both
@@ -15,7 +16,7 @@
 #   python3 benchmarks/capacity_ab.py --batch 256 | tee "$OUT/capacity-ab.log"
 # Logs and the results this run wrote are also copied to $OUT when it is set (the device tool's output folder).
 set -uo pipefail
-mode=${1:?usage: run_on_gpu.sh tests|bench [pytest args]}
+mode=${1:?usage: run_on_gpu.sh tests|first|bench [pytest args]}
 shift
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
@@ -26,14 +27,19 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 touch /tmp/run_on_gpu.start
+run_tests() {
+  timeout "$1" python3 -m pytest tests/kernels tests/test_modeling_triton.py tests/test_cuda_graphs.py \
+    tests/test_modeling.py -q -rs -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -15
+}
 case $mode in
-  tests) timeout 540 python3 -m pytest tests/kernels tests/test_modeling_triton.py tests/test_cuda_graphs.py \
-           tests/test_modeling.py -q -rs -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -15 ;;
+  tests) run_tests 540 ;;
+  first) run_tests 420
+         timeout 150 python3 benchmarks/capacity_ab.py --batch 256 2>&1 | tee "$out/capacity-ab.log" | tail -5 ;;
   bench) [ $# -eq 0 ] && set -- benchmarks/
          timeout 560 python3 -m pytest "$@" --benchmark -q -rs -p no:cacheprovider 2>&1 \
            | tee "$out/benchmark.log" | grep -v -i warn | tail -40
          if [ "$out" != benchmarks/results ]; then
            find benchmarks/results -type f -newer /tmp/run_on_gpu.start -exec cp {} "$out"/ \;
          fi ;;
-  *) echo "unknown mode $mode (tests or bench)"; exit 2 ;;
+  *) echo "unknown mode $mode (tests, first or bench)"; exit 2 ;;
 esac
