@@ -24,6 +24,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from lxmert_fast import training  # noqa: E402  (sets DS_ACCELERATOR before deepspeed is imported)
+from lxmert_fast.modeling import lm_label_capacity, text_token_capacity  # noqa: E402
 from lxmert_fast.optimization import build_optimizer, build_scheduler  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,8 +53,6 @@ def with_capacities(batch, mask_rate, text_stats):
     --compile and CUDA graphs the LM head then runs on ~20% of the text positions instead of all of them, and the
     token-wise layers skip most of the text padding, with the same losses. Counted here, on the host, so the
     checks cost no synchronisation. ``text_stats``: the training set's text_length_stats()."""
-    from lxmert_fast.modeling import lm_label_capacity, text_token_capacity
-
     return {
         **batch,
         "lm_label_capacity": lm_label_capacity(batch["labels"], mask_rate),
