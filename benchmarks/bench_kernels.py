@@ -225,8 +225,19 @@ def _works(fn, grads):
         torch.autograd.backward(_outputs(fn()), grads)
         return None
     except Exception as exc:  # noqa: BLE001 - a refusing backend raises RuntimeError, NotImplementedError, ...
-        msg = str(exc).strip().splitlines()
-        return f"{type(exc).__name__}: {msg[0][:160] if msg else ''}"
+        return f"{type(exc).__name__}: {_reason(str(exc))}"
+
+
+def _reason(message: str) -> str:
+    """The message's first line; for xformers' "No operator found", also each operator's reasons for refusing
+    (everything from the first "... is not supported because:"), which says what to change (a wheel, an alignment)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    start = next((i for i, line in enumerate(lines) if "not supported because" in line), None)
+    if start is None:
+        return lines[0][:160]
+    return " ".join([lines[0][:160]] + lines[start:])[:1000]
 
 
 def test_bidirectional_cross_attention(bench, benchmark, kernel_case):

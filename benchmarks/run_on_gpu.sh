@@ -36,6 +36,8 @@ case $mode in
   first) run_tests 420
          timeout 150 python3 benchmarks/capacity_ab.py --batch 256 2>&1 | tee "$out/capacity-ab.log" | tail -5 ;;
   bench) [ $# -eq 0 ] && set -- benchmarks/
+         # why an xformers operator refuses (a wheel built for another torch or CUDA shows here), for the notes
+         timeout 60 python3 -m xformers.info > "$out/xformers-info.log" 2>&1 || true
          timeout 560 python3 -m pytest "$@" --benchmark -q -rs -p no:cacheprovider 2>&1 \
            | tee "$out/benchmark.log" | grep -v -i warn | tail -40
          if [ "$out" != benchmarks/results ]; then

@@ -707,9 +707,12 @@ class LxmertModel(LxmertPreTrainedModel):
             lang_states = tuple(lang_stream.unpack(state) for state in lang_states)
         pooled_output = self.pooler(lang_output)
         if lang_stream.overflow is not None:  # a batch with more real tokens than text_token_capacity: NaN, not wrong
-            lang_output, visual_output, pooled_output = (
-                x.masked_fill(lang_stream.overflow, float("nan")) for x in (lang_output, visual_output, pooled_output)
-            )
+            def poison(states):
+                return tuple(x.masked_fill(lang_stream.overflow, float("nan")) for x in states)
+
+            lang_output, visual_output, pooled_output = poison((lang_output, visual_output, pooled_output))
+            if output_hidden_states:  # every state, not only those the cut text changed: no half-right answer
+                lang_states, visn_states = poison(lang_states), poison(visn_states)
 
         if not return_dict:
             hidden = (lang_states, visn_states) if output_hidden_states else ()

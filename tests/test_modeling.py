@@ -97,8 +97,9 @@ def test_text_packed_to_a_capacity_gives_the_same_outputs_loss_and_gradients(mon
         out.loss.backward()
         for name, param in model.named_parameters():
             torch.testing.assert_close(param.grad, ref_grads[name], atol=ATOL, rtol=1e-4, msg=name)
-    out = model.lxmert(**model_inputs(batch), text_token_capacity=real - 1)
+    out = model.lxmert(**model_inputs(batch), text_token_capacity=real - 1, output_hidden_states=True)
     assert out.language_output.isnan().all() and out.vision_output.isnan().all() and out.pooled_output.isnan().all()
+    assert all(state.isnan().all() for state in out.language_hidden_states + out.vision_hidden_states)
     assert model(**batch, text_token_capacity=real - 1).loss.isnan()
 
 
