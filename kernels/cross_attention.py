@@ -256,7 +256,7 @@ def _seq_major(b, h, n, d, like):
     return torch.empty(b, n, h, d, device=like.device, dtype=like.dtype).transpose(1, 2)
 
 
-def _launch_meta(lang_q, visn_q, dropout_p):
+def _launch_meta(lang_q, visn_q, dropout_p, backward=False):
     b, h, length_l, d = lang_q.shape
     length_v = visn_q.shape[2]
     blocks = dict(BLOCK_L=block_size(length_l, 16), BLOCK_V=block_size(length_v, 16), BLOCK_D=block_size(d, 16))
@@ -267,8 +267,15 @@ def _launch_meta(lang_q, visn_q, dropout_p):
     else:
         precision = "tf32"  # ignored by Triton for fp16/bf16 operands
     big = max(blocks["BLOCK_L"], blocks["BLOCK_V"]) * blocks["BLOCK_D"] >= 128 * 64
+    warps = 8 if big else 4
+    if lang_q.dtype == torch.float32:
+        # fp32 tiles (no tensor cores) need twice the registers, backward's five products more again. Compiled for
+        # an H100 at LXMERT's shapes, 4 warps spilled registers (fwd 136 bytes per thread; bwd 1.4 KB, and 94 KB
+        # with dropout); these counts spill none, or under 200 bytes in backward (16 warps is the most that helps:
+        # 32 cap a thread at 64 registers). `python benchmarks/kernel_resources.py` shows it without a GPU.
+        warps = min(16, warps * (4 if backward else 2))
     return b, h, length_l, length_v, d, dict(
-        **blocks, HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=precision, num_warps=8 if big else 4
+        **blocks, HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=precision, num_warps=warps
     )
 
 
@@ -309,7 +316,7 @@ def _cross_attention_bwd_impl(
     wrap, d_lang_ctx, d_visn_ctx, lang_q, lang_k, lang_v, visn_q, visn_k, visn_v, lang_mask, visn_mask, dropout_p,
     seed,
 ):
-    b, h, length_l, length_v, d, meta = _launch_meta(lang_q, visn_q, dropout_p)
+    b, h, length_l, length_v, d, meta = _launch_meta(lang_q, visn_q, dropout_p, backward=True)
     lmask, has_lmask = _mask_arg(lang_mask, lang_q)
     vmask, has_vmask = _mask_arg(visn_mask, lang_q)
     grads = [_seq_major(b, h, length_l, d, lang_q) for _ in range(3)]

@@ -219,7 +219,12 @@ def _roi_embedding_bwd_impl(
 ):
     m, n = a.shape
     block_m, block_n, warps = _tile(n)
-    programs = max(1, min(num_programs(a.device, per_sm=2), triton.cdiv(m, block_m)))
+    # Eight per-program fp32 partial rows plus the tiles fill 4 warps' registers: compiled for an H100 at hidden 768,
+    # 255 per thread and up to 160 bytes spilled (1.3 KB at 2048). 8 warps hold them without spilling (16 spill
+    # again), and one such program per SM keeps the resident warps per SM and halves the partials written and summed
+    # (`python benchmarks/kernel_resources.py` shows it without a GPU).
+    warps, per_sm = (8, 1) if block_n >= 1024 else (warps, 2)
+    programs = max(1, min(num_programs(a.device, per_sm=per_sm), triton.cdiv(m, block_m)))
     rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
     programs = triton.cdiv(m, rows_per_program)
     da = torch.empty_like(a)
