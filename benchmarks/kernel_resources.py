@@ -1,7 +1,7 @@
 """Compile every Triton kernel for a GPU without having one, and report what each launch costs the GPU's SMs.
 
     python benchmarks/kernel_resources.py                 # sm_90 (H100/H200), LXMERT shapes, a table
-    python benchmarks/kernel_resources.py --check         # exit 1 if a kernel fails to compile or spills registers
+    python benchmarks/kernel_resources.py --check         # exit 1 on a failed compile or > 256 spilled bytes/thread
     python benchmarks/kernel_resources.py --arch 80       # another architecture (A100)
 
 The interpreter that runs the kernels on a CPU never compiles them, so it cannot see a kernel that fails to lower
@@ -70,7 +70,8 @@ class _Grid:
 
 
 def _signature(kernel, args, kwargs):
-    """Triton's signature, constants and alignment attributes for these arguments (as its launcher derives them)."""
+    """Triton's signature, constants and 16-byte alignment hints for these arguments, close to what its own
+    launcher derives (which also turns an int equal to 1 into a constant: not done here)."""
     names = kernel.arg_names
     bound = dict(zip(names, args, strict=False))  # the rest come as keywords
     bound.update({k: v for k, v in kwargs.items() if k in names})
