@@ -226,10 +226,8 @@ def measure_models(bench, benchmark, case, impls, config, batch, batch_size, dty
         model = step = None
         try:
             model = build(name, config, state, "LxmertForPreTraining", dev)
-            if step_kind == "train":
-                step = _train_step(model, batch, dtype, dev, mode, ours=role == "ours")
-            else:
-                step = _infer_step(model, batch, dtype, dev, mode, ours=role == "ours")
+            make = _train_step if step_kind == "train" else _infer_step
+            step = make(model, batch, dtype, dev, mode, ours=role == "ours")
             if bench.cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
