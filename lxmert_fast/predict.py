@@ -35,6 +35,7 @@ import copy
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -187,7 +188,10 @@ def quantized_copy(model: nn.Module) -> nn.Module:
 
     fast = copy.deepcopy(model)
     fast.backend = "torch"  # the fused kernels read weights that quantised layers no longer have
-    return quantize_dynamic(fast, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    with warnings.catch_warnings():  # torch's notices that these APIs move to torchao: nothing a user can act on
+        warnings.filterwarnings("ignore", message=r"(?s).*torch\.ao\.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=r"(?s).*quantized tensor creation functions")
+        return quantize_dynamic(fast, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------

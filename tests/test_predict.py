@@ -318,7 +318,7 @@ def test_packing_choice_does_not_change_answers(sample):
 
 
 def readme_commands(section="## Use a trained model", programs=("lxmert_fast.predict", "lxmert_fast.evaluate")):
-    """The README section's `python -m <program> ...` commands (continuation lines joined)."""
+    """The README section's `python -m <program> ...` commands on the sample data (continuation lines joined)."""
     text = README.read_text()
     start = text.index(section)
     end = text.find("\n## ", start + len(section))
@@ -327,7 +327,7 @@ def readme_commands(section="## Use a trained model", programs=("lxmert_fast.pre
     for block in re.findall(r"```bash\n(.*?)```", body, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("  #")[0].strip()
-            if any(line.startswith(f"python -m {p} ") for p in programs):
+            if any(line.startswith(f"python -m {p} ") for p in programs) and "sample_data/" in line:
                 commands.append(shlex.split(line))
     return commands
 
