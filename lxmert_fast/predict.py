@@ -290,10 +290,8 @@ class Predictor:
             config.num_qa_labels = len(label2ans)
         else:
             label2ans = None
-        if task is None:  # a folder fine-tuned by lxmert_fast says which task
-            task = getattr(config, "finetuning_task", None) if getattr(config, "finetuning_task", None) in (
-                TASK_CHOICES
-            ) else None
+        if task is None and getattr(config, "finetuning_task", None) in TASK_CHOICES:  # the folder says which task
+            task = config.finetuning_task
         model_class = LxmertForQuestionAnswering if kind == "qa" else LxmertForNLVR2
         net = model_class.from_pretrained(folder, config=config)
         return cls(
