@@ -330,11 +330,11 @@ class Predictor:
     # -- questions in, answers out --------------------------------------------------------------------------------
     def ask(self, question: str, img_id: str, top_k: int | None = None) -> dict:
         """One VQA / GQA question about one image."""
-        return self.predict([{"img_id": img_id, "sent": question}], top_k=top_k)[0]
+        return self.predict([{"img_id": img_id, "sent": question}], top_k=top_k, source=None)[0]
 
     def judge(self, statement: str, left_img_id: str, right_img_id: str) -> dict:
         """One NLVR2 statement about an image pair: {"prediction": True | False, "score": its probability}."""
-        return self.predict([{"img0": left_img_id, "img1": right_img_id, "sent": statement}])[0]
+        return self.predict([{"img0": left_img_id, "img1": right_img_id, "sent": statement}], source=None)[0]
 
     def predict_file(self, path, top_k: int | None = None) -> list[dict]:
         """Every record of a released VQA / GQA / NLVR2 annotation file (labels optional), in file order."""
@@ -345,13 +345,13 @@ class Predictor:
         path = Path(path)
         return read_annotations(path, self._file_task(path), require_labels=False)
 
-    def predict(self, records: Sequence[dict], top_k: int | None = None, source: str = "records") -> list[dict]:
+    def predict(self, records: Sequence[dict], top_k: int | None = None, source: str | None = "records") -> list[dict]:
         """One result per record, in order. Records as in the released annotation files: VQA / GQA
         {"question_id" (optional), "img_id", "sent"}, NLVR2 {"identifier" (optional), "img0", "img1", "sent"}.
 
         VQA / GQA: {"question_id", "img_id", "question", "answer", "score"}, plus "top_k": [{"answer", "score"}, ...]
         (best first, k of them) when top_k is given. NLVR2: {"identifier", "img0", "img1", "statement",
-        "prediction": bool, "score"}."""
+        "prediction": bool, "score"}. `source` names the records in error messages (a file name, say)."""
         if top_k is not None and not self.is_qa:
             raise PredictionError("top_k is for VQA / GQA answers; an NLVR2 model answers true or false")
         if top_k is not None and not 1 <= top_k <= len(self.label2ans):
@@ -471,9 +471,12 @@ class Predictor:
 
     def _item(self, record: dict, k: int, source: str) -> _Item:
         id_key = "question_id" if self.is_qa else "identifier"
-        where = f"{source}: record {k}" + (f" ({id_key} {record[id_key]!r})" if id_key in record else "")
-        if not isinstance(record, dict):
-            raise PredictionError(f"{where}: expected an object, got {type(record).__name__}")
+        if source is None:  # one typed question or statement
+            where = "the question" if self.is_qa else "the statement"
+        elif not isinstance(record, dict):
+            raise PredictionError(f"{source}: record {k}: expected an object, got {type(record).__name__}")
+        else:
+            where = f"{source}: record {k}" + (f" ({id_key} {record[id_key]!r})" if id_key in record else "")
         image_keys = ("img_id",) if self.is_qa else ("img0", "img1")
         other = ("img0", "img1") if self.is_qa else ("img_id",)
         if any(key in record for key in other) and not all(key in record for key in image_keys):
