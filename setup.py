@@ -16,8 +16,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lxmert_fast", "lxmert_fast.data", "lxmert_fast.kernels"],
-    package_dir={"lxmert_fast": "lxmert_fast", "lxmert_fast.kernels": "kernels"},
+    packages=["lxmert_fast", "lxmert_fast.data", "lxmert_fast.kernels", "lxmert_fast.configs"],
+    package_dir={"lxmert_fast": "lxmert_fast", "lxmert_fast.kernels": "kernels", "lxmert_fast.configs": "configs"},
+    # The model presets, DeepSpeed JSONs and recipes ship with the package (found by lxmert_fast.resources).
+    package_data={"lxmert_fast.configs": ["*.json"]},
     install_requires=[
         "torch>=2.6",
         TRITON,
