@@ -65,7 +65,7 @@ def static_shapes_only() -> bool:
 
 def _kernels():
     # Imported lazily: triton is optional, and TRITON_INTERPRET must be set before the kernels are defined.
-    from lxmert_fast import kernels
+    from lxmert_fast.kernels import ops as kernels
 
     return kernels
 

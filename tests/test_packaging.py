@@ -40,7 +40,8 @@ def test_find_config_unknown_name_lists_the_shipped_ones(name):
     assert name in str(info.value) and "lxmert_base" in str(info.value) and "ds_zero2_fp16" in str(info.value)
 
 
-def test_non_editable_install_ships_the_configs(tmp_path):
+@pytest.mark.slow
+def test_non_editable_install_ships_the_configs_and_kernels(tmp_path):
     """pip install (not -e) into a folder; from outside the checkout the presets and DeepSpeed JSONs resolve to
     files inside the installed package."""
     source, target, elsewhere = tmp_path / "src", tmp_path / "site", tmp_path / "elsewhere"
@@ -48,7 +49,7 @@ def test_non_editable_install_ships_the_configs(tmp_path):
     elsewhere.mkdir()
     for name in SOURCES:  # build from a copy, so that the build leaves nothing in the checkout
         if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(REPO / name, source / name)
     subprocess.run(
@@ -59,11 +60,36 @@ def test_non_editable_install_ships_the_configs(tmp_path):
     script = (
         "import sys; from lxmert_fast.resources import find_config\n"
         "print(find_config('lxmert_small')); print(find_config('ds_zero2_fp16'))\n"
-        "import lxmert_fast.kernels; print(lxmert_fast.kernels.__path__[0])\n"
+        "import importlib.util; print(importlib.util.find_spec('lxmert_fast.kernels.ops').origin)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, check=True, capture_output=True,
                          text=True).stdout.split()
     installed = target / "lxmert_fast"
     assert [Path(p) for p in out] == [installed / "configs" / "lxmert_small.json",
-                                      installed / "configs" / "ds_zero2_fp16.json", installed / "kernels"]
+                                      installed / "configs" / "ds_zero2_fp16.json", installed / "kernels" / "ops.py"]
+
+
+@pytest.mark.slow
+def test_our_kernels_folder_never_passes_for_the_pypi_kernels_package(tmp_path):
+    """From the repository root, transformers probes for the PyPI package ``kernels`` (its Hub kernels). Our
+    top-level ``kernels/`` is a namespace folder, so the probe neither runs it nor takes it for that package, and a
+    real ``kernels`` package anywhere on the path wins over it; ``lxmert_fast.kernels`` still imports."""
+    fake = tmp_path / "site" / "kernels"  # stands in for an installed PyPI `kernels`
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("def get_kernel(name):\n    return name\n")
+    script = (
+        "import importlib, sys\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "available = is_kernels_available()\n"
+        "ran = [m.__file__ for n, m in sys.modules.items() if n.split('.')[0] == 'kernels' and m.__file__]\n"
+        "from lxmert_fast.kernels.ops import add_layernorm\n"
+        "print(available, ran, add_layernorm.__module__)\n"
+        "sys.modules.pop('kernels', None); sys.path.append(sys.argv[1]); importlib.invalidate_caches()\n"
+        "import kernels; print(kernels.__file__)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-c", script, str(fake.parent)], cwd=REPO, env=env, check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    assert out[0] == "False [] lxmert_fast.kernels.add_layernorm"  # [] : no file of our kernels/ folder ran
+    assert out[1] == str(fake / "__init__.py")
