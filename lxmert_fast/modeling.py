@@ -492,7 +492,7 @@ class GeLU(nn.Module):
 
 
 def answer_head_mlp(in_dim: int, num_labels: int) -> nn.Sequential:
-    """Linear(in, 2*in) -> GeLU -> LayerNorm -> Linear(2*in, labels): LXMERT's QA heads (spec section 4)."""
+    """Linear(in, 2*in) -> GeLU -> LayerNorm -> Linear(2*in, labels): LXMERT's QA heads."""
     return nn.Sequential(
         nn.Linear(in_dim, in_dim * 2),
         GeLU(),
