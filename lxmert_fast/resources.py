@@ -23,13 +23,14 @@ def shipped_configs() -> dict[str, pathlib.Path]:
 
 
 def find_config(name_or_path) -> pathlib.Path:
-    """An existing file is returned as is; a bare name (``lxmert_small``, ``ds_zero2_fp16.json``) names a shipped
-    config. Anything else raises FileNotFoundError listing the shipped names."""
+    """An existing file is returned as is; a bare name (``lxmert_small``, ``ds_zero2_fp16.json``) or a path into
+    ``configs/`` as the README writes it (``configs/ds_zero2_fp16.json``, from any folder) names a shipped config.
+    Anything else raises FileNotFoundError listing the shipped names."""
     path = pathlib.Path(name_or_path)
     if path.is_file():
         return path
     shipped = shipped_configs()
-    if path.name == str(name_or_path):  # a bare name, not a path into some folder
+    if path.parent in (pathlib.Path("."), pathlib.Path("configs")):
         file_name = path.name if path.suffix == ".json" else path.name + ".json"
         if file_name in shipped:
             return shipped[file_name]

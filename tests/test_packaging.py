@@ -19,10 +19,12 @@ def test_every_file_in_configs_is_shipped():
     assert sorted(shipped_configs()) == sorted(p.name for p in (REPO / "configs").glob("*.json"))
 
 
-@pytest.mark.parametrize("name", ["lxmert_small", "lxmert_base", "ds_zero2_fp16", "ds_zero2_fp16.json"])
-def test_find_config_resolves_shipped_names(name):
+@pytest.mark.parametrize("name", ["lxmert_small", "lxmert_base", "ds_zero2_fp16", "ds_zero2_fp16.json",
+                                  "configs/recipe_lxmert_paper.json"])
+def test_find_config_resolves_shipped_names(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the checkout: "configs/..." still means the shipped folder
     path = find_config(name)
-    assert path.is_file() and path.name == name.removesuffix(".json") + ".json"
+    assert path.is_file() and path.name == Path(name).name.removesuffix(".json") + ".json"
     json.loads(path.read_text())
 
 
@@ -33,7 +35,7 @@ def test_find_config_returns_an_existing_path_as_is(tmp_path):
     assert find_config(str(own)) == own
 
 
-@pytest.mark.parametrize("name", ["lxmert_huge", "no_such_dir/lxmert_small.json"])
+@pytest.mark.parametrize("name", ["lxmert_huge", "no_such_dir/lxmert_small.json", "configs/lxmert_huge.json"])
 def test_find_config_unknown_name_lists_the_shipped_ones(name):
     with pytest.raises(FileNotFoundError, match="no shipped config") as info:
         find_config(name)
