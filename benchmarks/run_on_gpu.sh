@@ -71,7 +71,7 @@ setup() {
 
 gpu_tests() {  # the test files whose GPU parts are skipped on a CPU, most telling first
   local files=() f
-  for f in tests/test_cuda_graphs.py tests/test_static_shapes.py tests/test_modeling_triton.py tests/kernels; do
+  for f in tests/test_cuda_graphs.py tests/test_modeling_triton.py tests/kernels; do
     [ -e "$f" ] && files+=("$f")
   done
   TAIL_LINES=25 step "GPU tests" "$1" python3 -m pytest "${files[@]}" -q -rfEs -p no:cacheprovider
