@@ -22,6 +22,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -346,8 +347,11 @@ def test_capacity_ab_script_runs(bench):
     if bench.full:
         pytest.skip("a harness check: run the script itself for a measurement")
     script = Path(__file__).with_name("capacity_ab.py")
-    done = subprocess.run([sys.executable, str(script), "--batch", "4", "--rounds", "1", "--model-config",
-                           "lxmert_small"], capture_output=True, text=True, timeout=600)
+    with tempfile.TemporaryDirectory() as tmp:  # the tiny config: the base model takes minutes on a CPU
+        config = Path(tmp) / "tiny.json"
+        tiny_config().to_json_file(config)
+        done = subprocess.run([sys.executable, str(script), "--batch", "4", "--rounds", "1", "--model-config",
+                               str(config)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "without capacities:" in done.stdout and re.search(r"speed-up: \d+\.\d+x", done.stdout), done.stdout
 
