@@ -1,8 +1,8 @@
 """The configs shipped with the package: model presets, DeepSpeed JSONs and training recipes.
 
-The top-level ``configs/`` folder of a checkout installs as the package data ``lxmert_fast.configs``, so a bare
-name such as ``lxmert_base`` or ``ds_zero2_fp16.json`` resolves the same way from a checkout, an editable install
-and a normal (wheel) install.
+The top-level ``configs/`` folder of a checkout is the package data ``lxmert_fast.configs`` (``lxmert_fast/configs``
+links to it, and a wheel holds a copy), so a bare name such as ``lxmert_base`` or ``ds_zero2_fp16.json`` resolves
+the same way from a checkout, an editable install and a normal install.
 """
 
 import importlib.resources
@@ -15,9 +15,9 @@ def shipped_configs() -> dict[str, pathlib.Path]:
     """Every shipped config, by file name (``ds_zero2_fp16.json``)."""
     try:
         folder = importlib.resources.files(CONFIG_PACKAGE)
-    except ModuleNotFoundError as exc:  # an editable install made before the configs became package data
+    except ModuleNotFoundError as exc:  # a checkout made without symbolic links (git's core.symlinks false)
         raise ModuleNotFoundError(
-            f"{CONFIG_PACKAGE} is not installed; reinstall the package (pip install -e . in a checkout)"
+            f"{CONFIG_PACKAGE} is missing: in a checkout, lxmert_fast/configs must be a symbolic link to ../configs"
         ) from exc
     return {entry.name: pathlib.Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".json")}
 
