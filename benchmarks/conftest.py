@@ -65,7 +65,7 @@ PEAK_SOURCE = "NVIDIA datasheets (H100 SXM5/PCIe, H200, A100), dense tensor-core
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# What each mode measures. Smoke: tiny shapes and one timed iteration, a minute on two CPU cores.
+# What each mode measures. Smoke: tiny shapes and one timed iteration, about 80 s of CPU time.
 # (batch, dtype) cases on a GPU: bf16 over the batch sweep, fp16 at the target batch (the two give near-equal
 # timings; this keeps a full GPU run near six minutes). A "<key>_cpu" entry replaces "<key>" without CUDA.
 FULL = {
@@ -93,7 +93,7 @@ FULL = {
     "data_workers": [0, 1, 4],
     "data_workers_cpu": [0, 1],
 }
-# Smoke: tiny shapes and one timed iteration, about a minute on two CPU cores.
+# Smoke: tiny shapes and one timed iteration, about 80 s of CPU time.
 SMOKE = {
     "kernel_case": [(2, "bf16")],
     "kernel_case_cpu": [(2, "fp32")],
