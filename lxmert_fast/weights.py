@@ -1,6 +1,6 @@
 """Checkpoint I/O: transformers folders and the original release's `model_LXRT.pth`, both ways.
 
-Formats (spec section 1):
+Formats:
 - HF folder: config.json + model.safetensors (or pytorch_model.bin, or sharded with an *.index.json), keys
   `lxmert.*`, `cls.*`, `obj_predict_head.*`, `answer_head.*`; the LM decoder is tied to the word embeddings.
 - Original: a plain state dict with keys `bert.*` for `lxmert.*`, often prefixed `module.` (DataParallel); the
@@ -152,11 +152,14 @@ def _without_dataparallel(key: str) -> list[str]:
 def to_original_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers keys -> the released `model_LXRT.pth`'s: `module.bert.*`, `module.cls.*`, ... (saved from
     DataParallel: the original pre-training script's `load_lxmert` loads only `module.` keys), the tied LM decoder
-    stored explicitly, as it was."""
-    converted = {
-        ("bert." + key.removeprefix("lxmert.")) if key.startswith("lxmert.") else key: value
-        for key, value in state_dict.items()
-    }
+    stored explicitly, as it was. A bare encoder's keys (`embeddings.*`, ...: `LxmertModel`'s) become `bert.*` too."""
+
+    def original_name(key):
+        if key.startswith("lxmert."):
+            return "bert." + key.removeprefix("lxmert.")
+        return "bert." + key if key.startswith(("embeddings.", "encoder.", "pooler.")) else key
+
+    converted = {original_name(key): value for key, value in state_dict.items()}
     if (
         TIED_KEY not in converted
         and "bert.embeddings.word_embeddings.weight" in converted

@@ -202,6 +202,13 @@ def test_converted_back_file_is_laid_out_as_the_release(tmp_path):
     }
 
 
+def test_a_bare_encoder_is_written_as_the_originals_bert(tmp_path):
+    encoder = lxmert_fast.LxmertModel(small_config(), backend="torch")
+    save_original(encoder.state_dict(), tmp_path / "encoder.pth")
+    raw = torch.load(tmp_path / "encoder.pth", weights_only=True)
+    assert raw.keys() == {"module.bert." + key for key in encoder.state_dict()}
+
+
 def test_head_count_survives_the_round_trip_and_a_guess_is_announced(tmp_path, caplog):
     """A head count that hidden / 64 does not give (128 / 4 heads) comes back through the config written next to
     the .pth; without that file, the guess (2 heads) is logged as a warning naming the file."""
