@@ -16,7 +16,8 @@ Public API
     read_pretrain_json(path) -> list[dict]   validated list of {img_id, sentf, labelf}
     make_uid(img_id, source, index) -> str   "{img_id}_{source}_{index}", the original's sentence id
     normalize_answer(ans) -> str       the original's answer normalisation (fine-tuning reuses it)
-    AnswerTable(path, dsets=None)      all_ans.json: answer <-> label index
+    AnswerTable(path, dsets=None)      all_ans.json: answer <-> label index; .label_scores(label) maps a
+                                       question's {raw answer: score} to {label: score} as the original
 """
 
 from __future__ import annotations
