@@ -1035,7 +1035,8 @@ class LxmertForNLVR2(LxmertPreTrainedModel):
     def __init__(self, config, backend: str = "auto"):
         super().__init__(config, backend)
         self.lxmert = LxmertModel(self.config, backend)
-        self.logit_fc = answer_head_mlp(2 * self.config.hidden_size, 2)
+        pair = 2 * self.config.hidden_size  # the original's NLVR2 head keeps this width (its QA head doubles it)
+        self.logit_fc = nn.Sequential(nn.Linear(pair, pair), GeLU(), nn.LayerNorm(pair, eps=1e-12), nn.Linear(pair, 2))
         self.init_weights()
 
     def forward(

@@ -178,13 +178,7 @@ class PretrainDataset(torch.utils.data.Dataset):
                         d_idx.append(i)
                         is_question.append(labels is not None)
                         if labels is not None:
-                            # As the original: normalise, keep answers the table knows, a later raw answer that
-                            # normalises to the same string overwrites the earlier one's score.
-                            known: dict[int, float] = {}
-                            for ans, score in labels[i].items():
-                                label = self.answer_table.ans2id(ans)
-                                if label is not None:
-                                    known[label] = float(score)
+                            known = self.answer_table.label_scores(labels[i])
                             flat_ans.extend(known)
                             flat_score.extend(known.values())
                         lab_end.append(len(flat_ans))
