@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a pytest run in its own process
 def test_benchmark_results_dir_receives_the_results_file(tmp_path):
     """``pytest benchmarks/ --benchmark-results-dir DIR`` (here in smoke mode, on the quickest suite) writes the
     results JSON and its markdown into DIR, named after the device and the day; nothing goes to benchmarks/results."""
