@@ -1,4 +1,4 @@
-"""Fine-tuning tasks (spec section 4): heads, losses, predictions, and how a task model starts from a checkpoint.
+"""Fine-tuning tasks: heads, losses, predictions, and how a task model starts from a checkpoint.
 
     task   model                        head on the pooled output                       loss
     vqa    LxmertForQuestionAnswering   answer_head.logit_fc -> 3129 answers            BCE-with-logits x answers
