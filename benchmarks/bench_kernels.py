@@ -27,7 +27,7 @@ def _kernels(bench):
     if bench.full and not bench.cuda:
         pytest.skip("full mode times the Triton kernels on CUDA only (without it they run under Triton's interpreter)")
     try:
-        from lxmert_fast import kernels
+        from lxmert_fast.kernels import ops as kernels
     except Exception as exc:  # noqa: BLE001 - an import error of any kind means there is nothing to time
         pytest.skip(f"lxmert_fast.kernels is not importable: {type(exc).__name__}: {exc}")
     return kernels
@@ -128,7 +128,7 @@ def _speedup_after_gemm(recs):
 
 
 def _add_compile(bench, impls, name, ref, args, kwargs=None):
-    """The torch.compile baseline, full mode only (compiling costs tens of seconds on two CPU cores)."""
+    """The torch.compile baseline, full mode only (compiling takes far longer than a smoke run's one iteration)."""
     if not bench.full:
         return
     compiled = _compiled_ref(name, ref)
@@ -240,11 +240,10 @@ def _reason(message: str) -> str:
     return " ".join([lines[0][:160]] + lines[start:])[:1000]
 
 
-def test_bidirectional_cross_attention(bench, benchmark, kernel_case):
-    kernel_batch, dtype_name = kernel_case
-    k = _kernels(bench)
+def _cross_attention_inputs(bench, bsz, dtype_name):
+    """q, k, v of both streams (B, H, L, D), the key masks (True = attend) and the output gradients."""
     s, dev, dtype = bench.shapes, bench.device, bench.dtype(dtype_name)
-    bsz, heads, n_l, n_v = kernel_batch, s["heads"], s["text_len"], s["num_objects"]
+    heads, n_l, n_v = s["heads"], s["text_len"], s["num_objects"]
     d = s["hidden"] // heads
     g = torch.Generator(device="cpu").manual_seed(0)
     rand = lambda n: torch.randn(bsz, heads, n, d, generator=g).to(dev, dtype).requires_grad_()
@@ -255,15 +254,13 @@ def test_bidirectional_cross_attention(bench, benchmark, kernel_case):
     visn_mask = torch.ones(bsz, n_v, dtype=torch.bool, device=dev)  # 36 real objects, as in pre-training
     grads = (torch.randn(bsz, heads, n_l, d, generator=g).to(dev, dtype),
              torch.randn(bsz, heads, n_v, d, generator=g).to(dev, dtype))
-    args = (lq, lk, lv, vq, vk, vv, lang_mask, visn_mask)
-    leaves = [lq, lk, lv, vq, vk, vv]
+    return (lq, lk, lv, vq, vk, vv, lang_mask, visn_mask), grads
 
-    impls = [
-        ("lxmert_fast", "ours", lambda: k.bidirectional_cross_attention(*args)),
-        ("eager ref", "baseline", lambda: k.bidirectional_cross_attention_ref(*args)),
-    ]
-    _add_compile(bench, impls, "bidirectional_cross_attention", k.bidirectional_cross_attention_ref, args)
-    unavailable = {}
+
+def _library_attention_baselines(args, grads):
+    """(impls, unavailable): every SDPA backend and xformers that run forward and backward on these inputs, and
+    the reason each of the others cannot."""
+    impls, unavailable = [], {}
     for name, backend in _sdpa_backends():
         fn = _sdpa_pair(backend, *args)
         reason = _works(fn, grads)
@@ -275,19 +272,37 @@ def test_bidirectional_cross_attention(bench, benchmark, kernel_case):
         import xformers.ops  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - ImportError, or a binary built for another torch
         unavailable["xformers"] = f"not importable ({type(exc).__name__})"
+        return impls, unavailable
+    try:
+        fn = _xformers_pair(*args)
+    except Exception as exc:  # noqa: BLE001 - an xformers build that does not fit this torch
+        fn, reason = None, f"{type(exc).__name__}: {str(exc).strip()[:160]}"
     else:
-        try:
-            fn = _xformers_pair(*args)
-        except Exception as exc:  # noqa: BLE001 - an xformers build that does not fit this torch
-            fn, reason = None, f"{type(exc).__name__}: {str(exc).strip()[:160]}"
-        else:
-            reason = _works(fn, grads)
-        if reason is None:
-            impls.append(("xformers memory_efficient_attention x2", "baseline", fn))
-        else:
-            unavailable["xformers"] = reason
+        reason = _works(fn, grads)
+    if reason is None:
+        impls.append(("xformers memory_efficient_attention x2", "baseline", fn))
+    else:
+        unavailable["xformers"] = reason
+    return impls, unavailable
 
-    e = lq.element_size()
+
+def test_bidirectional_cross_attention(bench, benchmark, kernel_case):
+    kernel_batch, dtype_name = kernel_case
+    k = _kernels(bench)
+    args, grads = _cross_attention_inputs(bench, kernel_batch, dtype_name)
+    leaves = list(args[:6])  # q, k, v of both streams; the masks get no gradient
+    bsz, heads, n_l, d = args[0].shape  # language queries
+    n_v = args[3].shape[2]  # visual queries
+
+    impls = [
+        ("lxmert_fast", "ours", lambda: k.bidirectional_cross_attention(*args)),
+        ("eager ref", "baseline", lambda: k.bidirectional_cross_attention_ref(*args)),
+    ]
+    _add_compile(bench, impls, "bidirectional_cross_attention", k.bidirectional_cross_attention_ref, args)
+    library_impls, unavailable = _library_attention_baselines(args, grads)
+    impls += library_impls
+
+    e = args[0].element_size()
     tokens = bsz * heads * (n_l + n_v) * d
     fwd_flops = 2 * 2 * 2 * bsz * heads * n_l * n_v * d  # 2 directions x (QK^T, PV) x 2 FLOPs per MAC
     # fwd reads q, k, v and writes o; bwd reads q, k, v, o, do and writes dq, dk, dv (masks: B x 56 bytes, ignored).

@@ -116,6 +116,8 @@ def test_pretrain_throughput(bench, sample_data, tmp_path, deepspeed_available, 
 
     if compile_model and not (bench.full and bench.cuda):
         pytest.skip("pretrain.py --compile: full mode on a GPU (compiling takes minutes on a CPU)")
+    if engine == "torch" and not bench.full:
+        pytest.skip("smoke mode checks the harness with one engine (tests/test_pretrain.py trains with both)")
     precision = "bf16" if bench.cuda else "fp16"  # pretrain.py turns fp16 into fp32 without CUDA, and says so
     micro_batch, steps = bench.shape("pretrain_batch"), bench.shape("pretrain_steps")
     log_every = bench.shape("pretrain_log_every")

@@ -124,7 +124,7 @@ def _notes(recs):
     return lines
 
 
-def markdown(doc, plots=()):
+def _header(doc):
     dev = doc["device"]
     out = [f"# lxmert_fast benchmarks: {dev['name']}", ""]
     out.append(f"Run started {doc['started']} ({doc['mode']} mode). Environment: "
@@ -135,58 +135,78 @@ def markdown(doc, plots=()):
                    + ", ".join(f"{k} {v} TFLOP/s" for k, v in p["tflops"].items()) + f"; source: {dev['peak_source']}.")
     if doc["mode"] != "full":
         out.append("**Smoke mode: tiny shapes, one iteration. These numbers check the harness; they are not speeds.**")
+    return out
+
+
+def _kernels_section(recs):
+    out = ["", "## Kernels", "", "Speed-up = baseline time / ours, same inputs, same run. Roofline fraction = "
+           "max(FLOPs / peak FLOP/s, minimal bytes / peak bandwidth) / time; it can exceed 1 where the working "
+           "set stays in L2.", ""]
+    rows = [[r["case"], r["impl"], _fmt(r["ms"], ".4f"), _fmt(r.get("tflops"), ".3g"), _fmt(r.get("gbps"), ".4g"),
+             _fmt(100 * r["roofline_fraction"], ".0f", "%") if r.get("roofline_fraction") else "", _speedups(r)]
+            for r in _ordered(recs)]
+    out.append(_table(["case", "impl", "ms", "TFLOP/s", "GB/s", "roofline", "ours speed-up"], rows))
+    after = [f"- {r['case']}: " + ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup_after_gemm"].items())
+             for r in _ordered(recs) if r.get("speedup_after_gemm")]
+    if after:
+        out += ["", "Speed-up of the RoI embedding after the shared 2048->768 GEMM (timed alone in the same run):",
+                "", *after]
+    return out
+
+
+def _model_section(title, recs):
+    """Training step and inference, of the model on the device or of the CPU target."""
+    out = ["", f"## {title}", ""]
+    rows = [[r["case"], r["impl"], _fmt(r["ms"], ".2f"), _fmt(r.get("samples_per_s"), ".1f"),
+             _fmt(r.get("tflops"), ".3g"), _fmt(r.get("peak_mem_gb"), ".2f"), _speedups(r)]
+            for r in _ordered(recs)]
+    out.append(_table(["case", "impl", "ms/step", "samples/s", "TFLOP/s", "peak GB", "ours speed-up"], rows))
+    for r in recs:
+        if r.get("target_speedup"):
+            met = "met" if r["target_met"] else "NOT met"
+            out.append(f"\nTarget {r['target_speedup']}x over transformers ({r['case']}): {met}.")
+    return out
+
+
+def _data_section(recs):
+    out = ["", "## Pre-training data loader", ""]
+    rows = [[r["case"], r["impl"], _fmt(r["ms"], ".1f"), _fmt(r.get("samples_per_s"), ".0f"), _speedups(r)]
+            for r in _ordered(recs)]
+    out.append(_table(["case", "impl", "ms/batch", "samples/s", "ours speed-up"], rows))
+    return out
+
+
+def _pretrain_section(recs):
+    out = ["", "## End to end: pre-training throughput and the paper's schedule", ""]
+    rows = [[r["case"], r["impl"], _fmt(r.get("samples_per_s"), ".1f"),
+             _fmt(100 * r["mfu"], ".1f", "%") if r.get("mfu") else "", _fmt(r.get("paper_hours"), ".1f"), _speedups(r)]
+            for r in _ordered(recs)]
+    out.append(_table(["case", "impl", "samples/s", "MFU", "hours for 670K x 256", "speed-up"], rows))
+    ref = next((r for r in recs if r.get("paper_samples_per_s")), None)
+    if ref:
+        out.append("")
+        out.append(f"Paper: 670K steps x 256 in 10 days on 4 Titan Xp = {ref['paper_samples_per_s']:.1f} "
+                   f"samples/s (240 h); FLOPs per sample {ref['flops_per_sample'] / 1e9:.1f} G "
+                   "(lxmert_fast/flops.py).")
+    return out
+
+
+def markdown(doc, plots=()):
+    """The report: header, one section per suite present in the run, implementations that did not run, plots."""
     by_suite = defaultdict(list)
     for r in doc["records"]:
         by_suite[r["suite"]].append(r)
-
+    out = _header(doc)
     if "kernels" in by_suite:
-        out += ["", "## Kernels", "", "Speed-up = baseline time / ours, same inputs, same run. Roofline fraction = "
-                "max(FLOPs / peak FLOP/s, minimal bytes / peak bandwidth) / time; it can exceed 1 where the working "
-                "set stays in L2.", ""]
-        rows = [[r["case"], r["impl"], _fmt(r["ms"], ".4f"), _fmt(r.get("tflops"), ".3g"), _fmt(r.get("gbps"), ".4g"),
-                 _fmt(100 * r["roofline_fraction"], ".0f", "%") if r.get("roofline_fraction") else "", _speedups(r)]
-                for r in _ordered(by_suite["kernels"])]
-        out.append(_table(["case", "impl", "ms", "TFLOP/s", "GB/s", "roofline", "ours speed-up"], rows))
-        after = [f"- {r['case']}: " + ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup_after_gemm"].items())
-                 for r in _ordered(by_suite["kernels"]) if r.get("speedup_after_gemm")]
-        if after:
-            out += ["", "Speed-up of the RoI embedding after the shared 2048->768 GEMM (timed alone in the same run):",
-                    "", *after]
-
-    for suite, title in (("model", "Model: training step and inference"), ("cpu_target", "CPU target (issue 6)"),
+        out += _kernels_section(by_suite["kernels"])
+    for suite, title in (("model", "Model: training step and inference"), ("cpu_target", "CPU target"),
                          ("predict", "Prediction: VQA answers (lxmert_fast.predict) vs transformers")):
-        if suite not in by_suite:
-            continue
-        out += ["", f"## {title}", ""]
-        rows = [[r["case"], r["impl"], _fmt(r["ms"], ".2f"), _fmt(r.get("samples_per_s"), ".1f"),
-                 _fmt(r.get("tflops"), ".3g"), _fmt(r.get("peak_mem_gb"), ".2f"), _speedups(r)]
-                for r in _ordered(by_suite[suite])]
-        out.append(_table(["case", "impl", "ms/step", "samples/s", "TFLOP/s", "peak GB", "ours speed-up"], rows))
-        for r in by_suite[suite]:
-            if r.get("target_speedup"):
-                met = "met" if r["target_met"] else "NOT met"
-                out.append(f"\nTarget {r['target_speedup']}x over transformers ({r['case']}): {met}.")
-
+        if suite in by_suite:
+            out += _model_section(title, by_suite[suite])
     if "data" in by_suite:
-        out += ["", "## Pre-training data loader", ""]
-        rows = [[r["case"], r["impl"], _fmt(r["ms"], ".1f"), _fmt(r.get("samples_per_s"), ".0f"), _speedups(r)]
-                for r in _ordered(by_suite["data"])]
-        out.append(_table(["case", "impl", "ms/batch", "samples/s", "ours speed-up"], rows))
-
+        out += _data_section(by_suite["data"])
     if "pretrain" in by_suite:
-        out += ["", "## End to end: pre-training throughput and the paper's schedule", ""]
-        rows = []
-        for r in _ordered(by_suite["pretrain"]):
-            rows.append([r["case"], r["impl"], _fmt(r.get("samples_per_s"), ".1f"),
-                         _fmt(100 * r["mfu"], ".1f", "%") if r.get("mfu") else "",
-                         _fmt(r.get("paper_hours"), ".1f"), _speedups(r)])
-        out.append(_table(["case", "impl", "samples/s", "MFU", "hours for 670K x 256", "speed-up"], rows))
-        ref = next((r for r in by_suite["pretrain"] if r.get("paper_samples_per_s")), None)
-        if ref:
-            out.append("")
-            out.append(f"Paper: 670K steps x 256 in 10 days on 4 Titan Xp = {ref['paper_samples_per_s']:.1f} "
-                       f"samples/s (240 h); FLOPs per sample {ref['flops_per_sample'] / 1e9:.1f} G "
-                       "(lxmert_fast/flops.py).")
+        out += _pretrain_section(by_suite["pretrain"])
     notes = _notes(doc["records"])
     if notes:
         out += ["", "## Implementations that did not run", "", *notes]

@@ -61,6 +61,13 @@ def _box_rows(Boxes, rows, row_ok):
 
 
 @triton.jit
+def _box_projection(bp, w0, w1, w2, w3, b0, b1, b2, b3):
+    """p = boxes W_p^T + b_p for a tile of rows, (BLOCK_M, BLOCK_N) fp32, from W_p's columns and the coordinates."""
+    return bp[None, :] + b0[:, None] * w0[None, :] + b1[:, None] * w1[None, :] + b2[:, None] * w2[None, :] \
+        + b3[:, None] * w3[None, :]
+
+
+@triton.jit
 def _roi_embedding_fwd_kernel(
     A,  # (M, N) feats W_f^T + b_f
     Boxes,  # (M, 4) box coordinates
@@ -83,8 +90,7 @@ def _roi_embedding_fwd_kernel(
     w0, w1, w2, w3 = _box_columns(WpT, cols, col_ok, N)
     b0, b1, b2, b3 = _box_rows(Boxes, rows, row_ok)
     bp = tl.load(Bp + cols, mask=col_ok, other=0.0).to(tl.float32)
-    p = bp[None, :] + b0[:, None] * w0[None, :] + b1[:, None] * w1[None, :] + b2[:, None] * w2[None, :] \
-        + b3[:, None] * w3[None, :]
+    p = _box_projection(bp, w0, w1, w2, w3, b0, b1, b2, b3)
     xhat_a, mean_a, rstd_a = layernorm_rows(a, ok, N, eps)
     xhat_p, mean_p, rstd_p = layernorm_rows(p, ok, N, eps)
     gf = tl.load(Gf + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -106,6 +112,39 @@ def _ln_input_grad(u, xhat, g, rstd, ok, N):
     mean_gu = tl.sum(gu, axis=1) / N
     mean_gux = tl.sum(gu * xhat, axis=1) / N
     return tl.where(ok, (gu - mean_gu[:, None] - xhat * mean_gux[:, None]) * rstd[:, None], 0.0)
+
+
+@triton.jit
+def _saved_xhat(x, Mean, Rstd, rows, row_ok, ok):
+    """x normalised with the statistics forward saved (zero outside the tile), and rstd (BLOCK_M,)."""
+    mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+    return tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0), rstd
+
+
+@triton.jit
+def _store_box_grads(DBoxes, rows, row_ok, dp, w0, w1, w2, w3):
+    """d boxes = dp W_p: one coordinate's (BLOCK_M,) gradients per column of W_p."""
+    out_t = DBoxes.dtype.element_ty
+    tl.store(DBoxes + rows * 4, tl.sum(dp * w0[None, :], axis=1).to(out_t), mask=row_ok)
+    tl.store(DBoxes + rows * 4 + 1, tl.sum(dp * w1[None, :], axis=1).to(out_t), mask=row_ok)
+    tl.store(DBoxes + rows * 4 + 2, tl.sum(dp * w2[None, :], axis=1).to(out_t), mask=row_ok)
+    tl.store(DBoxes + rows * 4 + 3, tl.sum(dp * w3[None, :], axis=1).to(out_t), mask=row_ok)
+
+
+@triton.jit
+def _store_partials(Partials, pid, cols, col_ok, N, dgf, dbeta, dgp, dbp, dw0, dw1, dw2, dw3):
+    """This program's eight (BLOCK_N,) parameter-gradient partials, in Partials (8, programs, N)."""
+    stride = tl.num_programs(0) * N  # between the 8 partial arrays
+    base = Partials + pid * N + cols
+    tl.store(base, dgf, mask=col_ok)
+    tl.store(base + stride, dbeta, mask=col_ok)
+    tl.store(base + 2 * stride, dgp, mask=col_ok)
+    tl.store(base + 3 * stride, dbp, mask=col_ok)
+    tl.store(base + 4 * stride, dw0, mask=col_ok)
+    tl.store(base + 5 * stride, dw1, mask=col_ok)
+    tl.store(base + 6 * stride, dw2, mask=col_ok)
+    tl.store(base + 7 * stride, dw3, mask=col_ok)
 
 
 @triton.jit
@@ -144,14 +183,9 @@ def _roi_embedding_bwd_kernel(
         offs = rows[:, None] * N + cols[None, :]  # (BLOCK_M, BLOCK_N)
         a = tl.load(A + offs, mask=ok, other=0.0).to(tl.float32)
         b0, b1, b2, b3 = _box_rows(Boxes, rows, row_ok)
-        p = bp[None, :] + b0[:, None] * w0[None, :] + b1[:, None] * w1[None, :] + b2[:, None] * w2[None, :] \
-            + b3[:, None] * w3[None, :]
-        mean_a = tl.load(MeanA + rows, mask=row_ok, other=0.0)
-        rstd_a = tl.load(RstdA + rows, mask=row_ok, other=0.0)
-        mean_p = tl.load(MeanP + rows, mask=row_ok, other=0.0)
-        rstd_p = tl.load(RstdP + rows, mask=row_ok, other=0.0)
-        xhat_a = tl.where(ok, (a - mean_a[:, None]) * rstd_a[:, None], 0.0)
-        xhat_p = tl.where(ok, (p - mean_p[:, None]) * rstd_p[:, None], 0.0)
+        p = _box_projection(bp, w0, w1, w2, w3, b0, b1, b2, b3)
+        xhat_a, rstd_a = _saved_xhat(a, MeanA, RstdA, rows, row_ok, ok)
+        xhat_p, rstd_p = _saved_xhat(p, MeanP, RstdP, rows, row_ok, ok)
         u = 0.5 * tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32)
         dgf += tl.sum(u * xhat_a, axis=0)
         dgp += tl.sum(u * xhat_p, axis=0)
@@ -164,21 +198,8 @@ def _roi_embedding_bwd_kernel(
         dw1 += tl.sum(dp * b1[:, None], axis=0)
         dw2 += tl.sum(dp * b2[:, None], axis=0)
         dw3 += tl.sum(dp * b3[:, None], axis=0)
-        out_t = DBoxes.dtype.element_ty
-        tl.store(DBoxes + rows * 4, tl.sum(dp * w0[None, :], axis=1).to(out_t), mask=row_ok)
-        tl.store(DBoxes + rows * 4 + 1, tl.sum(dp * w1[None, :], axis=1).to(out_t), mask=row_ok)
-        tl.store(DBoxes + rows * 4 + 2, tl.sum(dp * w2[None, :], axis=1).to(out_t), mask=row_ok)
-        tl.store(DBoxes + rows * 4 + 3, tl.sum(dp * w3[None, :], axis=1).to(out_t), mask=row_ok)
-    stride = tl.num_programs(0) * N  # between the 8 partial arrays
-    base = Partials + pid * N + cols
-    tl.store(base, dgf, mask=col_ok)
-    tl.store(base + stride, dbeta, mask=col_ok)
-    tl.store(base + 2 * stride, dgp, mask=col_ok)
-    tl.store(base + 3 * stride, dbp, mask=col_ok)
-    tl.store(base + 4 * stride, dw0, mask=col_ok)
-    tl.store(base + 5 * stride, dw1, mask=col_ok)
-    tl.store(base + 6 * stride, dw2, mask=col_ok)
-    tl.store(base + 7 * stride, dw3, mask=col_ok)
+        _store_box_grads(DBoxes, rows, row_ok, dp, w0, w1, w2, w3)
+    _store_partials(Partials, pid, cols, col_ok, N, dgf, dbeta, dgp, dbp, dw0, dw1, dw2, dw3)
 
 
 def _tile(n: int) -> tuple[int, int, int]:
@@ -219,10 +240,10 @@ def _roi_embedding_bwd_impl(
 ):
     m, n = a.shape
     block_m, block_n, warps = _tile(n)
-    # Eight per-program fp32 partial rows plus the tiles fill 4 warps' registers: compiled for an H100 at hidden 768,
-    # 255 per thread and up to 160 bytes spilled (1.3 KB at 2048). 8 warps hold them without spilling (16 spill
-    # again), and one such program per SM keeps the resident warps per SM and halves the partials written and summed
-    # (`python benchmarks/kernel_resources.py` shows it without a GPU).
+    # Eight per-program fp32 partial rows plus the tiles overflow 4 warps' registers and spill at LXMERT's hidden
+    # sizes. 8 warps hold them without spilling (16 spill again), and one such program per SM keeps the resident warps
+    # per SM and halves the partials written and summed (`python benchmarks/kernel_resources.py` shows registers and
+    # spills per launch without a GPU).
     warps, per_sm = (8, 1) if block_n >= 1024 else (warps, 2)
     programs = max(1, min(num_programs(a.device, per_sm=per_sm), triton.cdiv(m, block_m)))
     rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m

@@ -4,8 +4,10 @@
     python -m lxmert_fast.convert converted/ model_LXRT.pth          # HF folder -> original layout
 
 The direction follows from the input: a folder is read as HF, a file as the original layout (an HF-layout
-.safetensors/.bin file also works). The output loads in `transformers.LxmertForPreTraining.from_pretrained`
-and in the original code's `load_lxmert`.
+.safetensors/.bin file also works). The output loads in `transformers.LxmertForPreTraining.from_pretrained`,
+and in the original code's `load_lxmert`, `LXRTEncoder.load` and `load_lxmert_qa`: keys `module.bert.*`, ... as in
+the released file. The folder's config goes next to the .pth (model_LXRT.config.json), which the original code
+ignores and the way back reads: the number of attention heads cannot be told from the weights' shapes.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ def original_to_hf(source: Path, target: Path, config: LxmertConfig | None = Non
 
 def hf_to_original(source: Path, target: Path):
     state_dict = to_hf_layout(read_state_dict(source))
+    config = None
     if (source / "config.json").exists():  # validate against the config before writing anything
         config = LxmertConfig.from_json_file(str(source / "config.json"))
         load_into(LxmertForPreTraining(config, backend="torch"), state_dict, source=str(source), missing_heads="init")
-    save_original(state_dict, target)
+    save_original(state_dict, target, config=config)
 
 
 def main(argv=None):

@@ -65,7 +65,7 @@ def static_shapes_only() -> bool:
 
 def _kernels():
     # Imported lazily: triton is optional, and TRITON_INTERPRET must be set before the kernels are defined.
-    from lxmert_fast import kernels
+    from lxmert_fast.kernels import ops as kernels
 
     return kernels
 
@@ -492,7 +492,7 @@ class GeLU(nn.Module):
 
 
 def answer_head_mlp(in_dim: int, num_labels: int) -> nn.Sequential:
-    """Linear(in, 2*in) -> GeLU -> LayerNorm -> Linear(2*in, labels): LXMERT's QA heads (spec section 4)."""
+    """Linear(in, 2*in) -> GeLU -> LayerNorm -> Linear(2*in, labels): LXMERT's QA heads."""
     return nn.Sequential(
         nn.Linear(in_dim, in_dim * 2),
         GeLU(),
@@ -1035,7 +1035,8 @@ class LxmertForNLVR2(LxmertPreTrainedModel):
     def __init__(self, config, backend: str = "auto"):
         super().__init__(config, backend)
         self.lxmert = LxmertModel(self.config, backend)
-        self.logit_fc = answer_head_mlp(2 * self.config.hidden_size, 2)
+        pair = 2 * self.config.hidden_size  # the original's NLVR2 head keeps this width (its QA head doubles it)
+        self.logit_fc = nn.Sequential(nn.Linear(pair, pair), GeLU(), nn.LayerNorm(pair, eps=1e-12), nn.Linear(pair, 2))
         self.init_weights()
 
     def forward(

@@ -1,4 +1,4 @@
-"""Fine-tuning tasks (spec section 4): heads, losses, predictions, and how a task model starts from a checkpoint.
+"""Fine-tuning tasks: heads, losses, predictions, and how a task model starts from a checkpoint.
 
     task   model                        head on the pooled output                       loss
     vqa    LxmertForQuestionAnswering   answer_head.logit_fc -> 3129 answers            BCE-with-logits x answers
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from lxmert_fast.configuration import LxmertConfig
 from lxmert_fast.data.formats import AnswerTable
 from lxmert_fast.modeling import LxmertForNLVR2, LxmertForQuestionAnswering
-from lxmert_fast.weights import CheckpointError, infer_config, load_into, read_state_dict, to_hf_layout
+from lxmert_fast.weights import CheckpointError, checkpoint_config, load_into, read_state_dict, to_hf_layout
 
 LABEL2ANS_FILE = "label2ans.json"  # saved next to a fine-tuned QA model: the meaning of its output rows
 MODEL_INPUTS = (
@@ -115,13 +115,6 @@ def predict(task: str, logits: torch.Tensor, label2ans=None) -> list:
 # Starting points
 
 
-def _checkpoint_config(path: Path, state: dict) -> LxmertConfig:
-    config_file = path / "config.json" if path.is_dir() else None
-    if config_file is not None and config_file.is_file():
-        return LxmertConfig.from_json_file(str(config_file))
-    return infer_config(state)
-
-
 def build_task_model(
     task: str,
     num_answers: int | None = None,
@@ -156,9 +149,7 @@ def build_task_model(
 
     path = Path(source)
     state = to_hf_layout(read_state_dict(path))
-    if spec.is_qa:  # the original's fine-tuned VQA / GQA models keep their head as `logit_fc.*`
-        state = {("answer_head." + k if k.startswith("logit_fc.") else k): v for k, v in state.items()}
-    config = _checkpoint_config(path, state)
+    config = checkpoint_config(path, state)
     if spec.is_qa:
         config.num_qa_labels = num_answers
     model = spec.model_class(config, backend=backend)

@@ -1,10 +1,12 @@
 """Checkpoint I/O: transformers folders and the original release's `model_LXRT.pth`, both ways.
 
-Formats (spec section 1):
+Formats:
 - HF folder: config.json + model.safetensors (or pytorch_model.bin, or sharded with an *.index.json), keys
   `lxmert.*`, `cls.*`, `obj_predict_head.*`, `answer_head.*`; the LM decoder is tied to the word embeddings.
 - Original: a plain state dict with keys `bert.*` for `lxmert.*`, often prefixed `module.` (DataParallel); the
-  original fine-tuning checkpoints nest the encoder under `lxrt_encoder.model.`.
+  original fine-tuning checkpoints nest the encoder under `lxrt_encoder.model.` (`lxrt_encoder.model.module.` with
+  `--multiGPU`) and keep the task head as `logit_fc.*`. No config: the sizes are inferred from the shapes, except
+  where `save_original` wrote a config.json next to the file.
 
 Loading never executes code: safetensors, or `torch.load(weights_only=True)`, which refuses pickled objects.
 """
@@ -27,6 +29,9 @@ from lxmert_fast.configuration import LxmertConfig
 logger = logging.getLogger(__name__)
 
 TIED_KEY = "cls.predictions.decoder.weight"
+ORIGINAL_PREFIX = "module."  # the released model_LXRT.pth was saved from DataParallel
+ORIGINAL_HEAD_SIZE = 64
+ORIGINAL_VISUAL_LOSS_NORMALIZER = 1 / 0.15  # the original code's weight of each visual loss
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -118,39 +123,84 @@ def _atomic_write(path: Path, write):
 
 
 def to_hf_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Original (`module.`, `bert.`, `lxrt_encoder.model.`) keys -> transformers keys; HF keys pass through."""
+    """Original keys -> transformers keys; HF keys pass through.
+
+    The original code saves `model.state_dict()` as it is: pre-training `bert.*`, `cls.*`, `obj_predict_head.*`,
+    `answer_head.*`; fine-tuning (VQA / GQA / NLVR2) `lxrt_encoder.model.bert.*` and its head `logit_fc.*`. Either
+    may hold `module.` where DataParallel wrapped a module (`module.bert.*` in the release, fine-tuning's
+    `--multiGPU` `lxrt_encoder.model.module.bert.*`). A fine-tuned head `logit_fc.*` is a QA head
+    (`answer_head.logit_fc.*`) when its first layer takes the hidden size H, and NLVR2's pair head (kept as
+    `logit_fc.*`) when it takes 2H.
+    """
+    fine_tuned = any(".".join(_without_dataparallel(key)).startswith("lxrt_encoder.") for key in state_dict)
     converted = {}
     for key, value in state_dict.items():
-        key = key.removeprefix("module.").removeprefix("lxrt_encoder.model.")
+        key = ".".join(_without_dataparallel(key)).removeprefix("lxrt_encoder.model.")
         if key.startswith("bert."):
             key = "lxmert." + key.removeprefix("bert.")
         converted[key] = value
+    first = converted.get("logit_fc.0.weight")  # (out, in)
+    if fine_tuned and first is not None and first.dim() == 2 and first.shape[0] != first.shape[1]:
+        converted = {("answer_head." + k if k.startswith("logit_fc.") else k): v for k, v in converted.items()}
     return converted
 
 
+def _without_dataparallel(key: str) -> list[str]:
+    return [part for part in key.split(".") if part != "module"]  # no LXMERT module is named "module"
+
+
 def to_original_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers keys -> the original release's (`bert.*`; the tied LM decoder stored explicitly, as it was)."""
-    converted = {
-        ("bert." + key.removeprefix("lxmert.")) if key.startswith("lxmert.") else key: value
-        for key, value in state_dict.items()
-    }
+    """transformers keys -> the released `model_LXRT.pth`'s: `module.bert.*`, `module.cls.*`, ... (saved from
+    DataParallel: the original pre-training script's `load_lxmert` loads only `module.` keys), the tied LM decoder
+    stored explicitly, as it was. A bare encoder's keys (`embeddings.*`, ...: `LxmertModel`'s) become `bert.*` too."""
+
+    def original_name(key):
+        if key.startswith("lxmert."):
+            return "bert." + key.removeprefix("lxmert.")
+        return "bert." + key if key.startswith(("embeddings.", "encoder.", "pooler.")) else key
+
+    converted = {original_name(key): value for key, value in state_dict.items()}
     if (
         TIED_KEY not in converted
         and "bert.embeddings.word_embeddings.weight" in converted
         and any(key.startswith("cls.") for key in converted)
     ):
         converted[TIED_KEY] = converted["bert.embeddings.word_embeddings.weight"]
-    return converted
+    return {ORIGINAL_PREFIX + key: value for key, value in converted.items()}
 
 
-def infer_config(state_dict: dict[str, torch.Tensor], **overrides) -> LxmertConfig:
-    """A config whose sizes match an HF-layout state dict (for files that come without config.json)."""
+def config_file_next_to(path) -> Path:
+    """Where `save_original` records the config of an original-layout file: model_LXRT.pth -> model_LXRT.config.json
+    (the original code's loaders never look at it)."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(path.suffix) + ".config.json")
+
+
+def checkpoint_config(path, state_dict: dict[str, torch.Tensor]) -> LxmertConfig:
+    """The config of a checkpoint: a folder's config.json, the config.json `save_original` wrote next to a file,
+    or else one inferred from the weights' shapes (`infer_config`, which warns where it guesses)."""
+    path = Path(path)
+    config_file = path / "config.json" if path.is_dir() else config_file_next_to(path)
+    if config_file.is_file():
+        try:
+            return LxmertConfig.from_json_file(str(config_file))
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{config_file}: not a readable config.json ({error})") from error
+    logger.info("%s: no config.json; using a config inferred from the weights' shapes", path)
+    return infer_config(state_dict, source=path)
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], source="checkpoint", **overrides) -> LxmertConfig:
+    """A config whose sizes match an HF-layout state dict, for files that come without a config: the original
+    code's. So it takes the original's settings where shapes do not tell: the visual losses scaled by 1 / 0.15
+    (transformers' default rounds it to 6.67), and heads of size 64 (`num_attention_heads` = hidden / 64, with a
+    warning naming `source`: a model with other heads gives other outputs; pass the count in `overrides`)."""
     prefix = "lxmert." if any(key.startswith("lxmert.") for key in state_dict) else ""
 
     def shape(key):
         full = prefix + key if not key.startswith(("cls.", "obj_predict_head.", "answer_head.")) else key
         if full not in state_dict:
-            raise CheckpointError(f"cannot infer the config: the checkpoint has no {full!r}")
+            raise CheckpointError(f"{source}: cannot infer the config: the checkpoint has no {full!r}")
         return tuple(state_dict[full].shape)
 
     def count(pattern):
@@ -161,7 +211,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides) -> LxmertConf
     fields = {
         "vocab_size": vocab_size,
         "hidden_size": hidden,
-        "num_attention_heads": max(1, hidden // 64),
+        "num_attention_heads": max(1, hidden // ORIGINAL_HEAD_SIZE),
         "intermediate_size": shape("encoder.layer.0.intermediate.dense.weight")[0]
         if count(r"encoder\.layer\.(\d+)\.")
         else shape("encoder.x_layers.0.lang_inter.dense.weight")[0],
@@ -172,6 +222,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides) -> LxmertConf
         "x_layers": count(r"encoder\.x_layers\.(\d+)\."),
         "visual_feat_dim": shape("encoder.visn_fc.visn_fc.weight")[1],
         "visual_pos_dim": shape("encoder.visn_fc.box_fc.weight")[1],
+        "visual_loss_normalizer": ORIGINAL_VISUAL_LOSS_NORMALIZER,
     }
     if "answer_head.logit_fc.3.weight" in state_dict:
         fields["num_qa_labels"] = state_dict["answer_head.logit_fc.3.weight"].shape[0]
@@ -186,6 +237,14 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides) -> LxmertConf
         fields["task_obj_predict"] = any(k.startswith("obj_predict_head.") for k in state_dict)
         for name in ("obj", "attr", "feat"):
             fields[f"visual_{name}_loss"] = f"obj_predict_head.decoder_dict.{name}.weight" in state_dict
+    if "num_attention_heads" not in overrides:
+        logger.warning(
+            "%s: the number of attention heads is not recorded in the checkpoint; assuming %d (head size %d, as the "
+            "original's). If the model was trained with another count, pass a config",
+            source,
+            fields["num_attention_heads"],
+            ORIGINAL_HEAD_SIZE,
+        )
     fields.update(overrides)
     return LxmertConfig(**fields)
 
@@ -202,12 +261,7 @@ def load_pretrained(cls, path, config=None, backend="auto", missing_heads="error
     path = Path(path)
     state_dict = to_hf_layout(read_state_dict(path))
     if config is None:
-        config_file = path / "config.json" if path.is_dir() else None
-        if config_file is not None and config_file.exists():
-            config = LxmertConfig.from_json_file(str(config_file))
-        else:
-            config = infer_config(state_dict)
-            logger.info("%s: no config.json; using a config inferred from the weights' shapes", path)
+        config = checkpoint_config(path, state_dict)
     model = cls(config, backend=backend)
     load_into(model, state_dict, source=str(path), missing_heads=missing_heads)
     return model
@@ -298,9 +352,13 @@ def save_pretrained(model, directory):
     _atomic_write(directory / "config.json", lambda tmp: config.to_json_file(tmp))
 
 
-def save_original(state_dict: dict[str, torch.Tensor], path):
-    """Write a state dict in the original release's layout (`bert.*`), as `torch.save` of plain tensors."""
+def save_original(state_dict: dict[str, torch.Tensor], path, config: LxmertConfig | None = None):
+    """Write a state dict in the released `model_LXRT.pth`'s layout (`module.bert.*`, ...), as `torch.save` of
+    plain tensors; with `config`, also write it next to the file (`config_file_next_to`), so that what the weights'
+    shapes cannot tell (the number of attention heads) comes back when the file is loaded."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {key: value.detach().cpu().contiguous() for key, value in to_original_layout(state_dict).items()}
     _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+    if config is not None:
+        _atomic_write(config_file_next_to(path), lambda tmp: config.to_json_file(tmp))

@@ -68,8 +68,8 @@ def test_original_checkpoint_with_dataparallel_prefix(tmp_path):
     path = tmp_path / "model_LXRT.pth"
     save_original(pretrained.state_dict(), path)
     raw = torch.load(path, weights_only=True)
-    assert all(key.startswith(("bert.", "cls.", "obj_predict_head.", "answer_head.")) for key in raw)
-    torch.save({"module." + key: value for key, value in raw.items()}, path)
+    prefixes = ("module.bert.", "module.cls.", "module.obj_predict_head.", "module.answer_head.")
+    assert all(key.startswith(prefixes) for key in raw)
     loaded = lxmert_fast.LxmertForPreTraining.from_pretrained(path)
     for field in (
         "hidden_size",
@@ -170,10 +170,12 @@ def test_hf_layout_mapping():
             "module.bert.pooler.dense.bias": torch.zeros(1),
             "module.cls.seq_relationship.bias": torch.zeros(2),
             "lxrt_encoder.model.bert.embeddings.LayerNorm.weight": torch.zeros(1),
+            "lxrt_encoder.model.module.bert.embeddings.LayerNorm.bias": torch.zeros(1),
         }
     )
     assert set(mapped) == {
         "lxmert.pooler.dense.bias",
         "cls.seq_relationship.bias",
         "lxmert.embeddings.LayerNorm.weight",
+        "lxmert.embeddings.LayerNorm.bias",
     }

@@ -1,4 +1,4 @@
-"""Readers and writers for the file formats of the original LXMERT release (spec section 3).
+"""Readers and writers for the file formats of the original LXMERT release.
 
 Object features, one image per TSV line (no header), tab-separated:
     img_id, img_h, img_w, objects_id, objects_conf, attrs_id, attrs_conf, num_boxes, boxes, features
@@ -16,7 +16,8 @@ Public API
     read_pretrain_json(path) -> list[dict]   validated list of {img_id, sentf, labelf}
     make_uid(img_id, source, index) -> str   "{img_id}_{source}_{index}", the original's sentence id
     normalize_answer(ans) -> str       the original's answer normalisation (fine-tuning reuses it)
-    AnswerTable(path, dsets=None)      all_ans.json: answer <-> label index
+    AnswerTable(path, dsets=None)      all_ans.json: answer <-> label index; .label_scores(label) maps a
+                                       question's {raw answer: score} to {label: score} as the original
 """
 
 from __future__ import annotations
@@ -281,10 +282,12 @@ def read_pretrain_json(path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------
 # Answers
 
-# Whole-answer rewrites of the original (src/lxrt/qa_answer_table.py), plus "zero" (harmless: it can only turn an
-# unknown answer into a known one).
+# The original's whole-answer rewrites (`AnswerTable.ANS_CONVERT` in src/pretrain/qa_answer_table.py).
 _ANSWER_REWRITES = {
-    "zero": "0",
+    "a man": "man",
+    "the man": "man",
+    "a woman": "woman",
+    "the woman": "woman",
     "one": "1",
     "two": "2",
     "three": "3",
@@ -300,16 +303,19 @@ _ANSWER_REWRITES = {
 
 
 def normalize_answer(ans: str) -> str:
-    """The original's answer normalisation: lower-case, drop one trailing '.', drop a leading article (a / an /
-    the), then rewrite a whole-answer number word to digits and "grey" to "gray". "Two" -> "2", "the Grey." ->
-    "gray", "two dogs" -> "two dogs" (only whole answers are rewritten, as in the original)."""
-    ans = ans.strip().lower()
+    """The original's answer normalisation (`AnswerTable.convert_ans`), exactly: lower-case; drop one trailing '.';
+    drop a leading "a ", then a leading "an ", then a leading "the " (each once, in this order, stripping spaces
+    after each drop); then rewrite a whole-answer number word to digits and "grey" to "gray". "Two" -> "2",
+    "the Grey." -> "gray", "two dogs" and "zero" unchanged (the released answer table holds both "zero" and "0"),
+    " two" unchanged (no other whitespace is stripped)."""
+    if not ans:
+        return ""
+    ans = ans.lower()
     if ans.endswith("."):
         ans = ans[:-1].strip()
     for article in ("a ", "an ", "the "):
         if ans.startswith(article):
             ans = ans[len(article) :].strip()
-            break
     return _ANSWER_REWRITES.get(ans, ans)
 
 
@@ -348,6 +354,19 @@ class AnswerTable:
     def ans2id(self, ans: str) -> int | None:
         """Label of `ans` after normalisation, or None when the table does not hold it."""
         return self._ids.get(normalize_answer(ans))
+
+    def label_scores(self, label: dict[str, float]) -> dict[int, float]:
+        """A question's {raw answer: score} -> {table label: score}, as the original's pre-training data does it:
+        each raw answer in turn is normalised and, when the table holds the result under another spelling, moved
+        there, replacing any score already under that name; answers the table lacks are dropped."""
+        label = dict(label)
+        for ans in list(label):
+            new = normalize_answer(ans)
+            if new not in self._ids:
+                label.pop(ans)
+            elif new != ans:
+                label[new] = label.pop(ans)
+        return {self._ids[ans]: float(score) for ans, score in label.items()}
 
     def id2ans(self, label: int) -> str:
         return self.answers[label]

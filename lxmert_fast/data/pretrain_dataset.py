@@ -1,6 +1,6 @@
 """LXMERT pre-training examples: one (sentence, image) pair per item, with the five tasks' inputs and labels.
 
-Faithful to the original `src/pretrain/lxmert_pretrain.py` (spec section 2):
+Faithful to the original `src/pretrain/lxmert_pretrain.py`:
 - masked LM: 15% of the sentence's word pieces ([CLS]/[SEP] never); of those 80% -> [MASK], 10% -> a random
   id of the whole vocabulary, 10% kept; labels are the original ids there and -100 elsewhere. Applied to
   mismatched pairs too.
@@ -178,13 +178,7 @@ class PretrainDataset(torch.utils.data.Dataset):
                         d_idx.append(i)
                         is_question.append(labels is not None)
                         if labels is not None:
-                            # As the original: normalise, keep answers the table knows, a later raw answer that
-                            # normalises to the same string overwrites the earlier one's score.
-                            known: dict[int, float] = {}
-                            for ans, score in labels[i].items():
-                                label = self.answer_table.ans2id(ans)
-                                if label is not None:
-                                    known[label] = float(score)
+                            known = self.answer_table.label_scores(labels[i])
                             flat_ans.extend(known)
                             flat_score.extend(known.values())
                         lab_end.append(len(flat_ans))

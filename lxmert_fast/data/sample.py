@@ -28,6 +28,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -107,18 +108,30 @@ def _phrase(count: int, colour: str, name: int) -> str:
     return f"{_NUMBER_WORDS[count]} {colour} {plural}"
 
 
-def _image(rng: np.random.Generator, k: int, feat_dim: int, obj_proto, attr_proto, num_boxes: int):
-    """One synthetic image: (ImageFeatures, its annotation record)."""
-    img_id = f"sample_{k:06d}"
-    img_h, img_w = (int(v) for v in rng.integers(240, 641, size=2))
+class _Scene(NamedTuple):
+    """What one image shows: foreground kinds with their colour and count, and background regions."""
+
+    kinds: np.ndarray  # foreground object ids
+    colours: np.ndarray  # one attribute id per kind
+    counts: np.ndarray  # 1-4 instances per kind
+    backgrounds: np.ndarray  # background object ids
+    bg_colours: list[int]  # one attribute id per background
+
+
+def _scene(rng: np.random.Generator) -> _Scene:
     kinds = rng.choice(NUM_FOREGROUND, size=int(rng.integers(1, 4)), replace=False)
     colours = rng.choice(len(ATTRIBUTE_NAMES), size=len(kinds), replace=False)
     counts = rng.integers(1, 5, size=len(kinds))
     backgrounds = rng.choice(np.arange(NUM_FOREGROUND, len(OBJECTS)), size=int(rng.integers(1, 3)), replace=False)
     bg_colours = [ATTRIBUTE_NAMES.index(str(rng.choice(_BACKGROUND_COLOURS[OBJECT_NAMES[b]]))) for b in backgrounds]
+    return _Scene(kinds, colours, counts, backgrounds, bg_colours)
 
-    # Boxes: every instance once, then duplicates of instances and background regions up to num_boxes.
-    labels = [(int(o), int(c)) for o, c, n in zip(kinds, colours, counts, strict=True) for _ in range(n)]
+
+def _box_proposals(rng: np.random.Generator, scene: _Scene, img_w: int, img_h: int, num_boxes: int):
+    """(labels, boxes): every instance once, then duplicates of instances and background regions up to num_boxes,
+    as a detector's overlapping proposals. labels are (object id, attribute id), boxes [x1, y1, x2, y2]."""
+    labels = [(int(o), int(c)) for o, c, n in zip(scene.kinds, scene.colours, scene.counts, strict=True)
+              for _ in range(n)]
     boxes = []
     for _ in labels:
         w, h = rng.uniform(0.1, 0.4) * img_w, rng.uniform(0.1, 0.4) * img_h
@@ -133,17 +146,25 @@ def _image(rng: np.random.Generator, k: int, feat_dim: int, obj_proto, attr_prot
             jitter = rng.normal(0, 0.05, size=4) * [x2 - x1, y2 - y1, x2 - x1, y2 - y1]
             boxes.append(list(np.clip(np.add(boxes[j], jitter), 0, [img_w, img_h, img_w, img_h])))
         else:
-            j = int(rng.integers(len(backgrounds)))
-            labels.append((int(backgrounds[j]), bg_colours[j]))
+            j = int(rng.integers(len(scene.backgrounds)))
+            labels.append((int(scene.backgrounds[j]), scene.bg_colours[j]))
             y1 = rng.uniform(0, 0.6) * img_h
             boxes.append([0.0, y1, float(img_w), min(img_h, y1 + rng.uniform(0.2, 0.6) * img_h)])
+    return labels, boxes
+
+
+def _image_features(rng: np.random.Generator, img_id: str, img_h: int, img_w: int, labels, boxes, obj_proto,
+                    attr_proto) -> ImageFeatures:
+    """The boxes in random order with their labels, confidences and features (the prototypes of the box's class and
+    colour plus noise, ReLU'ed like real RoI features)."""
+    num_boxes, feat_dim = len(labels), obj_proto.shape[1]
     order = rng.permutation(num_boxes)
     obj = np.array([labels[i][0] for i in order], dtype=np.int64)
     attr = np.array([labels[i][1] for i in order], dtype=np.int64)
     box_arr = np.array([boxes[i] for i in order], dtype=np.float32)
     box_arr = np.minimum(box_arr, np.array([img_w, img_h, img_w, img_h], dtype=np.float32))
     feats = obj_proto[obj] + attr_proto[attr] + rng.normal(0, 0.3, size=(num_boxes, feat_dim))
-    record = ImageFeatures(
+    return ImageFeatures(
         img_id=img_id,
         img_h=img_h,
         img_w=img_w,
@@ -155,44 +176,67 @@ def _image(rng: np.random.Generator, k: int, feat_dim: int, obj_proto, attr_prot
         features=np.maximum(feats, 0).astype(np.float32),
     )
 
-    # Language: captions (no labelf) and questions with soft answers.
-    fg = [(int(o), ATTRIBUTE_NAMES[c], int(n)) for o, c, n in zip(kinds, colours, counts, strict=True)]
+
+def _captions(rng: np.random.Generator, fg, scene: _Scene) -> tuple[list[str], list[str]]:
+    """(mscoco, vg) captions naming the foreground objects and the first background."""
     things = [_phrase(n, c, o) for o, c, n in fg]
     listing = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
-    bg_name = OBJECT_NAMES[int(backgrounds[0])]
+    bg_name = OBJECT_NAMES[int(scene.backgrounds[0])]
     prefix = str(rng.choice(["a photo of", "there are", "an image with", "we can see"]))
-    mscoco = [f"{prefix} {listing}.", f"{listing} near the {ATTRIBUTE_NAMES[bg_colours[0]]} {bg_name}"]
+    mscoco = [f"{prefix} {listing}.", f"{listing} near the {ATTRIBUTE_NAMES[scene.bg_colours[0]]} {bg_name}"]
     o, c, n = fg[int(rng.integers(len(fg)))]
-    vg = [f"{_phrase(n, c, o)} on the {bg_name}"]
+    return mscoco, [f"{_phrase(n, c, o)} on the {bg_name}"]
 
-    def count_question(o, n):
-        answer = {str(n): 1.0} if rng.random() < 0.7 else {_NUMBER_WORDS[n]: 1.0}
-        if rng.random() < 0.3:
-            answer[str(min(n + 1, 4) if n < 4 else 3)] = 0.3
-        return f"how many {OBJECTS[o][1]} are there?", answer
 
-    def colour_question(o, c):
-        answer = {("grey" if c == "gray" and rng.random() < 0.5 else c): 1.0}
-        if rng.random() < 0.1:
-            answer["dunno"] = 0.3  # not in the answer table: dropped at load time
-        return f"what color is the {OBJECTS[o][0]}?", answer
+def _count_question(rng: np.random.Generator, o: int, n: int):
+    answer = {str(n): 1.0} if rng.random() < 0.7 else {_NUMBER_WORDS[n]: 1.0}
+    if rng.random() < 0.3:
+        answer[str(min(n + 1, 4) if n < 4 else 3)] = 0.3
+    return f"how many {OBJECTS[o][1]} are there?", answer
 
-    def presence_question():
-        if rng.random() < 0.5:
-            o = fg[int(rng.integers(len(fg)))][0]
-            return f"is there a {OBJECT_NAMES[o]} in the picture?", {"yes": 1.0}
-        absent = [k for k in range(NUM_FOREGROUND) if k not in {f[0] for f in fg}]
-        return f"is there a {OBJECT_NAMES[int(rng.choice(absent))]} in the picture?", {"no": 1.0}
 
-    def which_question(o, c):
-        article = str(rng.choice(["", "a ", "the "]))
-        return f"what is the {c} object?", {f"{article}{OBJECT_NAMES[o]}": 1.0}
+def _colour_question(rng: np.random.Generator, o: int, c: str):
+    answer = {("grey" if c == "gray" and rng.random() < 0.5 else c): 1.0}
+    if rng.random() < 0.1:
+        answer["dunno"] = 0.3  # not in the answer table: dropped at load time
+    return f"what color is the {OBJECTS[o][0]}?", answer
 
+
+def _presence_question(rng: np.random.Generator, fg):
+    if rng.random() < 0.5:
+        o = fg[int(rng.integers(len(fg)))][0]
+        return f"is there a {OBJECT_NAMES[o]} in the picture?", {"yes": 1.0}
+    absent = [k for k in range(NUM_FOREGROUND) if k not in {f[0] for f in fg}]
+    return f"is there a {OBJECT_NAMES[int(rng.choice(absent))]} in the picture?", {"no": 1.0}
+
+
+def _which_question(rng: np.random.Generator, o: int, c: str):
+    article = str(rng.choice(["", "a ", "the "]))
+    return f"what is the {c} object?", {f"{article}{OBJECT_NAMES[o]}": 1.0}
+
+
+def _questions(rng: np.random.Generator, fg):
+    """(vqa, gqa): lists of (question, soft answer) about randomly picked foreground objects."""
     o1, c1, n1 = fg[int(rng.integers(len(fg)))]
     o2, c2, _ = fg[int(rng.integers(len(fg)))]
-    vqa = [count_question(o1, n1), colour_question(o2, c2), presence_question()]
+    vqa = [_count_question(rng, o1, n1), _colour_question(rng, o2, c2), _presence_question(rng, fg)]
     o3, c3, _ = fg[int(rng.integers(len(fg)))]
-    gqa = [which_question(o3, c3)]
+    return vqa, [_which_question(rng, o3, c3)]
+
+
+def _image(rng: np.random.Generator, k: int, obj_proto, attr_proto, num_boxes: int):
+    """One synthetic image: (ImageFeatures, its annotation record)."""
+    img_id = f"sample_{k:06d}"
+    img_h, img_w = (int(v) for v in rng.integers(240, 641, size=2))
+    scene = _scene(rng)
+    labels, boxes = _box_proposals(rng, scene, img_w, img_h, num_boxes)
+    record = _image_features(rng, img_id, img_h, img_w, labels, boxes, obj_proto, attr_proto)
+
+    # Language: captions (no labelf) and questions with soft answers.
+    fg = [(int(o), ATTRIBUTE_NAMES[c], int(n))  # (object id, colour name, count) per foreground kind
+          for o, c, n in zip(scene.kinds, scene.colours, scene.counts, strict=True)]
+    mscoco, vg = _captions(rng, fg, scene)
+    vqa, gqa = _questions(rng, fg)
     annotation = {
         "img_id": img_id,
         "sentf": {"mscoco": mscoco, "vg": vg, "vqa": [q for q, _ in vqa], "gqa": [q for q, _ in gqa]},
@@ -240,7 +284,7 @@ def make_sample_data(out_dir, num_images: int = 300, seed: int = 0, feat_dim: in
     attr_proto = 0.5 * rng.normal(0, 1.0, size=(len(ATTRIBUTE_NAMES), feat_dim))
     records, annotations = [], []
     for k in range(num_images):
-        record, annotation = _image(rng, k, feat_dim, obj_proto, attr_proto, num_boxes=36)
+        record, annotation = _image(rng, k, obj_proto, attr_proto, num_boxes=36)
         records.append(record)
         annotations.append(annotation)
 
