@@ -199,7 +199,8 @@ def markdown(doc, plots=()):
     out = _header(doc)
     if "kernels" in by_suite:
         out += _kernels_section(by_suite["kernels"])
-    for suite, title in (("model", "Model: training step and inference"), ("cpu_target", "CPU target")):
+    for suite, title in (("model", "Model: training step and inference"), ("cpu_target", "CPU target"),
+                         ("predict", "Prediction: VQA answers (lxmert_fast.predict) vs transformers")):
         if suite in by_suite:
             out += _model_section(title, by_suite[suite])
     if "data" in by_suite:
