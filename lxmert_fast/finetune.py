@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable
 import torch  # noqa: E402
 
 from lxmert_fast import training  # noqa: E402  (sets DS_ACCELERATOR before deepspeed is imported)
+from lxmert_fast.checks import check_features  # noqa: E402
 from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADataset, finetune_collate  # noqa: E402
 from lxmert_fast.evaluation import SUBMISSION_NAME, evaluate, write_submission  # noqa: E402
 from lxmert_fast.modeling import text_token_capacity  # noqa: E402
@@ -60,6 +61,9 @@ def build_parser():
     data.add_argument("--sample-data-dir", default="sample_data", help="where sample data is generated if needed")
     data.add_argument("--num-workers", type=int, default=None, help="data-loader workers (default: min(4, cores/2))")
     data.add_argument("--max-seq-length", type=int, default=20)
+    data.add_argument(
+        "--strict", action="store_true", help="refuse --train records whose image has no features (default: left out)"
+    )
     model = p.add_argument_group("starting point")
     model.add_argument(
         "--load",
@@ -195,15 +199,18 @@ def build_data(args):
             raise SystemExit(f"--task {args.task} needs --ans2label (trainval_ans2label.json)")
         vocab = AnswerVocab.load(args.ans2label, args.label2ans)
 
-    def dataset(files, require_labels=True):
+    def dataset(files, require_labels=True, strict=True):
         if not files:
             return None
         # features travel as stored (float16, half the bytes); training.to_device casts them to the model's dtype
         if vocab is None:
-            return NLVR2Dataset(files, stores, tokenizer, args.max_seq_length, require_labels, "float16")
-        return QADataset(files, stores, vocab, tokenizer, args.task, args.max_seq_length, require_labels, "float16")
+            return NLVR2Dataset(files, stores, tokenizer, args.max_seq_length, require_labels, "float16", strict)
+        return QADataset(
+            files, stores, vocab, tokenizer, args.task, args.max_seq_length, require_labels, "float16", strict
+        )
 
-    train = dataset(_split(args.train)) if args.epochs > 0 else None
+    # scores and submissions need every question: only training records may be left out (unless --strict)
+    train = dataset(_split(args.train), strict=args.strict) if args.epochs > 0 else None
     valid = dataset(_split(args.valid))
     test = dataset(_split(args.test_json), require_labels=False) if args.test else None
     if args.test and test is None:
@@ -300,10 +307,7 @@ def main(argv=None):
             f"the tokenizer has {len(any_set.tokenizer)} tokens but the model's vocabulary only "
             f"{model.config.vocab_size}: use the tokenizer the checkpoint was pre-trained with"
         )
-    if any_set.feat_dim != model.config.visual_feat_dim:
-        raise SystemExit(
-            f"features have {any_set.feat_dim} dimensions, the model expects {model.config.visual_feat_dim}"
-        )
+    check_features(any_set.stores, model.config, labels=False)
 
     steps_per_epoch = total_steps = 0
     if train_set is not None:

@@ -30,6 +30,7 @@ from transformers.models.lxmert.modeling_lxmert import (
 )
 from transformers.utils import ModelOutput
 
+from lxmert_fast.checks import check_model_sizes
 from lxmert_fast.configuration import LxmertConfig
 
 BACKENDS = ("auto", "torch", "triton")
@@ -552,6 +553,7 @@ class LxmertPreTrainedModel(nn.Module):
         if not isinstance(config, LxmertConfig):
             # accept transformers' LxmertConfig (or any object with the same fields)
             config = LxmertConfig(**config.to_dict()) if hasattr(config, "to_dict") else LxmertConfig(**vars(config))
+        check_model_sizes(config)  # a clear message before torch fails on an impossible size
         self.config = config
         self.backend = backend
 

@@ -96,6 +96,7 @@ def build_parser():
     data.add_argument("--tokenizer", help="tokenizer folder or hub name (default: the sample data's vocabulary)")
     data.add_argument("--sample-data-dir", default="sample_data", help="where sample data is generated if needed")
     data.add_argument("--num-workers", type=int, default=None, help="data-loader workers (default: min(8, cores/2))")
+    data.add_argument("--strict", action="store_true", help="refuse annotation records whose image has no features")
     model = p.add_argument_group("model and schedule")
     model.add_argument(
         "--model-config",
@@ -151,11 +152,11 @@ def parse_args(argv=None):
 
 def resolve_model_config(name):
     """A config.json path, or a preset name in configs/ (``lxmert_small`` or ``lxmert_small.json``)."""
-    from lxmert_fast import LxmertConfig
+    from lxmert_fast.checks import load_model_config
 
     for path in (name, os.path.join(CONFIG_DIR, name), os.path.join(CONFIG_DIR, f"{name}.json")):
         if os.path.isfile(path):
-            return LxmertConfig.from_json_file(path)
+            return load_model_config(path)
     raise FileNotFoundError(f"--model-config {name!r}: neither a file nor a preset in {CONFIG_DIR}")
 
 
@@ -163,6 +164,7 @@ def resolve_model_config(name):
 def build_data(args, config):
     """Datasets and the collate function; fills ``config``'s vocabulary and answer-table sizes from the data."""
     from lxmert_fast import data as lxdata
+    from lxmert_fast.checks import check_features
 
     if args.train_json is None:
         paths = lxdata.ensure_sample_data(args.sample_data_dir)
@@ -175,7 +177,7 @@ def build_data(args, config):
         raise SystemExit(f"--train-json given without {', '.join('--' + m.replace('_', '-') for m in missing)}")
     stores = [lxdata.FeatureStore.from_tsv(path) for path in _split(args.features)]  # converted once, then mapped
     # features travel as stored (float16, half the bytes); training.to_device casts them to the model's dtype
-    common = dict(seed=args.seed, task_matched="matched" in args.tasks, feature_dtype="float16")
+    common = dict(seed=args.seed, task_matched="matched" in args.tasks, feature_dtype="float16", strict=args.strict)
     train = lxdata.PretrainDataset(
         _split(args.train_json),
         stores,
@@ -189,6 +191,7 @@ def build_data(args, config):
         valid = lxdata.PretrainDataset(_split(args.valid_json), stores, train.answer_table, train.tokenizer, **common)
     config.vocab_size = train.vocab_size
     config.num_qa_labels = len(train.answer_table)
+    check_features(stores, config, labels=config.visual_obj_loss or config.visual_attr_loss)
     return train, valid, lxdata.pretrain_collate
 
 

@@ -18,7 +18,6 @@ Starting points (`build_task_model`), as the original's `--loadLXMERT` / `--load
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lxmert_fast.checks import load_model_config
 from lxmert_fast.configuration import LxmertConfig
 from lxmert_fast.data.formats import AnswerTable
+from lxmert_fast.jsonfile import read_json
 from lxmert_fast.modeling import LxmertForNLVR2, LxmertForQuestionAnswering
 from lxmert_fast.weights import CheckpointError, infer_config, load_into, read_state_dict, to_hf_layout
 
@@ -118,7 +119,7 @@ def predict(task: str, logits: torch.Tensor, label2ans=None) -> list:
 def _checkpoint_config(path: Path, state: dict) -> LxmertConfig:
     config_file = path / "config.json" if path.is_dir() else None
     if config_file is not None and config_file.is_file():
-        return LxmertConfig.from_json_file(str(config_file))
+        return load_model_config(config_file)
     return infer_config(state)
 
 
@@ -191,7 +192,7 @@ def _check_label2ans(path: Path, label2ans) -> None:
     saved = path / LABEL2ANS_FILE if path.is_dir() else None
     if label2ans is None or saved is None or not saved.is_file():
         return
-    if json.loads(saved.read_text()) != list(label2ans):
+    if read_json(saved, "the model's answers (label2ans.json): a JSON list of answers") != list(label2ans):
         raise CheckpointError(
             f"{path}: its answer head was trained on the answers in {saved}, which differ from this run's answer "
             "vocabulary; use --load-lxmert-qa or the matching --ans2label"

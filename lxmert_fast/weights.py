@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lxmert_fast.checks import load_model_config
 from lxmert_fast.configuration import LxmertConfig
 
 logger = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def load_pretrained(cls, path, config=None, backend="auto", missing_heads="error
     if config is None:
         config_file = path / "config.json" if path.is_dir() else None
         if config_file is not None and config_file.exists():
-            config = LxmertConfig.from_json_file(str(config_file))
+            config = load_model_config(config_file)
         else:
             config = infer_config(state_dict)
             logger.info("%s: no config.json; using a config inferred from the weights' shapes", path)
