@@ -14,6 +14,7 @@ Public API
 from __future__ import annotations
 
 import numbers
+from types import SimpleNamespace
 
 from lxmert_fast.jsonfile import read_json
 
@@ -73,9 +74,12 @@ def load_model_config(path):
     if not isinstance(fields, dict):
         raise ConfigError(f"model config {path}: expected a JSON object of LxmertConfig fields, got a "
                           f"{type(fields).__name__}")
-    config = LxmertConfig(**fields)  # as LxmertConfig.from_json_file builds it
-    check_model_sizes(config, path)
-    return config
+    # checked before LxmertConfig sees them: transformers refuses some values itself, without naming the file
+    check_model_sizes(SimpleNamespace(**{**LxmertConfig().to_dict(), **fields}), path)
+    try:
+        return LxmertConfig(**fields)  # as LxmertConfig.from_json_file builds it
+    except Exception as err:  # transformers' own validation (e.g. a string where a number belongs)
+        raise ConfigError(f"model config {path}: {err}") from err
 
 
 def check_features(stores, config, labels: bool = True) -> None:

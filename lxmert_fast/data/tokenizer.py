@@ -36,8 +36,10 @@ class TokenizerError(ValueError):
 
 
 def _offline() -> bool:
+    from huggingface_hub import constants  # its flag is what transformers follows (read when the hub is imported)
+
     flags = (os.environ.get(v, "").upper() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return any(flag in ("1", "ON", "YES", "TRUE") for flag in flags)
+    return constants.HF_HUB_OFFLINE or any(flag in ("1", "ON", "YES", "TRUE") for flag in flags)
 
 
 def _in_hub_cache(name: str) -> bool:
@@ -78,9 +80,9 @@ def load_tokenizer(tokenizer):
 
 
 def _source(name: str) -> str:
-    if Path(name).is_dir():
-        return f"folder {name}"
-    return f"hub name {name!r} (no folder of that name exists)" if name else "an object"
+    if not name:
+        return "an object"
+    return f"folder {name}" if Path(name).is_dir() else f"hub name {name!r} (no folder of that name exists)"
 
 
 def check_tokenizer(tokenizer, texts: Sequence[str], vocab_size: int | None = None, samples: int = 64) -> None:
