@@ -27,12 +27,14 @@ touch Python object refcounts (which would un-share copy-on-write pages) when th
 Public API
     PretrainDataset(annotation_paths, feature_stores, answer_table, tokenizer, *, max_seq_length=20, seed=9595,
                     word_mask_rate=0.15, obj_mask_rate=0.15, task_matched=True, qa_from_epoch=0, sources=None,
-                    feature_dtype=np.float32)
+                    feature_dtype=np.float32, strict=False)
         .set_epoch(epoch), .epoch, .qa_enabled, len(ds), ds[index] or ds[(epoch, index)] -> dict of numpy arrays,
-        .uid(index) -> "{img_id}_{source}_{index}", .num_dropped (sentences without features),
+        .uid(index) -> "{img_id}_{source}_{index}", .num_dropped (sentences without features, left out unless
+        strict),
         .text_length_stats() -> (mean, std) of the text lengths in tokens,
         .__getitems__(indices) -> StackedItems: a whole batch at once (a DataLoader calls it), the same values
     pretrain_collate(items) -> dict of tensors: exactly the keyword arguments of LxmertForPreTraining.forward
+    missing_images_message(missing, stores) -> str   names the records whose image no store holds (per file)
 """
 
 from __future__ import annotations
