@@ -2,12 +2,13 @@
 value at fault instead of a torch error (or silently wrong training) later.
 
 Public API
-    ConfigError(ValueError)                     a model config with impossible sizes
     check_model_sizes(config, source=None)      every size positive (layer counts >= 0), hidden_size divisible by
-                                                num_attention_heads, dropout probabilities in [0, 1)
+                                                num_attention_heads, dropout probabilities in [0, 1); a ConfigError
+                                                (run_config's) naming the field, the value and the source file
+    check_model_fields(fields, source)          the same for a config file's fields (a dict), before LxmertConfig
     load_model_config(path) -> LxmertConfig     a config.json, read with a clear message for broken JSON, and checked
     check_features(stores, config, labels=True) features as wide as config.visual_feat_dim and (labels=True) object /
-                                                attribute ids below num_object_labels / num_attr_labels; ValueError
+                                                attribute ids below num_object_labels / num_attr_labels; InputError
                                                 naming the feature file (and the line and img_id of the largest id)
 """
 
@@ -16,7 +17,9 @@ from __future__ import annotations
 import numbers
 from types import SimpleNamespace
 
+from lxmert_fast.errors import InputError
 from lxmert_fast.jsonfile import read_json
+from lxmert_fast.run_config import ConfigError
 
 # LxmertConfig fields that size a tensor: must be positive integers (layer counts may be 0).
 _POSITIVE_FIELDS = (
@@ -34,10 +37,6 @@ _POSITIVE_FIELDS = (
 )
 _LAYER_FIELDS = ("l_layers", "x_layers", "r_layers")
 _PROBABILITY_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
-
-
-class ConfigError(ValueError):
-    """A model config whose sizes cannot build a model."""
 
 
 def check_model_sizes(config, source=None) -> None:
@@ -66,16 +65,23 @@ def check_model_sizes(config, source=None) -> None:
         fail("hidden_size", hidden, f"is not divisible by num_attention_heads={heads}")
 
 
+def check_model_fields(fields: dict, source) -> None:
+    """check_model_sizes for a config file's fields, LxmertConfig's defaults filling the others. Checked before
+    LxmertConfig sees them: transformers refuses some values itself, without naming the file."""
+    from lxmert_fast.configuration import LxmertConfig
+
+    if not isinstance(fields, dict):
+        raise ConfigError(f"model config {source}: expected a JSON object of LxmertConfig fields, got a "
+                          f"{type(fields).__name__}")
+    check_model_sizes(SimpleNamespace(**{**LxmertConfig().to_dict(), **fields}), source)
+
+
 def load_model_config(path):
     """An LxmertConfig from a config.json, checked by check_model_sizes; broken JSON is reported with its place."""
     from lxmert_fast.configuration import LxmertConfig
 
     fields = read_json(path, "a model config (config.json): a JSON object of LxmertConfig fields")
-    if not isinstance(fields, dict):
-        raise ConfigError(f"model config {path}: expected a JSON object of LxmertConfig fields, got a "
-                          f"{type(fields).__name__}")
-    # checked before LxmertConfig sees them: transformers refuses some values itself, without naming the file
-    check_model_sizes(SimpleNamespace(**{**LxmertConfig().to_dict(), **fields}), path)
+    check_model_fields(fields, path)
     try:
         return LxmertConfig(**fields)  # as LxmertConfig.from_json_file builds it
     except Exception as err:  # transformers' own validation (e.g. a string where a number belongs)
@@ -91,7 +97,7 @@ def check_features(stores, config, labels: bool = True) -> None:
     for store in stores:
         name = store.source_name
         if store.feat_dim != config.visual_feat_dim:
-            raise ValueError(
+            raise InputError(
                 f"{name}: features have {store.feat_dim} dimensions, the model's visual_feat_dim is "
                 f"{config.visual_feat_dim}; use the feature files the model was made for, or a model config with "
                 f"visual_feat_dim={store.feat_dim}"
@@ -101,10 +107,10 @@ def check_features(stores, config, labels: bool = True) -> None:
         for kind, field in (("object", "num_object_labels"), ("attribute", "num_attr_labels")):
             largest, limit = store.max_label(kind), getattr(config, field)
             if largest is not None and largest["id"] >= limit:
-                raise ValueError(
+                raise InputError(
                     f"{name}:{largest['line']} (img_id {largest['img_id']!r}): {kind} label id {largest['id']} is "
                     f"out of range for the model's {field}={limit} (ids 0..{limit - 1})"
                 )
 
 
-__all__ = ["ConfigError", "check_features", "check_model_sizes", "load_model_config"]
+__all__ = ["ConfigError", "check_features", "check_model_fields", "check_model_sizes", "load_model_config"]

@@ -12,26 +12,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lxmert_fast.errors import InputError
 
-class JSONFileError(ValueError):
+
+class JSONFileError(InputError):
     """A JSON file that cannot be read or parsed; the message names the file, the place and the expected content."""
 
 
 def read_json(path, what: str):
     """Parse the JSON file at `path`. A missing file raises FileNotFoundError, a file that is not UTF-8 JSON a
-    JSONFileError naming the file, line and column and saying what the file should be (`what`)."""
+    JSONFileError naming the file, line and column (``path:line:column:``) and saying what the file should be
+    (`what`)."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found (expected {what})") from None
+        raise FileNotFoundError(f"{path}: cannot read {what} (no such file)") from None
     except IsADirectoryError:
         raise JSONFileError(f"{path} is a folder; expected a JSON file: {what}") from None
     except json.JSONDecodeError as err:
-        raise JSONFileError(
-            f"{path}: line {err.lineno} column {err.colno}: not valid JSON ({err.msg}); expected {what}"
-        ) from None
+        raise JSONFileError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg}); expected {what}") from None
     except UnicodeDecodeError as err:
         raise JSONFileError(f"{path}: byte {err.start} is not UTF-8 text; expected {what}") from None
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lxmert_fast.errors import InputError
 from lxmert_fast.jsonfile import JSONFileError, read_json
 
 TSV_FIELDS = (
@@ -66,7 +67,7 @@ class ImageFeatures:
         return len(self.boxes)
 
 
-class FeatureFormatError(ValueError):
+class FeatureFormatError(InputError):
     """A feature TSV row that cannot be trusted."""
 
 
@@ -237,7 +238,7 @@ def write_feature_tsv(path, records: Iterable[ImageFeatures]) -> None:
 # Pre-training annotations
 
 
-class AnnotationFormatError(ValueError):
+class AnnotationFormatError(InputError):
     """A pre-training JSON record that cannot be used."""
 
 

@@ -21,6 +21,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from lxmert_fast.errors import InputError
+
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 GET_BERT_BASE = (
@@ -31,7 +33,7 @@ GET_BERT_BASE = (
 _HUB_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)?$")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """A tokenizer that is missing or did not really load."""
 
 
@@ -101,6 +103,8 @@ def check_tokenizer(tokenizer, texts: Sequence[str], vocab_size: int | None = No
             "pre-trained with"
         )
     sentences = [t for t in texts[:samples] if t.strip()]
+    if not sentences:
+        return
     pieces = [p for ids in tokenizer(sentences, add_special_tokens=False)["input_ids"] for p in ids]
     unknown = sum(p == vocab["[UNK]"] for p in pieces)
     if pieces and 2 * unknown >= len(pieces):
