@@ -7,6 +7,8 @@ one run of each entry script shows that a refused input stops it with the output
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -410,3 +412,19 @@ def test_finetuning_refuses_a_five_token_tokenizer_before_writing(sample, output
                            "--from-scratch", "--model-config", str(tiny), "--output-dir", str(out),
                            "--num-workers", "0", *extra])
     assert snapshot(output_dir) == before and not (tmp_path / "fresh").exists()
+
+
+def test_the_command_reports_a_refused_input_in_one_line(sample, tmp_path):
+    paths = sample["paths"]
+    (tmp_path / "empty_tokenizer").mkdir()
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(repo, "lxmert_fast", "pretrain.py"), "--train-json", str(paths.train_json),
+         "--features", str(paths.features_tsv), "--answer-table", str(paths.answer_table), "--tokenizer",
+         str(tmp_path / "empty_tokenizer"), "--output-dir", str(tmp_path / "out"), "--num-workers", "0"],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=repo), cwd=tmp_path, timeout=600,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"tokenizer folder {tmp_path / 'empty_tokenizer'} holds no tokenizer" in last
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
