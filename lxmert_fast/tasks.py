@@ -131,6 +131,12 @@ def build_task_model(
         init_answer_head_from_qa(model, state, answer_table, label2ans, source=str(path), log=log)
         return model
 
+    _load_task_head(model, spec, state, path, label2ans, log)
+    return model
+
+
+def _load_task_head(model, spec: TaskSpec, state: dict, path: Path, label2ans, log) -> None:
+    """The task head from a fine-tuned model of the same task; a pre-training checkpoint's heads are never used."""
     head = {k.removeprefix(spec.head_prefix): v for k, v in state.items() if k.startswith(spec.head_prefix)}
     expected = model.answer_head.logit_fc.state_dict() if spec.is_qa else model.logit_fc.state_dict()
     is_pretraining = any(k.startswith(("cls.", "obj_predict_head.")) for k in state)
@@ -138,10 +144,9 @@ def build_task_model(
     if fits and not is_pretraining:
         _check_label2ans(path, label2ans)
         (model.answer_head.logit_fc if spec.is_qa else model.logit_fc).load_state_dict(head)
-        log(f"{task}: encoder and task head loaded from {path}")
+        log(f"{spec.name}: encoder and task head loaded from {path}")
     else:
-        log(f"{task}: encoder loaded from {path}; the task head starts from random initialisation")
-    return model
+        log(f"{spec.name}: encoder loaded from {path}; the task head starts from random initialisation")
 
 
 def _check_label2ans(path: Path, label2ans) -> None:
