@@ -7,6 +7,7 @@ Public API
                                                 (run_config's) naming the field, the value and the source file
     check_model_fields(fields, source)          the same for a config file's fields (a dict), before LxmertConfig
     load_model_config(path) -> LxmertConfig     a config.json, read with a clear message for broken JSON, and checked
+    check_model_folder(path)                    a local model folder's config.json, checked so before a loader reads it
     check_features(stores, config, labels=True) features as wide as config.visual_feat_dim and (labels=True) object /
                                                 attribute ids below num_object_labels / num_attr_labels; InputError
                                                 naming the feature file (and the line and img_id of the largest id)
@@ -15,6 +16,7 @@ Public API
 from __future__ import annotations
 
 import numbers
+from pathlib import Path
 from types import SimpleNamespace
 
 from lxmert_fast.errors import InputError
@@ -88,6 +90,14 @@ def load_model_config(path):
         raise ConfigError(f"model config {path}: {err}") from err
 
 
+def check_model_folder(path) -> None:
+    """For a local model folder: its config.json read by load_model_config (broken JSON or impossible sizes named
+    with the file) before a loader such as transformers' from_pretrained reads it. Anything else passes."""
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():
+        load_model_config(config_file)
+
+
 def check_features(stores, config, labels: bool = True) -> None:
     """Check feature stores against the model config before anything is built or written.
 
@@ -113,4 +123,11 @@ def check_features(stores, config, labels: bool = True) -> None:
                 )
 
 
-__all__ = ["ConfigError", "check_features", "check_model_fields", "check_model_sizes", "load_model_config"]
+__all__ = [
+    "ConfigError",
+    "check_features",
+    "check_model_fields",
+    "check_model_folder",
+    "check_model_sizes",
+    "load_model_config",
+]

@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 
 from lxmert_fast import LxmertConfig, LxmertForPreTraining
-from lxmert_fast.checks import ConfigError, check_features, check_model_sizes, load_model_config
+from lxmert_fast.checks import (
+    ConfigError,
+    check_features,
+    check_model_folder,
+    check_model_sizes,
+    load_model_config,
+)
 from lxmert_fast.data import (
     AnnotationFormatError,
     AnswerTable,
@@ -331,6 +337,9 @@ def test_a_model_folder_with_a_broken_config_json_is_named(sample, tmp_path):
         LxmertForPreTraining.from_pretrained(tmp_path / "model")
     with pytest.raises(JSONFileError, match=r"model/config\.json:3:16: not valid JSON"):
         build_task_model("nlvr2", load=tmp_path / "model", backend="torch", log=lambda *a: None)
+    with pytest.raises(JSONFileError, match=r"model/config\.json:3:16: not valid JSON"):
+        check_model_folder(tmp_path / "model")  # the check a loader runs first
+    check_model_folder(tmp_path / "no_such_folder")  # a hub name or a file: the loader's business
     assert snapshot(tmp_path / "model").keys() == weights.keys()
 
 
