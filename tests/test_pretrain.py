@@ -117,7 +117,7 @@ def _env():
     return env
 
 
-def _run(cmd, cwd, timeout=300):
+def _run(cmd, cwd, timeout=1200):
     proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -199,7 +199,7 @@ def _kill_after_step_6_and_resume(cmd, cwd, out):
     """Start ``cmd``, SIGKILL it right after step 6 (its last checkpoint is at 4), resume it; returns the log."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 240
+    deadline = time.time() + 1200
     while time.time() < deadline and proc.poll() is None:
         if metrics.is_file() and '"step": 6,' in metrics.read_text():
             break
