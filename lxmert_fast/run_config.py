@@ -14,12 +14,12 @@ DeepSpeed starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 from dataclasses import asdict, dataclass, field
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_CONFIG_FILE = "run_config.json"
 MICRO, ACCUM, TOTAL = "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"
 
@@ -35,14 +35,18 @@ class RunError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------------- files
 def find_config(name_or_path: str) -> str:
-    """A config file: a path, or the name of one shipped in configs/ (``lxmert_small``, ``configs/x.json``)."""
-    config_dir = os.path.join(REPO_ROOT, "configs")
-    candidates = (name_or_path, os.path.join(REPO_ROOT, name_or_path), os.path.join(config_dir, name_or_path),
-                  os.path.join(config_dir, f"{name_or_path}.json"))
-    for path in candidates:
-        if os.path.isfile(path):
-            return path
-    raise ConfigError(f"{name_or_path}: no such file, and no config of that name in {config_dir}")
+    """A config file: a path, or the name of one shipped with the package (``lxmert_small``, ``ds_zero2_fp16.json``;
+    a recipe's ``configs/NAME.json`` also outside a checkout)."""
+    from lxmert_fast.resources import find_config as find_shipped
+
+    try:
+        return str(find_shipped(name_or_path))
+    except FileNotFoundError as error:
+        folder, name = os.path.split(str(name_or_path))
+        if folder == "configs":
+            with contextlib.suppress(FileNotFoundError):
+                return str(find_shipped(name))
+        raise ConfigError(str(error)) from None
 
 
 def read_json(path: str, what: str):
