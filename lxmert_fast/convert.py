@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lxmert_fast.checks import load_model_config
 from lxmert_fast.configuration import LxmertConfig
 from lxmert_fast.modeling import LxmertForPreTraining
 from lxmert_fast.weights import CheckpointError, load_into, read_state_dict, save_original, to_hf_layout
@@ -31,7 +32,7 @@ def hf_to_original(source: Path, target: Path):
     state_dict = to_hf_layout(read_state_dict(source))
     config = None
     if (source / "config.json").exists():  # validate against the config before writing anything
-        config = LxmertConfig.from_json_file(str(source / "config.json"))
+        config = load_model_config(source / "config.json")
         load_into(LxmertForPreTraining(config, backend="torch"), state_dict, source=str(source), missing_heads="init")
     save_original(state_dict, target, config=config)
 
@@ -49,7 +50,7 @@ def main(argv=None):
         if args.source.is_dir():
             hf_to_original(args.source, args.target)
         else:
-            config = LxmertConfig.from_json_file(str(args.config)) if args.config else None
+            config = load_model_config(args.config) if args.config else None
             missing = "init" if args.allow_missing_heads else "error"
             original_to_hf(args.source, args.target, config=config, missing_heads=missing)
     except CheckpointError as error:

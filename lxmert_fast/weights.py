@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lxmert_fast.checks import load_model_config
 from lxmert_fast.configuration import LxmertConfig
 
 logger = logging.getLogger(__name__)
@@ -182,10 +183,7 @@ def checkpoint_config(path, state_dict: dict[str, torch.Tensor]) -> LxmertConfig
     path = Path(path)
     config_file = path / "config.json" if path.is_dir() else config_file_next_to(path)
     if config_file.is_file():
-        try:
-            return LxmertConfig.from_json_file(str(config_file))
-        except (OSError, ValueError) as error:
-            raise CheckpointError(f"{config_file}: not a readable config.json ({error})") from error
+        return load_model_config(config_file)
     logger.info("%s: no config.json; using a config inferred from the weights' shapes", path)
     return infer_config(state_dict, source=path)
 

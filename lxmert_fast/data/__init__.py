@@ -1,7 +1,9 @@
 """Data: released LXMERT file formats, the feature store, sample data, datasets.
 
     formats.py          feature TSV reader / writer, pre-training JSON reader, all_ans.json and normalize_answer
-    feature_store.py    one-off TSV -> memory-mapped fp16 store conversion, and FeatureStore to read it
+    feature_store.py    one-off TSV -> memory-mapped fp16 store conversion, FeatureStore to read it, index_images
+                        over several stores
+    tokenizer.py        load_tokenizer (folder or hub name) and check_tokenizer (a real vocabulary for the data)
     pretrain_dataset.py PretrainDataset (the five pre-training tasks' inputs / labels) and pretrain_collate
     sample.py           ensure_sample_data: a small learnable data set in the released formats + a WordPiece vocab
     fsutil.py           atomic directory publishing and build locks
@@ -19,7 +21,7 @@ Typical use (the default pre-training run):
             loss = model(**batch).loss                           # transformers LxmertForPreTraining kwargs
 """
 
-from .feature_store import FeatureStore, StoreError, convert_tsv, default_store_dir
+from .feature_store import FeatureStore, StoreError, convert_tsv, default_store_dir, index_images
 from .formats import (
     AnnotationFormatError,
     AnswerTable,
@@ -40,6 +42,7 @@ from .sample import (
     ensure_sample_data,
     make_sample_data,
 )
+from .tokenizer import TokenizerError, check_tokenizer, load_tokenizer
 
 __all__ = [
     "ATTRIBUTE_NAMES",
@@ -53,10 +56,14 @@ __all__ = [
     "PretrainDataset",
     "SamplePaths",
     "StoreError",
+    "TokenizerError",
     "build_wordpiece_vocab",
+    "check_tokenizer",
     "convert_tsv",
     "default_store_dir",
     "ensure_sample_data",
+    "index_images",
+    "load_tokenizer",
     "make_sample_data",
     "make_uid",
     "normalize_answer",

@@ -6,7 +6,8 @@ readers map with np.memmap: half the bytes (fp16 features), nothing resident unt
 page in the page cache however many workers read it.
 
 Layout of a store directory (default: `<tsv>.store` next to the TSV):
-    meta.json      format version, N, max_boxes, F, array dtypes/shapes, and the source TSV's path, size and mtime
+    meta.json      format version, N, max_boxes, F, array dtypes/shapes, the source TSV's path, size and mtime, and
+                   the largest object / attribute label id with its TSV line and img_id (checked against a model)
     img_ids.json   the img_id of each row, in TSV order
     features.bin   (N, max_boxes, F) float16        boxes.bin     (N, max_boxes, 4) float32, normalised to [0, 1]
     obj_ids.bin    (N, max_boxes) int64             obj_conf.bin  (N, max_boxes) float32
@@ -24,6 +25,8 @@ Public API
     FeatureStore(store_dir)             open a converted store (lazily memory-mapped; pickles without its maps)
     FeatureStore.from_tsv(tsv_path, store_dir=None, **convert_kwargs) -> FeatureStore
     StoreError(RuntimeError)            a store directory that is missing, incomplete or inconsistent
+    index_images(stores) -> {img_id: (store index, row)}   over several stores; an img_id held by two stores with
+                                        different contents is an error naming both files
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from .formats import FeatureFormatError, iter_feature_tsv
 from .fsutil import build_lock, publish_dir, remove_stale_staging, staging_dir
 
 FORMAT = "lxmert_fast.feature_store"
-VERSION = 1
+VERSION = 2  # 2: boxes ordered, confidences >= 0, largest label ids recorded
 
 
 class StoreError(RuntimeError):
@@ -111,10 +114,10 @@ def convert_tsv(
     """Convert a feature TSV into a store (or re-use a matching one) and return the store directory.
 
     Streams the TSV in constant memory (apart from the img_id list). Every row is validated (column count,
-    base64, array sizes, finite values, boxes inside the image within `box_tolerance` after normalisation,
-    num_boxes <= max_boxes, unique img_id); the first bad row raises FeatureFormatError naming the file, line and
-    img_id, and leaves no store behind. Concurrent callers (several ranks) serialise on a lock file and all get
-    the one store.
+    base64, array sizes, finite values, non-negative confidences, boxes inside the image within `box_tolerance`
+    after normalisation with x1 <= x2 and y1 <= y2, num_boxes <= max_boxes, unique img_id); the first bad row
+    raises FeatureFormatError naming the file, line and img_id, and leaves no store behind. Concurrent callers
+    (several ranks) serialise on a lock file and all get the one store.
     """
     tsv_path = Path(tsv_path)
     store_dir = Path(store_dir) if store_dir is not None else default_store_dir(tsv_path)
@@ -143,6 +146,7 @@ def _write_store(
     names = list(_array_specs(0, 1, 1))
     files = {name: open(out / f"{name}.bin", "wb") for name in names}
     first_line: dict[str, int] = {}  # img_id -> TSV line, in row order
+    max_label = {"object": None, "attribute": None}  # the largest id of each kind: {id, line, img_id}
     bar = tqdm(
         total=tsv_path.stat().st_size,
         unit="B",
@@ -188,6 +192,10 @@ def _write_store(
             files["num_boxes"].write(np.array([n], dtype="<i4").tobytes())
             files["img_hw"].write(np.array([r.img_h, r.img_w], dtype="<i4").tobytes())
             first_line[r.img_id] = line_no
+            for kind, ids in (("object", r.objects_id), ("attribute", r.attrs_id)):
+                largest = int(ids.max())
+                if max_label[kind] is None or largest > max_label[kind]["id"]:
+                    max_label[kind] = {"id": largest, "line": line_no, "img_id": r.img_id}
             bar.update(nbytes)
     finally:
         bar.close()
@@ -204,6 +212,7 @@ def _write_store(
         "num_images": len(first_line),
         "max_boxes": max_boxes,
         "feat_dim": feat_dim,
+        "max_label": max_label,
         "arrays": {name: {"dtype": dtype, "shape": list(shape)} for name, (dtype, shape) in specs.items()},
     }
 
@@ -259,6 +268,26 @@ class FeatureStore:
     def __contains__(self, img_id: str) -> bool:
         return img_id in self._rows
 
+    @property
+    def source_name(self) -> str:
+        """The feature TSV the store was converted from (the store folder when that is not recorded)."""
+        return self.meta.get("source", {}).get("path") or str(self.store_dir)
+
+    def max_label(self, kind: str) -> dict | None:
+        """The largest "object" or "attribute" label id of the store as {"id", "line", "img_id"} (line and img_id
+        of the TSV row that holds it)."""
+        return self.meta["max_label"][kind]
+
+    def same_image(self, row: int, other: FeatureStore, other_row: int) -> bool:
+        """Whether row `row` of this store and row `other_row` of `other` hold the same boxes, labels and
+        features."""
+        mine, theirs = self._open(), other._open()
+        return mine.keys() == theirs.keys() and all(
+            mine[name][row].shape == theirs[name][other_row].shape
+            and np.array_equal(mine[name][row], theirs[name][other_row])
+            for name in mine
+        )
+
     def row(self, img_id: str) -> int:
         """Row index of an image; KeyError naming the store when it is absent."""
         try:
@@ -276,4 +305,19 @@ class FeatureStore:
         return f"FeatureStore({str(self.store_dir)!r}, N={len(self)}, max_boxes={self.max_boxes}, F={self.feat_dim})"
 
 
-__all__ = ["FeatureStore", "StoreError", "convert_tsv", "default_store_dir"]
+def index_images(stores) -> dict[str, tuple[int, int]]:
+    """{img_id: (index of the store holding it, row)} over `stores`. An img_id in several stores must have the
+    same contents in each (then the first is used); otherwise a FeatureFormatError names both files."""
+    where: dict[str, tuple[int, int]] = {}
+    for k, store in enumerate(stores):
+        for row, img_id in enumerate(store.img_ids):
+            first = where.setdefault(img_id, (k, row))
+            if first != (k, row) and not stores[first[0]].same_image(first[1], store, row):
+                raise FeatureFormatError(
+                    f"img_id {img_id!r} is in two feature files with different boxes, labels or features: "
+                    f"{stores[first[0]].source_name} and {store.source_name}; remove it from one of them"
+                )
+    return where
+
+
+__all__ = ["FeatureStore", "StoreError", "convert_tsv", "default_store_dir", "index_images"]

@@ -8,8 +8,10 @@ Annotation files (JSON lists), as the original's `src/tasks/*_data.py` read them
 Answer vocabularies: `trainval_ans2label.json` ({answer: label}) with `trainval_label2ans.json` ([answer]).
 
 Bad input raises AnnotationFormatError naming the file and the record (index and id): malformed records,
-duplicate ids, images missing from every feature store. Answers that the vocabulary does not hold are dropped from
-the soft label, as the original's GQA loader does; they are counted (`num_unknown_answers`) and reported.
+duplicate ids, and (strict=True, the default) images missing from every feature store; with strict=False such
+records are left out with a warning naming the file, their count and the first img_ids. Answers that the vocabulary
+does not hold are dropped from the soft label, as the original's GQA loader does; they are counted
+(`num_unknown_answers`) and reported.
 
 Sentences are tokenised once at load time as the original: [CLS] word pieces [SEP], truncated to max_seq_length
 (20), padded with [PAD]; token types all 0.
@@ -18,10 +20,11 @@ Public API
     read_annotations(path, task, require_labels=True) -> list[dict]   validated records
     AnswerVocab(label2ans)                  .ans2label, .label2ans, len(), .load(ans2label, label2ans=None), .save
     QADataset(paths, stores, vocab, tokenizer, task="vqa", max_seq_length=20, require_labels=True,
-              feature_dtype=np.float32)
+              feature_dtype=np.float32, strict=True)
         items: text inputs, visual_feats (V, F), visual_pos (V, 4), visual_attention_mask (V,),
         target (num_answers,) soft scores, index; .qid(i), .labels (qid -> {answer: score}) for the metrics
-    NLVR2Dataset(paths, stores, tokenizer, max_seq_length=20, require_labels=True, feature_dtype=np.float32)
+    NLVR2Dataset(paths, stores, tokenizer, max_seq_length=20, require_labels=True, feature_dtype=np.float32,
+                 strict=True)
         items: text inputs, visual_* with a leading pair axis of 2, label, index; .qid(i) is the identifier
     both: .text_length_stats() -> (mean, std) of the text lengths in tokens
     finetune_collate(items) -> dict of tensors (the model's keyword arguments plus target / label, index)
@@ -38,9 +41,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .feature_store import FeatureStore
+from lxmert_fast.jsonfile import JSONFileError, read_json
+
+from .feature_store import FeatureStore, index_images
 from .formats import AnnotationFormatError
-from .pretrain_dataset import as_feature_store, load_tokenizer
+from .pretrain_dataset import as_feature_store, missing_images_message
+from .tokenizer import check_tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +67,11 @@ def read_annotations(path, task: str, require_labels: bool = True) -> list[dict]
     if task not in FINETUNE_TASKS:
         raise ValueError(f"unknown task {task!r}: expected one of {FINETUNE_TASKS}")
     path = Path(path)
+    fields = "identifier, img0, img1, sent, label" if task == "nlvr2" else "question_id, img_id, sent, label"
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{task} annotation file not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise AnnotationFormatError(f"{path}: not valid JSON ({err})") from None
+        data = read_json(path, f"a {task} annotation file: a JSON list of {{{fields}}} objects")
+    except JSONFileError as err:
+        raise AnnotationFormatError(str(err)) from None
     if not isinstance(data, list):
         raise AnnotationFormatError(f"{path}: expected a JSON list of {task} records, got {type(data).__name__}")
     id_key = _ID_KEY[task]
@@ -133,8 +137,8 @@ class AnswerVocab:
     def load(cls, ans2label_path, label2ans_path=None) -> AnswerVocab:
         """Read `*_ans2label.json` (and check it against `*_label2ans.json`, by default its sibling)."""
         ans2label_path = Path(ans2label_path)
-        with open(ans2label_path, encoding="utf-8") as f:
-            ans2label = json.load(f)
+        ans2label = read_json(ans2label_path, "an answer vocabulary (trainval_ans2label.json): a JSON object "
+                              "{answer: integer label}")
         if not isinstance(ans2label, dict) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in ans2label.values()
         ):
@@ -149,8 +153,8 @@ class AnswerVocab:
             sibling = ans2label_path.with_name(ans2label_path.name.replace("ans2label", "label2ans"))
             label2ans_path = sibling if sibling != ans2label_path and sibling.is_file() else None
         if label2ans_path is not None:
-            with open(label2ans_path, encoding="utf-8") as f:
-                other = json.load(f)
+            other = read_json(label2ans_path, "an answer list (trainval_label2ans.json): a JSON list of answers, the "
+                              "answer of label k at position k")
             if other != label2ans:
                 raise ValueError(f"{label2ans_path} does not agree with {ans2label_path}")
         return cls(label2ans)
@@ -169,7 +173,7 @@ class AnswerVocab:
 class _FinetuneDataset(torch.utils.data.Dataset):
     """Shared by the task datasets: image lookup over several stores and sentence tokenisation."""
 
-    def __init__(self, stores, tokenizer, max_seq_length: int, feature_dtype=np.float32):
+    def __init__(self, stores, tokenizer, max_seq_length: int, feature_dtype=np.float32, strict: bool = True):
         # feature_dtype float16, the stores' own, gives the same values in half the bytes to copy between loader
         # processes and to the device, which then casts (finetune.py does this); float32 suits the model as is
         self.feature_dtype = np.dtype(feature_dtype)
@@ -186,20 +190,33 @@ class _FinetuneDataset(torch.utils.data.Dataset):
         self.feat_dim, self.max_boxes = dims.pop()
         self.tokenizer = load_tokenizer(tokenizer)
         self.max_seq_length = max_seq_length
-        self._where: dict[str, tuple[int, int]] = {}  # img_id -> (store, row); the first store holding it wins
-        for k, store in enumerate(self.stores):
-            for img_id in store.img_ids:
-                self._where.setdefault(img_id, (k, store.row(img_id)))
+        self.strict = strict
+        self._where = index_images(self.stores)  # img_id -> (store, row)
+        self._missing: dict[str, list[str]] = {}  # annotation file -> img_ids of the records left out
 
-    def _locate(self, img_id: str, where: str) -> tuple[int, int]:
-        try:
-            return self._where[img_id]
-        except KeyError:
-            stores = ", ".join(str(s.store_dir) for s in self.stores)
+    def _locate(self, img_ids: list[str], path, where: str) -> list[tuple[int, int]] | None:
+        """The (store, row) of each image of a record; None (the record is left out, and noted) when one is in no
+        store and not strict."""
+        absent = [img_id for img_id in img_ids if img_id not in self._where]
+        if not absent:
+            return [self._where[img_id] for img_id in img_ids]
+        if self.strict:
+            files = ", ".join(s.source_name for s in self.stores)
             raise AnnotationFormatError(
-                f"{where}: image {img_id!r} is in none of the feature stores ({stores}); pass its feature TSV "
+                f"{where}: image {absent[0]!r} is in none of the feature files ({files}); pass its feature TSV "
                 "with --features"
-            ) from None
+            )
+        self._missing.setdefault(str(path), []).extend(absent)
+        return None
+
+    def _check_loaded(self, paths, what: str) -> None:
+        """After the records are read: report the records left out, then check the tokenizer on the sentences."""
+        message = missing_images_message(self._missing, self.stores) if self._missing else ""
+        if not self.records:
+            raise ValueError(f"no {what} in {', '.join(str(p) for p in paths)}" + (f": {message}" if message else ""))
+        if message:
+            logger.warning("left out %s (--strict makes this an error)", message)
+        check_tokenizer(self.tokenizer, [d["sent"] for d in self.records[:64]])
 
     def _tokenize(self, sents: list[str]) -> np.ndarray:
         """(N, L) word-piece ids: [CLS] pieces [SEP] [PAD]..., cut to max_seq_length as the original."""
@@ -254,8 +271,9 @@ class QADataset(_FinetuneDataset):
         max_seq_length: int = 20,
         require_labels: bool = True,
         feature_dtype=np.float32,
+        strict: bool = True,
     ):
-        super().__init__(stores, tokenizer, max_seq_length, feature_dtype)
+        super().__init__(stores, tokenizer, max_seq_length, feature_dtype, strict)
         if task not in ("vqa", "gqa"):
             raise ValueError(f"QADataset is for vqa or gqa, not {task!r}")
         self.task, self.vocab = task, vocab
@@ -266,15 +284,17 @@ class QADataset(_FinetuneDataset):
         for path in _split_paths(paths):
             for k, datum in enumerate(read_annotations(path, task, require_labels)):
                 where = f"{path}: record {k} (question_id {datum['question_id']!r})"
-                self._images.append(self._locate(datum["img_id"], where))
+                images = self._locate([datum["img_id"]], path, where)
+                if images is None:
+                    continue
+                self._images.append(images[0])
                 self.records.append(datum)
                 for ans in datum.get("label", {}):
                     if ans not in vocab.ans2label:
                         self.num_unknown_answers += 1
                         if len(unknown_examples) < 5:
                             unknown_examples.append(f"{ans!r} ({where})")
-        if not self.records:
-            raise ValueError(f"no questions in {[str(p) for p in _split_paths(paths)]}")
+        self._check_loaded(_split_paths(paths), "questions")
         if self.num_unknown_answers:
             logger.warning(
                 "%d answers of %d questions are not in the answer vocabulary (%d answers) and were dropped from the "
@@ -314,17 +334,19 @@ class NLVR2Dataset(_FinetuneDataset):
     """NLVR2 statements about an image pair (img0 = left, img1 = right), label 1 = true."""
 
     def __init__(self, paths, stores, tokenizer, max_seq_length: int = 20, require_labels: bool = True,
-                 feature_dtype=np.float32):
-        super().__init__(stores, tokenizer, max_seq_length, feature_dtype)
+                 feature_dtype=np.float32, strict: bool = True):
+        super().__init__(stores, tokenizer, max_seq_length, feature_dtype, strict)
         self.records: list[dict] = []
         self._images: list[tuple[tuple[int, int], tuple[int, int]]] = []
         for path in _split_paths(paths):
             for k, datum in enumerate(read_annotations(path, "nlvr2", require_labels)):
                 where = f"{path}: record {k} (identifier {datum['identifier']!r})"
-                self._images.append((self._locate(datum["img0"], where), self._locate(datum["img1"], where)))
+                images = self._locate([datum["img0"], datum["img1"]], path, where)
+                if images is None:
+                    continue
+                self._images.append(tuple(images))
                 self.records.append(datum)
-        if not self.records:
-            raise ValueError(f"no statements in {[str(p) for p in _split_paths(paths)]}")
+        self._check_loaded(_split_paths(paths), "statements")
         self._input_ids = self._tokenize([d["sent"] for d in self.records])
 
     def qid(self, index: int) -> str:

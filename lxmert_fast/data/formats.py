@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -32,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from lxmert_fast.errors import InputError
+from lxmert_fast.jsonfile import JSONFileError, read_json
 
 TSV_FIELDS = (
     "img_id",
@@ -66,7 +68,7 @@ class ImageFeatures:
         return len(self.boxes)
 
 
-class FeatureFormatError(ValueError):
+class FeatureFormatError(InputError):
     """A feature TSV row that cannot be trusted."""
 
 
@@ -138,6 +140,20 @@ def decode_tsv_row(
     for name, arr in (("objects_conf", objects_conf), ("attrs_conf", attrs_conf), ("features", features)):
         if not np.isfinite(arr).all():
             raise FeatureFormatError(f"{where}: column {name!r} holds NaN or infinite values")
+    for name, conf in (("objects_conf", objects_conf), ("attrs_conf", attrs_conf)):
+        if (conf < 0).any():  # the confidence weighs the object's loss: a negative one would reward errors
+            i = int(np.flatnonzero(conf < 0)[0])
+            raise FeatureFormatError(
+                f"{where}: {int((conf < 0).sum())} negative confidence(s) in {name!r}, first: box {i} = "
+                f"{float(conf[i])}"
+            )
+    flipped = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if flipped.any():
+        i = int(np.flatnonzero(flipped)[0])
+        raise FeatureFormatError(
+            f"{where}: {int(flipped.sum())} box(es) with x2 < x1 or y2 < y1, first: box {i} = {boxes[i].tolist()} "
+            "(x1, y1, x2, y2 pixels)"
+        )
     scale = np.array([img_w, img_h, img_w, img_h], dtype=np.float64)
     norm = boxes / scale
     bad = ~((norm >= -box_tolerance) & (norm <= 1 + box_tolerance)).all(axis=1)  # NaN counts as bad
@@ -223,7 +239,7 @@ def write_feature_tsv(path, records: Iterable[ImageFeatures]) -> None:
 # Pre-training annotations
 
 
-class AnnotationFormatError(ValueError):
+class AnnotationFormatError(InputError):
     """A pre-training JSON record that cannot be used."""
 
 
@@ -236,11 +252,10 @@ def read_pretrain_json(path) -> list[dict]:
     """Load and validate a pre-training annotation file: a list of {img_id, sentf{src: [sent]}, labelf{src: [{ans:
     score}]}}. `labelf` may be missing (captions only); `labelf[src]` must parallel `sentf[src]`. Empty sentences
     and negative or non-finite scores are rejected with an AnnotationFormatError naming file, record and img_id."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise AnnotationFormatError(f"{path}: not valid JSON ({err})") from None
+    try:
+        data = read_json(path, "a pre-training annotation file: a JSON list of {img_id, sentf, labelf} objects")
+    except JSONFileError as err:
+        raise AnnotationFormatError(str(err)) from None
     if not isinstance(data, list):
         raise AnnotationFormatError(f"{path}: expected a JSON list of image records, got {type(data).__name__}")
     for k, datum in enumerate(data):
@@ -329,8 +344,7 @@ class AnswerTable:
 
     def __init__(self, path, dsets: Iterable[str] | None = None):
         self.path = Path(path)
-        with open(self.path, encoding="utf-8") as f:
-            entries = json.load(f)
+        entries = read_json(self.path, "the answer table all_ans.json: a JSON list of {ans, dsets} objects")
         if not isinstance(entries, list):
             raise ValueError(f"{self.path}: expected a JSON list of {{'ans', 'dsets'}} entries")
         wanted = None if dsets is None else set(dsets)

@@ -27,12 +27,14 @@ touch Python object refcounts (which would un-share copy-on-write pages) when th
 Public API
     PretrainDataset(annotation_paths, feature_stores, answer_table, tokenizer, *, max_seq_length=20, seed=9595,
                     word_mask_rate=0.15, obj_mask_rate=0.15, task_matched=True, qa_from_epoch=0, sources=None,
-                    feature_dtype=np.float32)
+                    feature_dtype=np.float32, strict=False)
         .set_epoch(epoch), .epoch, .qa_enabled, len(ds), ds[index] or ds[(epoch, index)] -> dict of numpy arrays,
-        .uid(index) -> "{img_id}_{source}_{index}", .num_dropped (sentences without features),
+        .uid(index) -> "{img_id}_{source}_{index}", .num_dropped (sentences without features, left out unless
+        strict),
         .text_length_stats() -> (mean, std) of the text lengths in tokens,
         .__getitems__(indices) -> StackedItems: a whole batch at once (a DataLoader calls it), the same values
     pretrain_collate(items) -> dict of tensors: exactly the keyword arguments of LxmertForPreTraining.forward
+    missing_images_message(missing, stores) -> str   names the records whose image no store holds (per file)
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .feature_store import FeatureStore
-from .formats import AnswerTable, make_uid, read_pretrain_json
+from .feature_store import FeatureStore, index_images
+from .formats import AnnotationFormatError, AnswerTable, make_uid, read_pretrain_json
+from .tokenizer import check_tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +64,16 @@ def as_feature_store(store) -> FeatureStore:
     return FeatureStore(path) if path.is_dir() else FeatureStore.from_tsv(path)
 
 
-def load_tokenizer(tokenizer):
-    """A tokenizer object as is, or BertTokenizerFast from a folder or hub name."""
-    if isinstance(tokenizer, str | Path):
-        from transformers import BertTokenizerFast
-
-        return BertTokenizerFast.from_pretrained(str(tokenizer))
-    return tokenizer
+def missing_images_message(missing: dict, stores) -> str:
+    """Names the annotation records whose image no feature store holds: per annotation file their number and the
+    first img_ids. `missing`: {annotation file: [img_id of each such record]}."""
+    parts = []
+    for path, img_ids in missing.items():
+        distinct = list(dict.fromkeys(img_ids))
+        shown = ", ".join(repr(i) for i in distinct[:5]) + (", ..." if len(distinct) > 5 else "")
+        parts.append(f"{path}: {len(img_ids)} records (img_id {shown})")
+    files = ", ".join(s.source_name for s in stores)
+    return f"annotation records whose image is in none of the feature files ({files}): {'; '.join(parts)}"
 
 
 class PretrainDataset(torch.utils.data.Dataset):
@@ -76,11 +82,14 @@ class PretrainDataset(torch.utils.data.Dataset):
     annotation_paths: pre-training JSON files (a path or a list of paths).
     feature_stores:   FeatureStore objects, store directories, or feature TSVs (converted on first use).
     answer_table:     AnswerTable or a path to all_ans.json.
-    tokenizer:        a transformers fast BERT tokenizer, or a local folder / hub name for BertTokenizerFast.
+    tokenizer:        a transformers fast BERT tokenizer, or a local folder / hub name for BertTokenizerFast;
+                      checked against the first sentences (tokenizer.check_tokenizer).
     sources:          keep only these sentence sources (e.g. {"mscoco", "vg", "vqa", "gqa", "visual7w"}).
     feature_dtype:    dtype of visual_feats and the feat target. float32 (default) suits the model as is;
                       float16, the stores' own dtype, gives the same values in half the bytes to copy between
                       loader processes and to the device, which then casts (pretrain.py does this).
+    strict:           records whose image is in no feature store are an AnnotationFormatError instead of being left
+                      out with a warning (both name the annotation file, the count and the first img_ids).
     """
 
     def __init__(
@@ -98,6 +107,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         qa_from_epoch: int = 0,
         sources: Iterable[str] | None = None,
         feature_dtype=np.float32,
+        strict: bool = False,
     ):
         if isinstance(annotation_paths, str | Path):
             annotation_paths = [annotation_paths]
@@ -116,6 +126,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.obj_mask_rate = obj_mask_rate
         self.task_matched = task_matched
         self.qa_from_epoch = qa_from_epoch
+        self.strict = strict
         self.epoch = 0
         self.feature_dtype = np.dtype(feature_dtype)
         if self.feature_dtype not in (np.float16, np.float32):
@@ -125,6 +136,9 @@ class PretrainDataset(torch.utils.data.Dataset):
         if len(dims) != 1:
             raise ValueError(f"feature stores disagree on (feat_dim, max_boxes): {sorted(dims)}")
         self.feat_dim, self.max_boxes = dims.pop()
+
+        self._load(list(annotation_paths), None if sources is None else set(sources))
+        check_tokenizer(self.tokenizer, [self.sentence(i) for i in range(min(64, len(self)))])
         self.vocab_size = len(self.tokenizer)
         self._special = (
             self.tokenizer.cls_token_id,
@@ -132,32 +146,24 @@ class PretrainDataset(torch.utils.data.Dataset):
             self.tokenizer.pad_token_id,
             self.tokenizer.mask_token_id,
         )
-        if any(t is None for t in self._special):
-            raise ValueError("the tokenizer needs [CLS], [SEP], [PAD] and [MASK] tokens")
-
-        self._load(list(annotation_paths), None if sources is None else set(sources))
 
     # -- loading --------------------------------------------------------------------------------------------------
 
     def _load(self, paths: list, sources: set | None) -> None:
-        # Global image index over all stores; the first store holding an img_id wins.
-        image_of: dict[str, int] = {}
-        img_store, img_row, img_ids = [], [], []
-        for k, store in enumerate(self.stores):
-            for img_id in store.img_ids:
-                if img_id in image_of:
-                    continue
-                image_of[img_id] = len(img_ids)
-                img_store.append(k)
-                img_row.append(store.row(img_id))
-                img_ids.append(img_id)
+        # Global image index over all stores (an img_id in several must have the same contents in each).
+        located = index_images(self.stores)
+        image_of = {img_id: i for i, img_id in enumerate(located)}
+        img_ids = list(located)
+        img_store = [k for k, _ in located.values()]
+        img_row = [row for _, row in located.values()]
 
         source_ids: dict[str, int] = {}
         text = bytearray()
         text_end, d_img, d_src, d_idx, lab_end = [], [], [], [], []
         flat_ans, flat_score = [], []
         is_question = []
-        dropped_records = dropped_sents = 0
+        dropped_sents = 0
+        missing: dict[str, list[str]] = {}  # annotation file -> img_id of each record without features
         for path in paths:
             for datum in read_pretrain_json(path):
                 img = image_of.get(datum["img_id"])
@@ -182,19 +188,16 @@ class PretrainDataset(torch.utils.data.Dataset):
                             flat_ans.extend(known)
                             flat_score.extend(known.values())
                         lab_end.append(len(flat_ans))
-                dropped_records += img is None
-        if dropped_sents:
-            logger.warning(
-                "dropped %d sentences of %d annotation records whose image is in none of the feature stores",
-                dropped_sents,
-                dropped_records,
-            )
+                if img is None:
+                    missing.setdefault(str(path), []).append(datum["img_id"])
+        message = missing_images_message(missing, self.stores) if missing else "none of the sources asked for"
+        if missing:
+            if self.strict:
+                raise AnnotationFormatError(f"{message} (refused: strict)")
+            logger.warning("left out %d sentences of %s (--strict makes this an error)", dropped_sents, message)
         self.num_dropped = dropped_sents
         if not text_end:
-            raise ValueError(
-                f"no usable sentences: {dropped_sents} sentences in {[str(p) for p in paths]} refer to images "
-                f"missing from the feature stores {[str(s.store_dir) for s in self.stores]}"
-            )
+            raise ValueError(f"no usable sentences in {', '.join(str(p) for p in paths)}: {message}")
 
         self._text = np.frombuffer(bytes(text), dtype=np.uint8)
         self._text_end = np.asarray(text_end, dtype=np.int64)
