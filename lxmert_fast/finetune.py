@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from lxmert_fast import training  # noqa: E402  (sets DS_ACCELERATOR before deepspeed is imported)
 from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADataset, finetune_collate  # noqa: E402
-from lxmert_fast.evaluation import SUBMISSION_NAME, evaluate, write_submission  # noqa: E402
+from lxmert_fast.evaluation import SUBMISSION_NAME, evaluate, question_only_note, write_submission  # noqa: E402
 from lxmert_fast.modeling import text_token_capacity  # noqa: E402
 from lxmert_fast.optimization import build_optimizer, build_scheduler  # noqa: E402
 from lxmert_fast.pretrain import CONFIG_DIR, REPO_ROOT, resolve_model_config  # noqa: E402
@@ -277,6 +277,9 @@ def main(argv=None):
     if not training.is_main():
         train_set, valid_set, test_set, vocab = build_data(args)
     label2ans = vocab.label2ans if vocab is not None else None
+    # printed beside each validation score: a model that does no better than this does not use the image
+    records = [d.records if d is not None else None for d in (train_set, valid_set)]
+    baseline = question_only_note(args.task, *records, label2ans)
 
     any_set = next(d for d in (train_set, valid_set, test_set) if d is not None)
     scratch_config = None
@@ -345,7 +348,8 @@ def main(argv=None):
         record = {"step": step, "epoch": epoch, "split": split, **scores, "eval_time_s": time.perf_counter() - t0}
         metrics.log(record)
         if scores:
-            training.print0(f"{split} after step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+            training.print0(f"{split} after step {step}: {shown}{baseline if split == 'valid' else ''}")
         return preds, scores
 
     def checkpoint():

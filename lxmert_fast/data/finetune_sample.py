@@ -5,8 +5,9 @@ images that LXMERT was pre-trained on; the fine-tuning train split uses the pre-
 test the held-out valid images. Questions and statements are made from what each image holds (its boxes' object
 and attribute labels in the feature store, which determine its features), in the generator's vocabulary:
     VQA    "how many dogs are there?" (the pre-training sample's own count question, answers normalised),
-           "what color is the dog?", "is there a cat in the picture?" / "are there any cats?"; soft scores with
-           occasional secondary answers, some of them outside the answer vocabulary (dropped, as in the real data)
+           "what color is the dog?" (each kind in the image), "is there a cat in the picture?" / "are there any
+           cats?" (each kind in the image, and as many kinds not in it); soft scores with occasional secondary
+           answers, some of them outside the answer vocabulary (dropped, as in the real data)
     GQA    "what is the red object?", "what color is the dog?", "is the dog red?"
     NLVR2  statements on object presence in a pair: "there is a dog in each image", "exactly one image contains a
            dog", "the left image contains a dog and the right image does not", ...; each statement comes with four
@@ -35,7 +36,7 @@ from .fsutil import build_lock, publish_dir, remove_stale_staging, staging_dir
 # The pre-training sample generator's scheme: object k < NUM_FOREGROUND is a foreground kind, with its plural.
 from .sample import ATTRIBUTE_NAMES, NUM_FOREGROUND, OBJECT_NAMES, OBJECTS, SamplePaths
 
-_VERSION = 1
+_VERSION = 2
 _OUT_OF_VOCABULARY = ("unsure", "not sure", "dunno")  # rare secondary answers, absent from ans2label
 
 
@@ -98,9 +99,14 @@ def _vqa(rng, img_id: str, contents: dict[int, int], annotation: dict, qid: int)
         if rng.random() < 0.1:
             label[str(rng.choice(_OUT_OF_VOCABULARY))] = 0.3
         add(f"what color is the {OBJECT_NAMES[obj]}?", label, "other", "what color is the")
+    # Presence: every kind the image holds ("yes") and as many kinds it lacks ("no"), so that for any one object
+    # "yes" and "no" are about equally likely (each kind is in ~1 image of 10) and the question alone cannot tell.
     present = list(contents)
     absent = [k for k in range(NUM_FOREGROUND) if k not in contents]
-    for obj, answer in ((int(rng.choice(present)), "yes"), (int(rng.choice(absent)), "no")):
+    asked = [(obj, "yes") for obj in present]
+    asked += [(int(obj), "no") for obj in rng.choice(absent, size=len(present), replace=False)]
+    for k in rng.permutation(len(asked)).tolist():
+        obj, answer = asked[k]
         if rng.random() < 0.5:
             add(f"is there a {OBJECT_NAMES[obj]} in the picture?", {answer: 1.0}, "yes/no", "is there a")
         else:
