@@ -169,9 +169,10 @@ def plot_layers(maps, row_labels, col_labels, title: str, layer_name: str, path)
     return Path(path)
 
 
-def plot_boxes(image_path, boxes, weights, labels, title: str, path) -> Path:
-    """The image with each box outlined, its line width and colour by its attention weight, and the weight written
-    at its corner. `boxes`: (V, 4) normalised x1, y1, x2, y2."""
+def plot_boxes(image_path, boxes, weights, labels, title: str, path, labelled: int = 5) -> Path:
+    """The image with each box outlined, colour and line width from its attention weight (from the smallest weight,
+    thin and pale, to the largest), the `labelled` strongest boxes labelled "index:class weight", and a colour bar
+    of the weights. `boxes`: (V, 4) normalised x1, y1, x2, y2."""
     plt = _pyplot()
     try:
         from PIL import Image
@@ -181,23 +182,21 @@ def plot_boxes(image_path, boxes, weights, labels, title: str, path) -> Path:
     h, w = image.shape[:2]
     fig, ax = plt.subplots(figsize=(8, 8 * h / w + 0.5))
     ax.imshow(image)
-    cmap = plt.get_cmap("autumn_r")
-    top = float(np.max(weights)) or 1.0
-    for k in np.argsort(weights):  # the strongest drawn last, on top
+    low, high = float(np.min(weights)), float(np.max(weights))
+    norm = plt.Normalize(low, high if high > low else low + 1e-6)
+    cmap = plt.get_cmap("plasma")
+    order = np.argsort(weights)  # the strongest drawn last, on top
+    for k in order:
         x1, y1, x2, y2 = (float(v) for v in boxes[k] * np.array([w, h, w, h]))
-        strength = float(weights[k]) / top
+        strength = float(norm(weights[k]))
         ax.add_patch(
             plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=cmap(strength), lw=0.5 + 3.5 * strength)
         )
-        if strength > 0.25:
-            ax.text(
-                x1,
-                y1,
-                f"{labels[k]} {weights[k]:.2f}",
-                fontsize=7,
-                color="black",
-                bbox={"facecolor": cmap(strength), "alpha": 0.8, "pad": 1, "lw": 0},
-            )
+    for k in order[::-1][:labelled]:
+        x1, y1 = float(boxes[k][0] * w), float(boxes[k][1] * h)
+        ax.text(x1, y1, f"{labels[k]} {weights[k]:.3f}", fontsize=7, color="black", va="bottom",
+                bbox={"facecolor": cmap(float(norm(weights[k]))), "alpha": 0.9, "pad": 1, "lw": 0})  # fmt: skip
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.046, pad=0.02, label="attention")
     ax.set_title(title, fontsize=10)
     ax.axis("off")
     fig.tight_layout()
