@@ -1,13 +1,14 @@
-"""What the capacities buy a static-shape training step (torch.compile, CUDA graphs): ours with
-``lm_label_capacity`` and ``text_token_capacity`` (bench_model.our_extras, as pretrain.py trains) against ours
-without them (text padded to 20, the LM head at every token), on the same weights and batch, alternating rounds.
+"""What the static shapes' row counts buy a static-shape training step (torch.compile, CUDA graphs): ours with
+``StaticShapes(text_rows, lm_label_rows)`` from the data's statistics (bench_model.our_extras, as pretrain.py
+trains) against ours with ``StaticShapes()`` (text padded to 20, the LM head at every token), on the same weights
+and batch, alternating rounds.
 
     python benchmarks/capacity_ab.py --batch 256                 # GPU: graphed steps, triton backend, bf16
     python benchmarks/capacity_ab.py --batch 128 --rounds 3      # CPU: the static-shape path run eagerly, fp32
 
 On a GPU each variant is a CUDA-graphed step (forward, backward, fused AdamW); on a CPU graphs do not exist, so
-the model is told that shapes are static (``modeling.static_shapes_only``) and runs that path eagerly. The batch is
-bench_model's: captions of 8-20 tokens padded to 20, 15% of tokens masked, 36 objects.
+the static-shape path runs eagerly. The batch is bench_model's: captions of 8-20 tokens padded to 20, 15% of tokens
+masked, 36 objects.
 """
 
 import argparse
@@ -28,7 +29,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds; each runs one step of each variant")
     args = parser.parse_args(argv)
 
-    from lxmert_fast import LxmertConfig, modeling
+    from lxmert_fast import LxmertConfig
+    from lxmert_fast.static_shapes import StaticShapes
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -36,16 +38,16 @@ def main(argv=None):
     config = LxmertConfig()
     state = bench_model.reference_state(config, "LxmertForPreTraining")
     batch = bench_model.make_batch(config, args.batch, 20, 36, device)
-    if not cuda:
-        modeling.static_shapes_only = lambda: True  # the path a graph capture or a compiled trace takes
+    shapes = bench_model.our_extras(batch, train=True, static=True)["static_shapes"]
     steps = {}
-    for name, ours in (("without capacities", False), ("with capacities", True)):
+    for name, static in (("without row counts", StaticShapes()), ("with row counts", shapes)):
         model = bench_model.build(f"lxmert_fast[{'triton' if cuda else 'torch'}]", config, state,
                                   "LxmertForPreTraining", device)
-        steps[name] = bench_model._train_step(model, batch, dtype, device, "graphed" if cuda else "", ours=ours)
-    extras = {k: v for k, v in bench_model.our_extras(batch, train=True).items() if k.endswith("capacity")}
+        extra = {"lm_logits_at_labels_only": True, "static_shapes": static}
+        steps[name] = bench_model._train_step(model, batch, dtype, device, "graphed" if cuda else "", ours=True,
+                                              extra=extra)
     mask = batch["attention_mask"]
-    print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, batch {args.batch}, {dtype}: {extras}; "
+    print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, batch {args.batch}, {dtype}: {shapes}; "
           f"{int(mask.sum())} real text tokens of {mask.numel()}, {int((batch['labels'] != -100).sum())} masked")
     times = {name: [] for name in steps}
     for step in steps.values():
@@ -62,7 +64,7 @@ def main(argv=None):
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     for name, ms in medians.items():
         print(f"{name}: {ms:.1f} ms per step ({args.batch / ms * 1e3:.0f} samples/s), median of {args.rounds}")
-    print(f"speed-up: {medians['without capacities'] / medians['with capacities']:.3f}x")
+    print(f"speed-up: {medians['without row counts'] / medians['with row counts']:.3f}x")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ whole step in one call, so the GPU runs back to back.
 What a graphed step needs, all of which lxmert_fast's models and the usage below provide:
 
 - the same shapes for every batch (pre-training batches are padded to a fixed length; use ``drop_last``);
-- no host synchronisation inside the step: lxmert_fast keeps static shapes while a graph is captured (see
-  ``modeling.static_shapes_only``), and its kernels draw dropout seeds on the device, so every replay gets new masks;
+- no host synchronisation inside the step: lxmert_fast's models take fixed row counts for their data-dependent
+  parts (``static_shapes=``, lxmert_fast.static_shapes), and its kernels draw dropout seeds on the device, so every
+  replay gets new masks;
 - a capturable optimiser, e.g. ``torch.optim.AdamW(..., fused=True, capturable=True)``; a learning rate that changes
   must be a tensor that the schedule updates in place;
 - bf16 or fp32: fp16's GradScaler reads the overflow flag on the host at every step;
@@ -82,25 +83,27 @@ class GraphedStep:
         batch's structure, shapes, dtypes and non-tensor values."""
         return None if self.graph is None else _mismatch(self.static_batch, batch, "batch")
 
-    def run_eagerly(self, batch):
-        """One eager step for a batch the graph was not recorded for (another shape, or another non-tensor value),
-        neither counted as a warm-up nor captured. After the capture its gradients go into the buffers the graph
-        owns, so whatever reads ``.grad`` next (the optimiser) works unchanged; the next replay overwrites them."""
+    def run_eagerly(self, batch, step_fn: Callable | None = None):
+        """One eager step for a batch the graph was not recorded for (another shape, or one that needs another step
+        function, ``step_fn``; default: the captured one), neither counted as a warm-up nor captured. After the
+        capture its gradients go into the buffers the graph owns, so whatever reads ``.grad`` next (the
+        optimiser) works unchanged; the next replay overwrites them."""
+        step_fn = step_fn or self.step_fn
         if self.graph is None:
-            return self._eager_before_capture(batch)
+            return self._eager_before_capture(batch, step_fn)
         self._restore_graph_grads()
         for grad in self._graph_grads.values():
             grad.zero_()
         self._stray_grads = True
-        return self.step_fn(batch)  # backward adds into the existing (zeroed) gradients in place
+        return step_fn(batch)  # backward adds into the existing (zeroed) gradients in place
 
-    def _eager_before_capture(self, batch):
+    def _eager_before_capture(self, batch, step_fn=None):
         # on a side stream, as capture requires: lazy initialisation (cuBLAS handles, autotuning, optimiser state)
         # happens here, not in the graph
         self._side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._side_stream):
             self._zero_grad()
-            out = self.step_fn(batch)
+            out = (step_fn or self.step_fn)(batch)
         torch.cuda.current_stream().wait_stream(self._side_stream)
         return out
 

@@ -31,6 +31,7 @@ from transformers.models.lxmert.modeling_lxmert import (
 from transformers.utils import ModelOutput
 
 from lxmert_fast.configuration import LxmertConfig
+from lxmert_fast.static_shapes import StaticShapes
 
 BACKENDS = ("auto", "torch", "triton")
 IGNORE_INDEX = -100  # transformers' ignore index; the original code used -1
@@ -54,13 +55,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             "to run the kernels on the CPU under Triton's interpreter); use backend='torch' on the CPU"
         )
     return backend
-
-
-def static_shapes_only() -> bool:
-    """True while torch.compile traces or a CUDA graph captures: shapes that depend on data (packing the padded
-    text away, the LM head at labelled tokens only) would need a host synchronisation, so the model keeps every
-    shape static then. The values are the same either way."""
-    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def _kernels():
@@ -87,9 +81,10 @@ class Stream(NamedTuple):
     LayerNorm, GeLU) then runs on the N real tokens only, (N, C) instead of (B, L, C); attention unpacks queries,
     keys and values to (B, L, ...) and masks the padding as usual. Real tokens get exactly the same values.
 
-    With static shapes (torch.compile, CUDA-graph capture) N cannot depend on the data: the stream is then packed
-    to a fixed ``capacity`` of rows, the real tokens first (``true_first``) and padded positions as filler, whose
-    values nothing real attends to. Without a capacity it is not packed then.
+    With static shapes (``StaticShapes``, for torch.compile and CUDA graphs) N cannot depend on the data: the
+    stream is then packed to a fixed ``rows``, the real tokens first (``true_first``) and padded positions as filler,
+    whose values nothing real attends to; with ``rows`` None it is not packed. The caller checks on the host that
+    the batch fits (``StaticShapes.fits``).
     """
 
     keep: torch.Tensor | None  # (B, L) bool, True = real token; None = no mask given
@@ -97,23 +92,21 @@ class Stream(NamedTuple):
     index: torch.Tensor | None  # (N,) positions of the packed rows in the flattened (B * L); None = not packed
     batch: int
     length: int
-    overflow: torch.Tensor | None = None  # () bool: more real tokens than the capacity (the outputs become NaN)
 
     @staticmethod
-    def make(mask, batch, length, dtype, pack=False, capacity=None) -> Stream:
+    def make(mask, batch, length, dtype, pack=False, static=False, rows=None) -> Stream:
+        """``static``: shapes fixed in advance, the stream packed to ``rows`` (None: not packed)."""
         if mask is None:
             return Stream(None, None, None, batch, length)
         additive = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
         keep = mask.bool()
-        index = overflow = None
-        if capacity is not None:
-            overflow = keep.sum() > capacity
-        if pack and static_shapes_only():
-            if capacity is not None and capacity < keep.numel():
-                index = true_first(keep.flatten(), capacity)
+        index = None
+        if pack and static:
+            if rows is not None and rows < keep.numel():
+                index = true_first(keep.flatten(), rows)
         elif pack and not bool(keep.all()):
             index = keep.flatten().nonzero().squeeze(1)
-        return Stream(keep, additive, index, batch, length, overflow)
+        return Stream(keep, additive, index, batch, length)
 
     def pack(self, x):
         """(B, L, ...) -> (N, ...) when packed."""
@@ -662,14 +655,13 @@ class LxmertModel(LxmertPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
-        text_token_capacity: int | None = None,
+        static_shapes: StaticShapes | None = None,
         **kwargs,
     ):
-        """transformers' forward, plus ``text_token_capacity``: the most real (unpadded) text tokens the batch may
-        have. Eagerly the padded text is packed away exactly (see Stream); under torch.compile or CUDA-graph
-        capture, where shapes must not depend on the data, the text stream is packed to that many rows only when
-        it is given (``text_token_capacity()`` computes one), and not at all without it. A batch with more real
-        tokens than its capacity gets NaN outputs, in either mode, never wrong ones."""
+        """transformers' forward, plus ``static_shapes``: without it the padded text is packed away exactly, with
+        shapes that depend on the data (see Stream); with it (torch.compile, CUDA graphs) the text stream is packed
+        to ``static_shapes.text_rows`` rows, which the batch must fit (``StaticShapes.fits``, checked by the
+        caller on the host)."""
         config = self.config
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -695,7 +687,8 @@ class LxmertModel(LxmertPreTrainedModel):
         # masks in the parameters' dtype, as transformers builds them (finfo.min, not the original's -10000);
         # padded text is packed away unless attention maps (which cover the padding too) are requested
         pack = self.pack_text and not output_attentions
-        lang_stream = Stream.make(attention_mask, *input_shape, self.dtype, pack=pack, capacity=text_token_capacity)
+        lang_stream = Stream.make(attention_mask, *input_shape, self.dtype, pack=pack, static=static_shapes is not None,
+                                  rows=None if static_shapes is None else static_shapes.text_rows)
         visn_stream = Stream.make(visual_attention_mask, *visual_feats.shape[:2], self.dtype)
 
         lang = lang_stream.pack(self.embeddings(input_ids, token_type_ids, inputs_embeds))
@@ -706,13 +699,6 @@ class LxmertModel(LxmertPreTrainedModel):
         if output_hidden_states:
             lang_states = tuple(lang_stream.unpack(state) for state in lang_states)
         pooled_output = self.pooler(lang_output)
-        if lang_stream.overflow is not None:  # a batch with more real tokens than text_token_capacity: NaN, not wrong
-            def poison(states):
-                return tuple(x.masked_fill(lang_stream.overflow, float("nan")) for x in states)
-
-            lang_output, visual_output, pooled_output = poison((lang_output, visual_output, pooled_output))
-            if output_hidden_states:  # every state, not only those the cut text changed: no half-right answer
-                lang_states, visn_states = poison(lang_states), poison(visn_states)
 
         if not return_dict:
             hidden = (lang_states, visn_states) if output_hidden_states else ()
@@ -802,20 +788,16 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         return_dict=None,
         return_task_losses: bool = False,
         lm_logits_at_labels_only: bool = False,
-        lm_label_capacity: int | None = None,
-        text_token_capacity: int | None = None,
+        static_shapes: StaticShapes | None = None,
         **kwargs,
     ):
         """transformers' forward, plus these lxmert_fast options:
 
         - ``return_task_losses``: also return each task's loss (``task_losses``: mlm, matched, obj, attr, feat, qa).
-        - ``text_token_capacity``: see LxmertModel.forward.
         - ``lm_logits_at_labels_only``: evaluate the LM head only at labelled positions (the same loss, 85% less
-          head work); ``prediction_logits`` is then None. Under torch.compile or CUDA-graph capture, where shapes
-          must not depend on the data, this needs ``lm_label_capacity``: the most labelled tokens a batch may have
-          (pretrain.py passes the expected count plus ten standard deviations, and checks every batch on the host).
-          The head then runs on that many rows, the labelled ones first; without a capacity it runs on every token.
-          A batch with more labelled tokens than its capacity gets a NaN masked-LM loss, never a wrong one.
+          head work); ``prediction_logits`` is then None.
+        - ``static_shapes``: see LxmertModel.forward; with it the LM head at the labelled positions runs on
+          ``static_shapes.lm_label_rows`` rows, the labelled ones first (None: on every token).
         """
         config = self.config
         return_dict = config.return_dict if return_dict is None else return_dict
@@ -830,14 +812,14 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=False,
-            text_token_capacity=text_token_capacity,
+            static_shapes=static_shapes,
         )
         lang_output, visual_output, pooled_output = out[:3]
         device = lang_output.device
 
         sparse_lm = lm_logits_at_labels_only and labels is not None
-        if sparse_lm and static_shapes_only() and lm_label_capacity is None:
-            sparse_lm = False  # no capacity: a static number of rows can only be every token
+        if sparse_lm and static_shapes is not None and static_shapes.lm_label_rows is None:
+            sparse_lm = False  # static shapes without a row count: the head runs on every token
         lang_prediction_scores = None if sparse_lm else self.cls.predictions(lang_output)
         cross_relationship_score = self.cls.seq_relationship(pooled_output)
         # transformers returns this odd scalar when the QA head is disabled; kept for drop-in compatibility
@@ -846,7 +828,8 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         losses = {}
         if labels is not None and config.task_mask_lm:
             if sparse_lm:
-                losses["mlm"] = self.masked_lm_loss_at_labels(lang_output, labels, lm_label_capacity)
+                rows = None if static_shapes is None else static_shapes.lm_label_rows
+                losses["mlm"] = self.masked_lm_loss_at_labels(lang_output, labels, rows)
             else:
                 losses["mlm"] = classification_loss(lang_prediction_scores, labels)
         if matched_label is not None and config.task_matched:
@@ -874,25 +857,20 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             **hidden,
         )
 
-    def masked_lm_loss_at_labels(self, lang_output, labels, capacity=None):
+    def masked_lm_loss_at_labels(self, lang_output, labels, static_rows=None):
         """The masked-LM loss with the LM head evaluated at the labelled tokens only (see ``forward``).
 
-        Eagerly the labelled rows are found with ``nonzero``. With static shapes they are the first ``capacity``
-        positions with the labelled tokens first (``true_first``); the rest of those rows are unlabelled filler, which
-        the loss ignores, so the loss is the same. A batch with more than ``capacity`` labelled tokens gets NaN in
-        either mode (a host-side check is the caller's job: here it would cost a synchronisation)."""
+        Without ``static_rows`` the labelled rows are found with ``nonzero``. With it they are the first
+        ``static_rows`` positions with the labelled tokens first (``true_first``); the rest of those rows are
+        unlabelled filler, which the loss ignores, so the loss is the same for a batch that fits."""
         flat_labels = labels.reshape(-1)
         labelled = flat_labels != IGNORE_INDEX
-        if static_shapes_only():
-            capacity = min(int(capacity), flat_labels.numel())
-            rows = true_first(labelled, capacity)
+        if static_rows is not None:
+            rows = true_first(labelled, min(int(static_rows), flat_labels.numel()))
         else:
             rows = labelled.nonzero().squeeze(1)
         logits = self.cls.predictions(lang_output.reshape(-1, lang_output.shape[-1]).index_select(0, rows))
-        loss = classification_loss(logits, flat_labels.index_select(0, rows))
-        if capacity is not None:
-            loss = loss.masked_fill(labelled.sum() > capacity, float("nan"))
-        return loss
+        return classification_loss(logits, flat_labels.index_select(0, rows))
 
     def masked_object_losses(self, visual_output, obj_labels) -> dict[str, torch.Tensor]:
         """Detector-label CE (weighted by the detector's confidence, over ALL objects — the original's intent) and
@@ -908,36 +886,6 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
                 loss = F.cross_entropy(prediction, label.reshape(-1), reduction="none")
             losses[key] = (loss * weight.reshape(-1).float()).mean() * self.config.visual_loss_normalizer
         return losses
-
-
-def _capacity(expected: float, std: float, positions: int) -> int:
-    """Rows that a count with this mean and standard deviation essentially never exceeds: ten standard deviations
-    above the mean, rounded up to a multiple of 64 (whole GEMM tiles), at most every position."""
-    return min(positions, 64 * math.ceil((expected + 10 * std) / 64))
-
-
-def text_token_capacity(attention_mask: torch.Tensor, mean_length: float, std_length: float) -> int | None:
-    """``text_token_capacity`` for a (B, L) ``attention_mask`` (best on the CPU, before the batch moves), given the
-    data's text lengths in tokens with [CLS] and [SEP] (mean and standard deviation over the data set, e.g.
-    ``PretrainDataset.text_length_stats()``). It depends on the shape and the data set only, so one compiled graph
-    serves every batch: B * mean + 10 * sqrt(B) * std rows, rounded up to 64, at most B * L. Returns None for the
-    rare batch with more real tokens (it then runs unpacked)."""
-    batch = attention_mask.shape[0]
-    capacity = _capacity(batch * mean_length, math.sqrt(batch) * std_length, attention_mask.numel())
-    return capacity if int(attention_mask.sum()) <= capacity else None
-
-
-def lm_label_capacity(labels: torch.Tensor, mask_rate: float = 0.15) -> int | None:
-    """``lm_label_capacity`` for a batch of masked-LM ``labels`` (best on the CPU, before the batch moves: the count
-    reads the tensor), for the LM head under torch.compile or CUDA graphs (see LxmertForPreTraining.forward).
-
-    The capacity depends on the shape only, so one compiled graph serves every batch: the number of masked tokens
-    expected if every position could be masked, plus ten standard deviations, rounded up to a multiple of 64 (whole
-    GEMM tiles), at most every position: 1,024 rows instead of 5,120 at the paper's batch (256 x 20 tokens). Returns
-    None for the rare batch with more labelled tokens than that (the head then runs at every token)."""
-    positions = labels.numel()
-    capacity = _capacity(mask_rate * positions, math.sqrt(positions * mask_rate * (1 - mask_rate)), positions)
-    return capacity if int((labels != IGNORE_INDEX).sum()) <= capacity else None
 
 
 def classification_loss(logits, labels):
@@ -990,7 +938,7 @@ class LxmertForQuestionAnswering(LxmertPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
-        text_token_capacity: int | None = None,
+        static_shapes: StaticShapes | None = None,
         **kwargs,
     ):
         """`labels`: (B,) answer indices, cross-entropy as transformers (the VQA recipe's soft-score BCE lives in
@@ -1008,7 +956,7 @@ class LxmertForQuestionAnswering(LxmertPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=False,
-            text_token_capacity=text_token_capacity,
+            static_shapes=static_shapes,
         )
         answer_score = self.answer_head(out[2])
         loss = None
@@ -1049,11 +997,11 @@ class LxmertForNLVR2(LxmertPreTrainedModel):
         inputs_embeds=None,
         labels=None,
         return_dict=None,
-        text_token_capacity: int | None = None,
+        static_shapes: StaticShapes | None = None,
         **kwargs,
     ):
         """Text (B, L); visual_feats (B, 2, V, F), visual_pos (B, 2, V, 4), visual_attention_mask (B, 2, V);
-        labels (B,) in {0, 1}; ``text_token_capacity`` as LxmertModel's, for the (B, L) text given."""
+        labels (B,) in {0, 1}; ``static_shapes`` as LxmertModel's, for the (B, L) text given."""
         config = self.config
         return_dict = config.return_dict if return_dict is None else return_dict
         if visual_feats is None or visual_feats.dim() != 4 or visual_feats.shape[1] != 2:
@@ -1077,7 +1025,7 @@ class LxmertForNLVR2(LxmertPreTrainedModel):
             token_type_ids=twice(token_type_ids),
             inputs_embeds=twice(inputs_embeds),
             return_dict=False,
-            text_token_capacity=None if text_token_capacity is None else 2 * text_token_capacity,
+            static_shapes=None if static_shapes is None else static_shapes.repeated(2),
         )
         pooled = out[2].view(-1, 2, config.hidden_size)  # (B, 2, C)
         logits = self.logit_fc(pooled.flatten(1))  # (B, 2)

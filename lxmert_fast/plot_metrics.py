@@ -1,4 +1,5 @@
-"""Plot a training run's metrics.jsonl to a PNG: total and per-task losses, learning rate, throughput.
+"""Plot a training run's metrics.jsonl to a PNG: training and validation loss, per-task losses, learning rate,
+throughput.
 
     python -m lxmert_fast.plot_metrics output/pretrain/metrics.jsonl loss.png
 
@@ -10,8 +11,8 @@ import json
 import sys
 
 
-def read_metrics(path):
-    """The per-step records of a metrics.jsonl (lines without a ``step`` or with an ``event`` are skipped)."""
+def read_metrics(path, event="train"):
+    """The records of one ``event`` (train: per step; eval: each evaluation) of a metrics.jsonl."""
     records = []
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
@@ -23,12 +24,14 @@ def read_metrics(path):
             except json.JSONDecodeError:  # a line cut short by a killed run
                 print(f"{path}:{line_no}: skipping a malformed line", file=sys.stderr)
                 continue
-            if "step" in rec and "event" not in rec:
+            if "step" in rec and rec.get("event") == event:
                 records.append(rec)
     return records
 
 
-def plot(records, out_png, title=None):
+def plot(records, out_png, title=None, evaluations=()):
+    """``evaluations``: the eval records, drawn beside the training loss (pre-training's validation loss, or
+    fine-tuning's eval_score on a second axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,8 +40,9 @@ def plot(records, out_png, title=None):
     steps = [r["step"] for r in records]
     loss_keys = sorted({k for r in records for k in r if k.endswith("_loss")})
     fig, (ax_loss, ax_task, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5))
-    ax_loss.plot(steps, [r.get("loss") for r in records], label="total")
+    ax_loss.plot(steps, [r.get("loss") for r in records], label="training")
     ax_loss.set(xlabel="step", ylabel="loss", title="total loss")
+    _plot_evaluations(ax_loss, [e for e in evaluations if e.get("split", "valid") == "valid"])
     for k in loss_keys:
         ax_task.plot(steps, [r.get(k) for r in records], label=k[: -len("_loss")])
     ax_task.set(xlabel="step", ylabel="loss", title="per-task loss", yscale="log")
@@ -56,19 +60,31 @@ def plot(records, out_png, title=None):
     plt.close(fig)
 
 
+def _plot_evaluations(ax, evaluations):
+    steps = [e["step"] for e in evaluations]
+    if any("valid_loss" in e for e in evaluations):
+        ax.plot(steps, [e.get("valid_loss") for e in evaluations], "o-", label="validation")
+    if any("eval_score" in e for e in evaluations):
+        score = ax.twinx()
+        score.plot(steps, [e.get("eval_score") for e in evaluations], "s-", color="tab:red", label="eval_score")
+        score.set_ylabel("eval_score", color="tab:red")
+    ax.legend()
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Plot metrics.jsonl (written by pretrain.py) to a PNG.")
+    parser = argparse.ArgumentParser(description="Plot metrics.jsonl (written by pretrain.py or finetune.py) to a PNG.")
     parser.add_argument("metrics", help="path to metrics.jsonl")
     parser.add_argument("out", help="output PNG")
     args = parser.parse_args(argv)
     records = read_metrics(args.metrics)
     if not records:
         sys.exit(f"{args.metrics}: no per-step records to plot")
+    evaluations = read_metrics(args.metrics, "eval")
     try:
-        plot(records, args.out, title=args.metrics)
+        plot(records, args.out, title=args.metrics, evaluations=evaluations)
     except ImportError:
         sys.exit("plot_metrics needs matplotlib: pip install matplotlib")
-    print(f"wrote {args.out} ({len(records)} steps)")
+    print(f"wrote {args.out} ({len(records)} steps, {len(evaluations)} evaluations)")
 
 
 if __name__ == "__main__":

@@ -1,25 +1,17 @@
-"""``--engine torch`` of pretrain.py and finetune.py: one process on one device, plain PyTorch, the training step
-as a CUDA graph.
+"""``--engine torch``: one process on one device, plain PyTorch, the training step as a CUDA graph.
 
 Why a second engine: at LXMERT's sizes a training step is a few thousand small kernels, and launched one by one
-from Python the CPU cannot keep a GPU busy. On an H100 (bf16, batch 256, benchmarks/profile_step.py) an eager step
-takes 107 ms and the same step replayed as a CUDA graph 48 ms (41 ms compiled); DeepSpeed cannot replay its step as
-a graph (its gradient hooks and loss scaling run on the host). For several GPUs, or ZeRO's memory savings, use the
-DeepSpeed engine.
+from Python the CPU cannot keep a GPU busy; DeepSpeed cannot replay its step as a graph (its gradient hooks and loss
+scaling run on the host). For several GPUs, or ZeRO's memory savings, use the DeepSpeed engine.
 
-What this engine does per micro-batch:
+Per micro-batch (``train_step``): the losses and gradients, on a GPU under bf16 autocast and, from the fourth call
+on, as a CUDA graph replay (lxmert_fast.cuda_graphs.GraphedStep) of the objective with its static shapes; a batch
+that does not fit them runs eagerly, into the graph's gradient buffers. Then the loop's check of the losses, and at
+an accumulation boundary gradient clipping (the DeepSpeed JSON's ``gradient_clipping``), the optimiser and the
+schedule, launched eagerly: a non-finite loss never updates the weights.
 
-- ``forward_backward(batch)``: the losses and the gradients. On a GPU, bf16 autocast and, from the fourth call on,
-  a CUDA graph replay (lxmert_fast.cuda_graphs.GraphedStep); eagerly on a CPU, and with gradient accumulation.
-- ``step()``: at each accumulation boundary, gradient clipping (the DeepSpeed JSON's ``gradient_clipping``), the
-  optimiser and the learning-rate schedule, launched eagerly: the caller checks the losses for NaN first, so a
-  non-finite loss never updates the weights.
-
-It mirrors the part of DeepSpeed's engine that the training loops use (``device``, ``train``/``eval``, calling it
-for validation, ``save_checkpoint``/``load_checkpoint``), so the loops (``training.train_micro_batch``), the
-``latest`` pointer and exact resume are shared with the DeepSpeed engine. A checkpoint is one ``state.pt`` per
-tag: model, optimiser and schedule state and the loop's client state, read back with
-``torch.load(weights_only=True)``.
+It speaks the loop's engine protocol (lxmert_fast.engines.Engine). A checkpoint is one ``state.pt`` per tag: model,
+optimiser and schedule state and the loop's client state, read back with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -33,15 +25,13 @@ import torch
 from lxmert_fast.cuda_graphs import GraphedStep
 
 CHECKPOINT_FILE = "state.pt"
-# the model's keyword arguments that the loops set per batch; None marks a batch over the capacity (modeling.py)
-CAPACITY_KEYS = ("lm_label_capacity", "text_token_capacity")
 
 
 class SingleDeviceEngine:
     def __init__(self, module, optimizer, scheduler, *, device, precision, gradient_clipping=0.0,
                  accumulation=1, cuda_graphs=True, compile_model=False):
-        """``module(batch)`` returns a dict with the total loss under "loss" (pretrain.py's PretrainingObjective,
-        the tasks' FinetuneObjective). ``precision``: "bf16" (autocast; the weights stay fp32) or "fp32"."""
+        """``module(batch, static=...)`` returns a dict with the total loss under "loss" (lxmert_fast.objectives).
+        ``precision``: "bf16" (autocast; the weights stay fp32) or "fp32"."""
         if precision not in ("bf16", "fp32"):
             raise ValueError(f"--engine torch trains in bf16 or fp32, not {precision}")
         self.module = module
@@ -50,14 +40,16 @@ class SingleDeviceEngine:
         self.precision = precision
         self.gradient_clipping = float(gradient_clipping or 0.0)
         self.accumulation = int(accumulation)
+        self.compiled = compile_model
         self.forward_fn = torch.compile(module) if compile_model else module
+        self.batch_dtype = torch.float32  # the weights stay fp32 under bf16 autocast
         self.micro_steps = 0
-        self.skipped_steps = 0  # no loss scaling, so no overflow steps; kept for the loop's metrics
         self.graphed = None
-        self.eager_steps = 0  # steps run outside the graph (a batch it does not fit)
+        self.eager_steps = 0  # steps run outside the graph (a batch that does not fit it)
         if cuda_graphs and self.device.type == "cuda" and self.accumulation == 1:
             # graph replays overwrite the gradients instead of adding to them, so accumulation runs eagerly
-            self.graphed = GraphedStep(self._forward_backward, optimizer)
+            self.graphed = GraphedStep(self._graphed_step, optimizer)
+        self.needs_static_shapes = compile_model or self.graphed is not None
 
     # ---------------------------------------------------------------------------------------------- training
     def _autocast(self):
@@ -66,34 +58,43 @@ class SingleDeviceEngine:
             return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
-    def _forward_backward(self, batch):
-        with self._autocast():
-            losses = self.forward_fn(batch)
+    def _forward_backward(self, batch, static):
+        with self._autocast(), _eager_if(self.compiled and not static):
+            losses = self.forward_fn(batch, static=static)
         (losses["loss"] / self.accumulation).backward()
         return {k: v.detach() for k, v in losses.items()}
 
-    def forward_backward(self, batch):
-        """Losses of ``batch`` (a dict of detached scalars) with their gradients added to the parameters'."""
+    def _graphed_step(self, batch):
+        return self._forward_backward(batch, static=True)
+
+    def _eager_step(self, batch):
+        return self._forward_backward(batch, static=False)
+
+    def forward_backward(self, batch, static=False):
+        """Losses of ``batch`` (a dict of detached scalars) with their gradients added to the parameters'.
+        ``static``: the batch fits the objective's static shapes (and may then be replayed as the graph)."""
         if self.graphed is None:
-            return self._forward_backward(batch)
-        why = self.graphed.why_not(batch)
-        over_capacity = any(key in batch and batch[key] is None for key in CAPACITY_KEYS)
-        if why is None and self.graphed.graph is None and over_capacity:
-            why = "it is over a capacity (None), so it must not be the batch the graph is recorded for"
-        if why is None:
-            return self.graphed(batch)  # the graph's loss buffers: read them before the next call
-        # e.g. a batch with more masked words than the LM head's rows in the graph (lm_label_capacity None)
+            return self._forward_backward(batch, static)
+        if static:
+            why = self.graphed.why_not(batch)
+            if why is None:
+                return self.graphed(batch)  # the graph's loss buffers: read them before the next call
+        else:
+            why = "it does not fit the static shapes"
         self.eager_steps += 1
         if self.eager_steps == 1:
             warnings.warn(f"a batch the CUDA graph was not recorded for runs eagerly: {why}", stacklevel=2)
-        return self.graphed.run_eagerly(batch)
+        return self.graphed.run_eagerly(batch, self._eager_step)
 
-    def is_gradient_accumulation_boundary(self):
-        return (self.micro_steps + 1) % self.accumulation == 0
+    def train_step(self, batch, check, static=False):
+        losses = self.forward_backward(batch, static)
+        checked = check(losses)  # before the update: a non-finite loss raises here
+        self.step()
+        return checked
 
     def step(self):
         """End of a micro-batch: at an accumulation boundary clip, update the weights and move the schedule on."""
-        if self.is_gradient_accumulation_boundary():
+        if (self.micro_steps + 1) % self.accumulation == 0:
             if self.gradient_clipping > 0:
                 torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.gradient_clipping, foreach=True)
             self.optimizer.step()
@@ -103,10 +104,10 @@ class SingleDeviceEngine:
                 self.optimizer.zero_grad(set_to_none=True)
         self.micro_steps += 1
 
-    def __call__(self, batch):
-        """Losses only (validation, under torch.no_grad())."""
-        with self._autocast():
-            return self.forward_fn(batch)
+    def evaluate(self, batch, static=False):
+        """The objective's outputs, without gradients."""
+        with torch.no_grad(), self._autocast(), _eager_if(self.compiled and not static):
+            return self.forward_fn(batch, static=static)
 
     def train(self):
         self.module.train()
@@ -114,15 +115,18 @@ class SingleDeviceEngine:
     def eval(self):
         self.module.eval()
 
-    # ----------------------------------------------------------------- what pretrain.py asks of either engine
-    def zero_optimization_stage(self):
-        return 0
+    def counters(self):
+        return {"eager_steps": self.eager_steps} if self.graphed is not None else {}
 
-    def fp16_enabled(self):
-        return False
+    def whole_parameters(self, module):
+        return contextlib.nullcontext()
+
+    def describe(self):
+        return "plain PyTorch" + (", CUDA graphs" if self.graphed is not None else "") + (
+            ", compiled" if self.compiled else "")
 
     # --------------------------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, ckpt_dir, tag, client_state, save_latest=False):
+    def save(self, ckpt_dir, tag, client_state):
         """Write ``ckpt_dir/tag/state.pt`` (through a temporary file, so a crash leaves no half-written one)."""
         folder = os.path.join(ckpt_dir, tag)
         os.makedirs(folder, exist_ok=True)
@@ -138,9 +142,13 @@ class SingleDeviceEngine:
         torch.save(state, tmp)
         os.replace(tmp, path)
 
-    def load_checkpoint(self, ckpt_dir, tag):
-        """Load ``ckpt_dir/tag/state.pt``; returns (path, client_state). Never executes code from the file."""
-        path = os.path.join(ckpt_dir, tag, CHECKPOINT_FILE)
+    def load(self, ckpt_dir, tag):
+        """Load ``ckpt_dir/tag/state.pt``; returns its client state. Never executes code from the file."""
+        folder = os.path.join(ckpt_dir, tag)
+        path = os.path.join(folder, CHECKPOINT_FILE)
+        if not os.path.isfile(path) and os.path.isdir(folder) and os.listdir(folder):
+            raise RuntimeError(f"{folder} has no {CHECKPOINT_FILE}: it was written by DeepSpeed, resume it with "
+                               "--engine deepspeed")
         try:
             # on the CPU: the RNG states in the client state must stay CPU tensors; load_state_dict moves the
             # weights and the optimiser state to the parameters' device
@@ -152,6 +160,11 @@ class SingleDeviceEngine:
             client_state = state["client_state"]
         except Exception as error:  # noqa: BLE001 - torch.load and load_state_dict raise many types
             raise RuntimeError(
-                f"{path}: not a checkpoint of pretrain.py --engine torch ({str(error).splitlines()[0]})"
+                f"{path}: not a checkpoint of --engine torch ({str(error).splitlines()[0]})"
             ) from error
-        return path, client_state
+        return client_state
+
+
+def _eager_if(condition):
+    """Run compiled code eagerly (a batch without static shapes under torch.compile)."""
+    return torch.compiler.set_stance("force_eager") if condition else contextlib.nullcontext()

@@ -1,4 +1,4 @@
-"""Fine-tuning tasks (spec section 4): heads, losses, predictions, and how a task model starts from a checkpoint.
+"""Fine-tuning tasks: their models and hyper-parameters, predictions, and how a task model starts from a checkpoint.
 
     task   model                        head on the pooled output                       loss
     vqa    LxmertForQuestionAnswering   answer_head.logit_fc -> 3129 answers            BCE-with-logits x answers
@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from lxmert_fast.configuration import LxmertConfig
 from lxmert_fast.data.formats import AnswerTable
@@ -32,14 +30,6 @@ from lxmert_fast.modeling import LxmertForNLVR2, LxmertForQuestionAnswering
 from lxmert_fast.weights import CheckpointError, infer_config, load_into, read_state_dict, to_hf_layout
 
 LABEL2ANS_FILE = "label2ans.json"  # saved next to a fine-tuned QA model: the meaning of its output rows
-MODEL_INPUTS = (
-    "input_ids",
-    "attention_mask",
-    "token_type_ids",
-    "visual_feats",
-    "visual_pos",
-    "visual_attention_mask",
-)
 
 
 @dataclass(frozen=True)
@@ -69,40 +59,7 @@ TASKS = {"vqa": TaskSpec("vqa", lr=5e-5), "gqa": TaskSpec("gqa", lr=1e-5), "nlvr
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Losses and predictions
-
-
-def task_loss(task: str, logits: torch.Tensor, batch: dict, loss: str = "bce") -> torch.Tensor:
-    """VQA / GQA: BCE-with-logits on the soft scores, mean over all entries x number of answers (the original's
-    scaling: a sum over answers, mean over the batch); `loss="ce"`: cross-entropy on each question's top answer
-    (questions with no known answer ignored). NLVR2: cross-entropy on the 0 / 1 label."""
-    logits = logits.float()  # (B, A) or (B, 2)
-    if task == "nlvr2":
-        return F.cross_entropy(logits, batch["label"], ignore_index=-100)
-    target = batch["target"].float()  # (B, A)
-    if loss == "ce":
-        best, label = target.max(dim=1)
-        label = torch.where(best > 0, label, torch.full_like(label, -100))
-        return F.cross_entropy(logits, label, ignore_index=-100)
-    return F.binary_cross_entropy_with_logits(logits, target) * logits.shape[1]
-
-
-class FinetuneObjective(nn.Module):
-    """What DeepSpeed wraps: the task model plus its loss; `forward(batch)` -> {"logits", and "loss" when the batch
-    carries targets}."""
-
-    def __init__(self, model: nn.Module, task: str, loss: str = "bce"):
-        super().__init__()
-        self.model, self.task, self.loss = model, task, loss
-
-    def forward(self, batch: dict) -> dict:
-        inputs = {k: batch[k] for k in MODEL_INPUTS}
-        out = self.model(**inputs, text_token_capacity=batch.get("text_token_capacity"), return_dict=True)
-        logits = out.logits if self.task == "nlvr2" else out.question_answering_score  # (B, 2) / (B, A)
-        result = {"logits": logits}
-        if "target" in batch or "label" in batch:
-            result["loss"] = task_loss(self.task, logits, batch, self.loss)
-        return result
+# Predictions
 
 
 def predict(task: str, logits: torch.Tensor, label2ans=None) -> list:
@@ -173,6 +130,12 @@ def build_task_model(
         init_answer_head_from_qa(model, state, answer_table, label2ans, source=str(path), log=log)
         return model
 
+    _load_task_head(model, spec, state, path, label2ans, log)
+    return model
+
+
+def _load_task_head(model, spec: TaskSpec, state: dict, path: Path, label2ans, log) -> None:
+    """The task head from a fine-tuned model of the same task; a pre-training checkpoint's heads are never used."""
     head = {k.removeprefix(spec.head_prefix): v for k, v in state.items() if k.startswith(spec.head_prefix)}
     expected = model.answer_head.logit_fc.state_dict() if spec.is_qa else model.logit_fc.state_dict()
     is_pretraining = any(k.startswith(("cls.", "obj_predict_head.")) for k in state)
@@ -180,10 +143,9 @@ def build_task_model(
     if fits and not is_pretraining:
         _check_label2ans(path, label2ans)
         (model.answer_head.logit_fc if spec.is_qa else model.logit_fc).load_state_dict(head)
-        log(f"{task}: encoder and task head loaded from {path}")
+        log(f"{spec.name}: encoder and task head loaded from {path}")
     else:
-        log(f"{task}: encoder loaded from {path}; the task head starts from random initialisation")
-    return model
+        log(f"{spec.name}: encoder loaded from {path}; the task head starts from random initialisation")
 
 
 def _check_label2ans(path: Path, label2ans) -> None:
@@ -245,12 +207,9 @@ def init_answer_head_from_qa(model, state: dict, answer_table, label2ans, source
 
 __all__ = [
     "LABEL2ANS_FILE",
-    "MODEL_INPUTS",
     "TASKS",
-    "FinetuneObjective",
     "TaskSpec",
     "build_task_model",
     "init_answer_head_from_qa",
     "predict",
-    "task_loss",
 ]

@@ -1,13 +1,11 @@
-"""Training machinery shared by pre-training and fine-tuning.
+"""The machinery under the training loop (lxmert_fast.trainer), the same for every task and engine.
 
-What lives here: distributed set-up that also works as a plain single process, the DeepSpeed JSON (read, adapted to
-the machine, e.g. fp16 -> fp32 without CUDA), the engine, deterministic data sharding with a resumable position,
-per-step seeding (so a resumed run is bit-for-bit the same as an uninterrupted one), crash-safe checkpoints, the
-metrics writer (metrics.jsonl, TensorBoard when installed, tqdm on rank 0) and the non-finite-loss guard.
-The task scripts (pretrain.py, later the fine-tuning scripts) keep only what is specific to their task.
+Distributed set-up that also works as a plain single process, deterministic data sharding with a resumable
+position, per-step seeding (so a resumed run is bit-for-bit the same as an uninterrupted one), the checkpoint
+folder (the ``latest`` pointer, rotation, a write that fails keeps the last good checkpoint), the metrics writer
+(metrics.jsonl, TensorBoard when installed, tqdm on rank 0) and the non-finite-loss guard.
 """
 
-import contextlib
 import importlib
 import json
 import os
@@ -16,26 +14,19 @@ import shutil
 import socket
 import sys
 import time
-from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-# DeepSpeed picks its accelerator when first imported; on a machine without CUDA say "cpu" explicitly so it does
-# not probe for other devices (and the launcher and this process agree).
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-import deepspeed  # noqa: E402
-import deepspeed.comm as dist  # noqa: E402
-
-from lxmert_fast.data import to_device  # noqa: E402,F401  (the loops call training.to_device)
-from lxmert_fast.single_device import CHECKPOINT_FILE, SingleDeviceEngine  # noqa: E402
+from lxmert_fast.data import to_device  # noqa: F401  (the loop calls training.to_device)
+from lxmert_fast.run_config import RunError
 
 CKPT_LATEST = "latest"
+METRICS_FILE = "metrics.jsonl"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError):
     """The loss became NaN or inf without being an fp16 overflow: training cannot go on meaningfully."""
 
 
@@ -50,7 +41,14 @@ def _free_port():
 
 
 def init_distributed():
-    """Initialise torch.distributed through DeepSpeed; a plain ``python script.py`` becomes a world of one."""
+    """Initialise torch.distributed through DeepSpeed; a plain ``python script.py`` becomes a world of one.
+
+    Without CUDA, DeepSpeed is told to use its CPU accelerator (DS_ACCELERATOR) before it is first imported, so it
+    does not probe for other devices; done here, when a run starts, not as a side effect of an import."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
     # Not started by a launcher: make the env:// rendezvous of a single process. Variables that an earlier
     # single-process run made (in this process, or inherited by a child) are ours to replace: reusing them would
     # reuse a port that process may still hold. A launcher's own MASTER_PORT differs from the one we recorded.
@@ -106,190 +104,15 @@ def barrier():
         dist.barrier()
 
 
-# --------------------------------------------------------------------------------------------- DeepSpeed config
-def start_run(args):
-    """What both entry scripts do first: join the process group, read the DeepSpeed config and its batch geometry,
-    make the output folder. Returns (rank, world, ds_config, precision, micro, accum, checkpoint folder)."""
-    init_distributed()
-    ds_config, precision = load_ds_config(args.deepspeed_config)
-    micro, accum = batch_geometry(ds_config, world_size())
-    os.makedirs(args.output_dir, exist_ok=True)
-    return rank(), world_size(), ds_config, precision, micro, accum, os.path.join(args.output_dir, "checkpoints")
-
-
-def load_ds_config(path_or_dict, log=print0):
-    """Read a DeepSpeed JSON and adapt it to this machine. Returns (config dict, precision: fp16 | bf16 | fp32).
-
-    fp16 needs CUDA (DeepSpeed's CPU accelerator has no fp16 loss-scaling path worth using): without CUDA the run
-    falls back to fp32 and says so. bf16 is kept on CPU. ``train_batch_size`` is derived by DeepSpeed from the
-    micro-batch, accumulation and world size, so a config that gives all three is dropped to two to stay valid for
-    any number of ranks.
-    """
-    if isinstance(path_or_dict, dict):
-        cfg = json.loads(json.dumps(path_or_dict))
-    else:
-        with open(path_or_dict) as f:
-            cfg = json.load(f)
-    for key in ("optimizer", "scheduler"):
-        if key in cfg:  # the optimiser and schedule are ours (BertAdam, warm-up + linear decay); refuse a second one
-            raise ValueError(f"DeepSpeed config {path_or_dict}: remove '{key}'; use --optimizer/--lr instead")
-    fp16 = cfg.get("fp16", {}).get("enabled", False)
-    bf16 = cfg.get("bf16", {}).get("enabled", False)
-    if fp16 and not torch.cuda.is_available():
-        cfg["fp16"] = {"enabled": False}
-        fp16 = False
-        log("No CUDA device: fp16 is not available, training in fp32 instead (DeepSpeed config fp16 disabled).")
-    if "train_micro_batch_size_per_gpu" in cfg and "gradient_accumulation_steps" in cfg:
-        cfg.pop("train_batch_size", None)
-    return cfg, ("fp16" if fp16 else "bf16" if bf16 else "fp32")
-
-
-def batch_geometry(cfg, world):
-    """(micro-batch per rank, accumulation steps) as DeepSpeed derives them from any two of the three batch keys."""
-    micro = cfg.get("train_micro_batch_size_per_gpu")
-    accum = cfg.get("gradient_accumulation_steps")
-    total = cfg.get("train_batch_size")
-    if micro is None and accum is None and total is None:
-        raise ValueError("DeepSpeed config: set train_micro_batch_size_per_gpu (and gradient_accumulation_steps)")
-    if micro is None:
-        accum = accum or 1
-        micro = total // (accum * world)
-    elif accum is None:
-        accum = max(total // (micro * world), 1) if total else 1
-    if total is not None and micro * accum * world != total:
-        raise ValueError(
-            f"DeepSpeed config: train_batch_size {total} != micro-batch {micro} x accumulation {accum} x {world} ranks"
-        )
-    return micro, accum
-
-
-# ------------------------------------------------------------------------------------------------------ engines
-class EnginePlan(NamedTuple):
-    """How a run trains, decided before the model is built: which engine, in which precision, graphed or not."""
-
-    engine: str  # "deepspeed" | "torch" (lxmert_fast.single_device)
-    precision: str  # fp16 | bf16 | fp32
-    cuda_graphs: bool
-    compile: bool
-
-    @property
-    def model_backend(self):
-        # compiled or graphed on a GPU: the fused kernels, chosen up front (an "auto" model would switch inside the
-        # first trace and cost a second compile); eager: "auto", the plain PyTorch path there (modeling.resolve_backend)
-        return "triton" if (self.compile or self.cuda_graphs) and torch.cuda.is_available() else "auto"
-
-    def describe(self, engine):
-        how = f"DeepSpeed ZeRO-{engine.zero_optimization_stage()}" if self.engine == "deepspeed" else "plain PyTorch"
-        return how + (", CUDA graphs" if self.cuda_graphs else "") + (", compiled" if self.compile else "")
-
-
-def add_engine_arguments(parser):
-    """--engine, --no-cuda-graphs, --compile, and DeepSpeed's own flags (--deepspeed, --deepspeed_config)."""
-    group = parser.add_argument_group("engine")
-    group.add_argument(
-        "--engine",
-        choices=("deepspeed", "torch"),
-        default="deepspeed",
-        help="deepspeed: DeepSpeed's engine (ZeRO, fp16 loss scaling, any number of ranks); torch: one process on one "
-        "device, plain PyTorch, bf16 autocast and each forward + backward replayed as a CUDA graph on a GPU "
-        "(lxmert_fast/single_device.py); both read batch size, accumulation, precision and clipping from the "
-        "DeepSpeed JSON",
-    )
-    group.add_argument(
-        "--no-cuda-graphs",
-        action="store_true",
-        help="with --engine torch on a GPU: launch every step eagerly instead of replaying a CUDA graph",
-    )
-    group.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the model (with the Triton kernels on a GPU): faster steps after a minute or two of "
-        "compiling (benchmarks/README.md has measurements)",
-    )
-    return deepspeed.add_config_arguments(parser)
-
-
-def plan_engine(args, precision, world, accum) -> EnginePlan:
-    """The run's EnginePlan from the flags and the DeepSpeed JSON's precision. --engine torch trains one process in
-    bf16 or fp32: fp16 becomes bf16 autocast (fp16 needs loss scaling on the host at every step, which a CUDA graph
-    cannot replay), and a graph needs steps without gradient accumulation (its replays overwrite the gradients)."""
-    if args.engine == "deepspeed":
-        return EnginePlan("deepspeed", precision, False, args.compile)
-    if world > 1:
-        raise SystemExit(f"--engine torch runs one process; this run has {world} ranks: use --engine deepspeed")
-    if precision == "fp16":
-        if not torch.cuda.is_bf16_supported():
-            raise SystemExit("--engine torch trains in bf16 or fp32 and this GPU has no bf16: use --engine deepspeed")
-        print0("--engine torch: the DeepSpeed config's fp16 runs as bf16 autocast, with fp32 weights")
-        precision = "bf16"
-    graphs = torch.cuda.is_available() and not args.no_cuda_graphs
-    if graphs and accum > 1:
-        print0(f"--engine torch: gradient accumulation ({accum} micro-batches) runs eagerly, without CUDA graphs")
-        graphs = False
-    return EnginePlan("torch", precision, graphs, args.compile)
-
-
-def build_engine(plan: EnginePlan, objective, optimizer, scheduler, ds_config):
-    """The engine of ``plan`` around ``objective`` (a module whose forward(batch) returns a dict of losses with the
-    total under "loss"), with our optimiser and schedule. Returns (engine, the dtype batches' floats move in)."""
-    if plan.engine == "torch":
-        accum = batch_geometry(ds_config, 1)[1]
-        engine = SingleDeviceEngine(
-            objective.to(local_device()), optimizer, scheduler, device=local_device(), precision=plan.precision,
-            gradient_clipping=ds_config.get("gradient_clipping", 0.0), accumulation=accum,
-            cuda_graphs=plan.cuda_graphs, compile_model=plan.compile,
-        )
-        return engine, torch.float32  # the weights stay fp32 under bf16 autocast
-    # DeepSpeed owns precision, ZeRO, clipping and accumulation
-    engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    if plan.compile:
-        engine.compile()  # compiled on the first step; static shapes inside (see modeling.static_shapes_only)
-    return engine, model_dtype(plan.precision)
-
-
-def train_micro_batch(engine, batch, check_losses):
-    """One micro-batch on either engine: losses, ``check_losses(losses)`` (returns what the caller logs, or raises,
-    before anything is updated), backward, optimiser step at the accumulation boundary. Returns check's result."""
-    if isinstance(engine, deepspeed.DeepSpeedEngine):
-        losses = engine(batch)
-        checked = check_losses(losses)
-        engine.backward(losses["loss"])
-    else:  # lxmert_fast.single_device: forward and backward are one CUDA graph; the update waits for the check
-        losses = engine.forward_backward(batch)
-        checked = check_losses(losses)
-    engine.step()
-    return checked
-
-
-def full_parameters(engine, model):
-    """Context in which ``model``'s parameters are whole on every rank (gathers them under ZeRO-3)."""
-    if engine.zero_optimization_stage() == 3:
-        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-    return contextlib.nullcontext()
-
-
-def model_dtype(precision):
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-
-
-def loss_scale(engine):
-    """The current fp16 loss scale, or None when there is no loss scaling."""
-    if not engine.fp16_enabled():
-        return None
-    opt = engine.optimizer
-    for attr in ("cur_scale", "loss_scale"):
-        value = getattr(opt, attr, None)
-        if value is not None and not callable(value):
-            return float(value)
-    return None
-
-
-def graph_counters(engine) -> dict:
-    """For metrics.jsonl: ``eager_steps``, the batches that ran outside ``--engine torch``'s CUDA graph so far (a
-    batch over a capacity, or of another shape); nothing for an engine without a graph."""
-    if isinstance(engine, SingleDeviceEngine) and engine.graphed is not None:
-        return {"eager_steps": engine.eager_steps}
-    return {}
+def main_first(build):
+    """``build()`` on rank 0 first (it may convert feature files to stores), then on the other ranks, which find
+    the work done."""
+    if is_main():
+        result = build()
+    barrier()
+    if not is_main():
+        result = build()
+    return result
 
 
 # ----------------------------------------------------------------------------------------- data order, seeding
@@ -340,94 +163,113 @@ def set_rng_state(state):
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-def _atomic_write(path, text):
+class CheckpointError(RunError):
+    """A checkpoint that cannot be written or read; the message names the folder and the cause."""
+
+
+def eval_batches(num_samples, micro_batch, rank_, world, limit=None, seed=None):
+    """One rank's evaluation micro-batches over all ``num_samples`` (the last one partial, never dropped), in a fixed
+    order (shuffled by ``seed`` when given), at most ``limit`` per rank. Every rank gets as many batches (ZeRO-3
+    gathers parameters in every forward): a rank short of samples repeats the first ones."""
+    order = list(range(num_samples))
+    if seed is not None:
+        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(int(seed))).tolist()
+    padded = order + order[: -num_samples % world] if num_samples else []
+    mine = padded[rank_::world]
+    batches = [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]
+    return batches if limit is None else batches[:limit]
+
+
+def atomic_write(path, text):
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new pointer, never half of one
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half of one
+
+
+def checkpoint_tag(step):
+    return f"step{step:09d}"
 
 
 def latest_tag(ckpt_dir):
+    """The tag ``latest`` points to, or None when there is no pointer. A pointer to a missing folder is an error:
+    the checkpoints beside it may be complete, and starting afresh would rotate them away."""
     path = os.path.join(ckpt_dir, CKPT_LATEST)
     if not os.path.isfile(path):
         return None
     tag = open(path).read().strip()
-    return tag if tag and os.path.isdir(os.path.join(ckpt_dir, tag)) else None
+    if not tag or not os.path.isdir(os.path.join(ckpt_dir, tag)):
+        others = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step"))
+        raise CheckpointError(
+            f"{path} points to {tag!r}, which is not in {ckpt_dir} (it holds {others or 'no checkpoint'}); "
+            "point it at a complete checkpoint, or start afresh with --overwrite"
+        )
+    return tag
 
 
-def save_checkpoint(engine, ckpt_dir, step, client_state, keep=2):
-    """Save a DeepSpeed checkpoint tagged ``step{N}``; ``latest`` moves to it only once every rank has finished.
+def save_checkpoint(engine, ckpt_dir, step, client_state, keep=2, describe=None):
+    """Save the engine's checkpoint tagged ``step{N}``; ``latest`` moves to it only once every rank has finished.
 
-    A crash (even SIGKILL) while writing leaves ``latest`` on the previous complete checkpoint. Older checkpoints
-    beyond ``keep`` are removed after the pointer has moved.
+    A crash (even SIGKILL) while writing leaves ``latest`` on the previous complete checkpoint; a write that fails
+    (a full disk) removes the partial folder and raises CheckpointError naming it and the cause. After the pointer
+    has moved, checkpoints beyond ``keep`` are removed: never the new one, and the newest first kept.
+    ``describe(folder)``, on rank 0, adds what the engine does not write (the model's config and tokenizer).
     """
-    tag = f"step{step:09d}"
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+    tag = checkpoint_tag(step)
+    folder = os.path.join(ckpt_dir, tag)
+    try:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        engine.save(ckpt_dir, tag, client_state)
+        if describe is not None and is_main():
+            describe(folder)
+    except OSError as error:
+        shutil.rmtree(folder, ignore_errors=True)
+        kept = _pointer(ckpt_dir)
+        raise CheckpointError(
+            f"could not write checkpoint {folder}: {error.strerror or error}; "
+            + (f"the last good checkpoint {os.path.join(ckpt_dir, kept)} is kept" if kept else "no checkpoint kept")
+        ) from error
     barrier()  # every rank's shard is on disk before the pointer moves
     if is_main():
-        _atomic_write(os.path.join(ckpt_dir, CKPT_LATEST), tag)
-        if keep:
-            tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step") and t != tag)
-            for old in tags[: max(len(tags) - (keep - 1), 0)]:
-                shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+        atomic_write(os.path.join(ckpt_dir, CKPT_LATEST), tag)
+        _rotate(ckpt_dir, tag, keep)
     barrier()
     return tag
 
 
-# The objects DeepSpeed pickles into its checkpoints besides tensors; loading allows these and nothing else.
-def _deepspeed_checkpoint_classes():
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+def _pointer(ckpt_dir):
+    path = os.path.join(ckpt_dir, CKPT_LATEST)
+    return open(path).read().strip() if os.path.isfile(path) else None
 
 
-def _load_without_code(engine):
-    """Make DeepSpeed read checkpoints with torch.load(weights_only=True) (it uses weights_only=False), so a
-    checkpoint never executes code when loaded."""
-    if engine.checkpoint_engine is None:
-        engine._configure_checkpointing()
-
-    def load(path, map_location=None):
-        with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
-            try:
-                return torch.load(path, map_location=map_location, weights_only=True)
-            except Exception as error:  # noqa: BLE001 - torch.load raises many types; all mean "unreadable"
-                raise RuntimeError(f"{path}: not a loadable checkpoint ({str(error).splitlines()[0]})") from error
-
-    engine.checkpoint_engine.load = load
+def _rotate(ckpt_dir, current, keep):
+    """Keep ``current`` and the ``keep - 1`` newest checkpoints before it; tags after it (left by a killed run
+    that this one resumed before) are stale and go too."""
+    tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step") and os.path.isdir(os.path.join(ckpt_dir, t)))
+    older = [t for t in tags if t < current]
+    stale = [t for t in tags if t > current] + older[: max(len(older) - (keep - 1), 0)]
+    for tag in stale:
+        shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
 
 
 def load_checkpoint(engine, ckpt_dir):
     """Load the latest complete checkpoint into ``engine``; returns (tag, client_state) or (None, None)."""
-    tag = latest_tag(ckpt_dir)
+    tag = latest_tag(ckpt_dir) if os.path.isdir(ckpt_dir) else None
     if tag is None:
         return None, None
-    folder = os.path.join(ckpt_dir, tag)
-    written_by_torch_engine = os.path.isfile(os.path.join(folder, CHECKPOINT_FILE))
-    if isinstance(engine, deepspeed.DeepSpeedEngine):
-        if written_by_torch_engine:
-            raise RuntimeError(f"{folder} was written by --engine torch: resume it with --engine torch")
-        _load_without_code(engine)  # lxmert_fast's single-device engine loads safely itself
-    elif not written_by_torch_engine and os.listdir(folder):
-        raise RuntimeError(f"{folder} has no {CHECKPOINT_FILE}: it was written by DeepSpeed, resume it with "
-                           "--engine deepspeed")
-    path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
-    if path is None:
-        raise RuntimeError(f"could not load checkpoint {os.path.join(ckpt_dir, tag)}")
-    return tag, client_state
+    return tag, engine.load(ckpt_dir, tag)
 
 
 # --------------------------------------------------------------------------------------------------- metrics
 class MetricsLogger:
-    """metrics.jsonl (one JSON object per line, appended across resumes), TensorBoard if installed; rank 0 only."""
+    """metrics.jsonl (one JSON object per line, each with an ``event``: train, eval or end), TensorBoard if
+    installed (train/ and eval/); rank 0 only."""
 
     def __init__(self, output_dir, enabled=True, tensorboard=True):
         self.enabled = enabled
-        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.path = os.path.join(output_dir, METRICS_FILE)
         self.file = open(self.path, "a") if enabled else None
         self.tb = None
         if enabled and tensorboard:
@@ -443,11 +285,10 @@ class MetricsLogger:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.tb is not None and "step" in record and record.get("event") in (None, "valid"):
-            group = "valid" if record.get("event") else "train"
+        if self.tb is not None and record.get("event") in ("train", "eval"):
             for k, v in record.items():
-                if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{group}/{k}", v, record["step"])
+                if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{record['event']}/{k}", v, record["step"])
 
     def close(self):
         if self.file is not None:
@@ -457,7 +298,8 @@ class MetricsLogger:
 
 
 def truncate_metrics(path, step):
-    """After a resume from ``step``, drop the records the killed run wrote past it (they are trained again)."""
+    """On a resume from ``step`` (0: no checkpoint was written), drop the records the killed run wrote past it
+    (they are trained again) and its end record."""
     if not os.path.isfile(path):
         return
     keep = []
@@ -466,9 +308,9 @@ def truncate_metrics(path, step):
             rec = json.loads(line)
         except json.JSONDecodeError:  # a line cut by the kill
             continue
-        if rec.get("event") in (None, "valid") and rec.get("step", 0) <= step:
+        if rec.get("event") in ("train", "eval") and rec.get("step", 0) <= step:
             keep.append(line if line.endswith("\n") else line + "\n")
-    _atomic_write(path, "".join(keep))
+    atomic_write(path, "".join(keep))
 
 
 def progress_bar(total, initial=0, desc="train"):
@@ -524,23 +366,3 @@ def reduce_losses(losses, device):
         vec[:-1] /= world_size()
     values = vec.tolist()
     return dict(zip(keys, values[:-1], strict=True)), values[-1] > 0
-
-
-def parse_args_with_config(parser, argv=None):
-    """Parse ``argv``, taking defaults from the JSON file named by ``--config`` (keys are flag names; keys starting
-    with "_" are comments; the command line wins). Unknown keys are an error naming the file."""
-    args, _ = parser.parse_known_args(argv)
-    if args.config:
-        try:
-            with open(args.config) as f:
-                loaded = json.load(f)
-        except (OSError, json.JSONDecodeError) as error:
-            parser.error(f"--config {args.config}: {error}")
-        if not isinstance(loaded, dict):
-            parser.error(f"--config {args.config}: expected a JSON object of flag names and values")
-        defaults = {k.replace("-", "_"): v for k, v in loaded.items() if not k.startswith("_")}
-        unknown = set(defaults) - {a.dest for a in parser._actions}
-        if unknown:
-            parser.error(f"{args.config}: unknown keys {sorted(unknown)}")
-        parser.set_defaults(**defaults)
-    return parser.parse_args(argv)

@@ -24,9 +24,6 @@ def test_copy_into_names_the_mismatching_entry():
         _copy_into(static, {**static, "obj_labels": {"obj": (torch.ones(2, 3, dtype=torch.float16),)}}, "batch")
     with pytest.raises(ValueError, match="keys"):
         _copy_into(static, {"input_ids": static["input_ids"]}, "batch")
-    static["lm_label_capacity"] = 64  # a non-tensor value is part of what was captured
-    with pytest.raises(ValueError, match=r"batch\['lm_label_capacity'\] is None.*recorded with 64"):
-        _copy_into(static, {**static, "lm_label_capacity": None}, "batch")
 
 
 def training_step(model, optimizer):
@@ -96,41 +93,31 @@ def test_graphed_step_refuses_a_batch_of_another_shape():
         graphed(to_device(make_batch(config, batch=2, text_len=7, objects=4), "cuda"))
 
 
-# ------------------------------------------------------------------ pretrain.py --engine torch on a GPU
-class Objective(torch.nn.Module):
-    """As pretrain.py's PretrainingObjective (which imports DeepSpeed through lxmert_fast.training)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch):
-        return {"loss": self.model(**batch, lm_logits_at_labels_only=True).loss}
-
-
-def _engine_losses(config, backend, graphs, steps=6, seed_each_step=False, capacities=None):
-    """Losses and final weights of ``steps`` steps; ``capacities[s]``, when given, holds step s's extra keyword
-    arguments (lm_label_capacity, text_token_capacity)."""
+# ------------------------------------------------------------------ --engine torch on a GPU
+def _engine_losses(config, backend, graphs, steps=6, seed_each_step=False, static=None):
+    """Losses and final weights of ``steps`` steps; ``static[s]``, when given, says whether step s's batch fits
+    the objective's static shapes (text packed to 24 rows, the LM head on 8 rows)."""
+    from lxmert_fast.objectives import PretrainingObjective
     from lxmert_fast.optimization import BertAdam, build_scheduler
     from lxmert_fast.single_device import SingleDeviceEngine
+    from lxmert_fast.static_shapes import StaticShapes
 
     torch.manual_seed(0)
-    objective = Objective(lxmert_fast.LxmertForPreTraining(config, backend=backend)).cuda().train()
+    model = lxmert_fast.LxmertForPreTraining(config, backend=backend)
+    objective = PretrainingObjective(model, StaticShapes(text_rows=24, lm_label_rows=8)).cuda().train()
     optimizer = BertAdam(objective.parameters(), lr=1e-3)
     engine = SingleDeviceEngine(objective, optimizer, build_scheduler(optimizer, steps), device="cuda",
                                 precision="fp32", gradient_clipping=1.0, cuda_graphs=graphs)
     losses = []
     for s in range(steps):
         if seed_each_step:
-            torch.manual_seed(1000 + s)  # as pretrain.py's training.seed_step
+            torch.manual_seed(1000 + s)  # as the loop's training.seed_step
         batch = to_device(make_batch(config, batch=4, text_len=9, objects=5, seed=s), "cuda")
-        if capacities is not None:
-            batch.update(capacities[s])
-        losses.append(engine.forward_backward(batch)["loss"].item())
-        engine.step()
+        fits = True if static is None else static[s]
+        losses.append(engine.train_step(batch, lambda losses: losses["loss"].item(), static=fits))
     assert (engine.graphed is not None and engine.graphed.graph is not None) == graphs
-    if graphs and capacities is not None:  # warm-ups aside, the batches over a capacity ran eagerly
-        assert engine.eager_steps == sum(None in c.values() for c in capacities[3:])
+    if graphs and static is not None:  # warm-ups aside, the batches that do not fit ran eagerly
+        assert engine.eager_steps == static.count(False)
     return losses, [p.detach().clone() for p in objective.parameters()]
 
 
@@ -148,18 +135,17 @@ def test_torch_engine_graphed_trains_like_eager(backend):
 
 
 @gpu_only
-def test_torch_engine_graph_with_capacities_and_an_eager_step_trains_like_eager():
+def test_torch_engine_graph_with_static_shapes_and_an_eager_step_trains_like_eager():
     """Inside the graph the LM head runs on 8 rows (make_batch labels 5 tokens of 36) and the text is packed to 24
-    rows (20 real tokens of 36). Steps 4 and 6 have no LM capacity (as pretrain.py marks a batch with too many
+    rows (20 real tokens of 36). Steps 4 and 6 are marked as not fitting (as the loop marks a batch with too many
     masked words): step 4 runs eagerly instead of being captured (the graph is taken at step 5), step 6 runs
     eagerly into the graph's gradient buffers, and step 7 is a replay again. Losses and weights follow the
     all-eager run."""
     config = small_config("uneven")
-    fits, over = dict(lm_label_capacity=8, text_token_capacity=24), dict(lm_label_capacity=None, text_token_capacity=24)
-    capacities = [fits, fits, fits, over, fits, over, fits]
-    eager, eager_weights = _engine_losses(config, "triton", graphs=False, steps=7, capacities=capacities)
-    with pytest.warns(UserWarning, match="runs eagerly.*over a capacity"):
-        graphed, graphed_weights = _engine_losses(config, "triton", graphs=True, steps=7, capacities=capacities)
+    static = [True, True, True, False, True, False, True]
+    eager, eager_weights = _engine_losses(config, "triton", graphs=False, steps=7, static=static)
+    with pytest.warns(UserWarning, match="runs eagerly.*does not fit the static shapes"):
+        graphed, graphed_weights = _engine_losses(config, "triton", graphs=True, steps=7, static=static)
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), atol=1e-4, rtol=1e-4)
     for a, b in zip(graphed_weights, eager_weights, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -167,7 +153,7 @@ def test_torch_engine_graph_with_capacities_and_an_eager_step_trains_like_eager(
 
 @gpu_only
 def test_torch_engine_graph_replays_follow_the_per_step_seed():
-    """pretrain.py seeds every RNG before each micro-batch, so a resumed run draws the masks of an uninterrupted
+    """The loop seeds every RNG before each micro-batch, so a resumed run draws the masks of an uninterrupted
     one: with dropout on, two graphed runs under the same per-step seeds give the same losses."""
     config = small_config("tiny", hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
     first, _ = _engine_losses(config, "triton", graphs=True, seed_each_step=True)
@@ -180,25 +166,25 @@ def test_torch_engine_graph_replays_follow_the_per_step_seed():
 def test_torch_engine_checkpoint_round_trip_on_the_gpu(tmp_path):
     """A checkpoint written on the GPU loads back into a fresh engine: weights and optimiser state on the GPU, the
     RNG states of the client state on the CPU, where torch.set_rng_state needs them."""
+    from lxmert_fast import training
+    from lxmert_fast.objectives import PretrainingObjective
     from lxmert_fast.optimization import BertAdam, build_scheduler
     from lxmert_fast.single_device import SingleDeviceEngine
 
-    training = pytest.importorskip("lxmert_fast.training", reason="the loops' RNG state helpers need DeepSpeed")
     config = small_config("tiny")
 
     def engine():
         torch.manual_seed(0)
-        objective = Objective(lxmert_fast.LxmertForPreTraining(config, backend="torch")).cuda()
+        objective = PretrainingObjective(lxmert_fast.LxmertForPreTraining(config, backend="torch")).cuda()
         optimizer = BertAdam(objective.parameters(), lr=1e-3)
         return SingleDeviceEngine(objective, optimizer, build_scheduler(optimizer, 10), device="cuda",
                                   precision="fp32", cuda_graphs=False)
 
     first = engine()
-    first.forward_backward(to_device(make_batch(config, batch=2, seed=1), "cuda"))
-    first.step()
-    first.save_checkpoint(str(tmp_path), "t", client_state={"rng": training.rng_state()})
+    first.train_step(to_device(make_batch(config, batch=2, seed=1), "cuda"), lambda losses: None)
+    first.save(str(tmp_path), "t", client_state={"rng": training.rng_state()})
     second = engine()
-    _, client = second.load_checkpoint(str(tmp_path), "t")
+    client = second.load(str(tmp_path), "t")
     training.set_rng_state(client["rng"])
     for a, b in zip(first.module.parameters(), second.module.parameters(), strict=True):
         assert b.device.type == "cuda" and torch.equal(a, b)

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from lxmert_fast import LxmertConfig, LxmertForNLVR2, LxmertForPreTraining
 from lxmert_fast.data import FeatureStore, ensure_sample_data
@@ -111,6 +112,7 @@ def test_vqa_finetuning_beats_untrained_model(sample, tmp_path):
 
     records = [json.loads(line) for line in open(tmp_path / "tuned" / "metrics.jsonl")]
     evals = [r for r in records if r.get("split") == "valid"]
+    assert all(r["event"] == "eval" for r in evals) and all("event" in r for r in records)
     assert len(evals) == 3 and all("eval_score" in r for r in evals)
     assert max(r["eval_score"] for r in evals) == after
     assert (tmp_path / "tuned" / "best_model" / LABEL2ANS_FILE).is_file()
@@ -121,11 +123,36 @@ def test_vqa_finetuning_beats_untrained_model(sample, tmp_path):
     assert list(submitted) == [q["question_id"] for q in questions]
     assert set(submitted.values()) <= set(json.load(open(sample["ft"].label2ans("vqa"))))
 
-    # the fine-tuned model, reloaded with its head, scores the same without training
-    again = main(
-        cli(sample, "vqa", tmp_path / "again", "--load", str(tmp_path / "tuned" / "best_model"), "--epochs", "0")
-    )
+    # the best model's folder is self-contained: its tokenizer, and its answers in config.json as transformers has them
+    best = tmp_path / "tuned" / "best_model"
+    answers = json.load(open(sample["ft"].label2ans("vqa")))
+    saved = json.loads((best / "config.json").read_text())
+    assert saved["id2label"] == {str(i): a for i, a in enumerate(answers)}
+    assert saved["label2id"] == {a: i for i, a in enumerate(answers)}
+    assert len(transformers.AutoTokenizer.from_pretrained(str(best))) == saved["vocab_size"]
+
+    # the fine-tuned model, reloaded with its head (and its own tokenizer), scores the same without training, and
+    # --test predicted with it: the same submission
+    argv = cli(sample, "vqa", tmp_path / "again", "--load", str(best), "--epochs", "0", "--test")
+    again = main(argv[:argv.index("--tokenizer")] + argv[argv.index("--tokenizer") + 2:])
     assert again["valid"]["eval_score"] == pytest.approx(after)
+    assert read_submission("vqa", again["submission"]) == submitted
+
+
+def test_a_validation_set_smaller_than_one_batch_is_evaluated(sample, tmp_path):
+    """3 questions, micro-batch 32: one partial batch, a real score (not NaN), every question predicted."""
+    small = tmp_path / "valid3.json"
+    small.write_text(json.dumps(json.load(open(sample["ft"].split("vqa", "valid")))[:3]))
+    argv = cli(sample, "vqa", tmp_path / "out", "--from-scratch", "--epochs", "0")
+    argv[argv.index("--valid") + 1] = str(small)
+    result = main_of_finetune(argv)
+    assert 0.0 <= result["valid"]["eval_score"] <= 1.0
+
+
+def main_of_finetune(argv):
+    from lxmert_fast.finetune import main
+
+    return main(argv)
 
 
 @pytest.mark.parametrize("task", ["gqa", "nlvr2"])

@@ -71,65 +71,6 @@ def test_sdpa_and_packed_path_equals_explicit_attention_path():
     assert_close_masked(fast.language_output, padded.language_output, batch["attention_mask"], "language")
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-shapes"])
-def test_text_packed_to_a_capacity_gives_the_same_outputs_loss_and_gradients(monkeypatch, static):
-    """With static shapes (torch.compile or graph capture, simulated here) the text is packed to a fixed number of
-    rows, real tokens first and padded positions as filler: the real tokens' outputs, the loss and every gradient
-    are those of the unpacked model; too small a capacity gives NaN outputs and loss, never wrong ones."""
-    config = small_config()
-    model = lxmert_fast.LxmertForPreTraining(config, backend="torch").train()
-    batch = make_batch(config, batch=4, seed=7)
-    real = int(batch["attention_mask"].sum())  # 21 of 36 positions
-    mask = batch["attention_mask"].bool()
-    unpacked = lxmert_fast.LxmertForPreTraining(config, backend="torch").train()
-    unpacked.lxmert.pack_text = False
-    unpacked.load_state_dict(model.state_dict())
-    ref = unpacked(**batch, return_task_losses=True, output_hidden_states=True)
-    ref.loss.backward()
-    ref_grads = {n: p.grad.clone() for n, p in unpacked.named_parameters()}
-    monkeypatch.setattr("lxmert_fast.modeling.static_shapes_only", lambda: static)
-    for capacity in (real, real + 7, 36, 100):  # exactly enough, filler rows, every position, more than that
-        model.zero_grad()
-        out = model(**batch, return_task_losses=True, output_hidden_states=True, text_token_capacity=capacity)
-        torch.testing.assert_close(out.loss, ref.loss, atol=ATOL, rtol=0)
-        assert_close_masked(out.language_hidden_states[-1], ref.language_hidden_states[-1], mask, "language")
-        torch.testing.assert_close(out.vision_hidden_states[-1], ref.vision_hidden_states[-1], atol=ATOL, rtol=0)
-        out.loss.backward()
-        for name, param in model.named_parameters():
-            torch.testing.assert_close(param.grad, ref_grads[name], atol=ATOL, rtol=1e-4, msg=name)
-    out = model.lxmert(**model_inputs(batch), text_token_capacity=real - 1, output_hidden_states=True)
-    assert out.language_output.isnan().all() and out.vision_output.isnan().all() and out.pooled_output.isnan().all()
-    assert all(state.isnan().all() for state in out.language_hidden_states + out.vision_hidden_states)
-    assert model(**batch, text_token_capacity=real - 1).loss.isnan()
-
-
-def test_text_token_capacity():
-    from lxmert_fast.modeling import text_token_capacity
-
-    mask = torch.zeros(256, 20, dtype=torch.long)
-    mask[:, :13] = 1  # 3,328 real tokens
-    # 256 x 13 + 10 x 16 x 3 = 3,808, rounded up to 64 rows
-    assert text_token_capacity(mask, mean_length=13.0, std_length=3.0) == 3840
-    mask[:, :16] = 1
-    assert text_token_capacity(mask, mean_length=13.0, std_length=3.0) is None  # 4,096 real tokens
-    assert text_token_capacity(torch.ones(2, 9), mean_length=8.0, std_length=1.0) == 18  # at most every position
-
-
-def test_nlvr2_passes_twice_the_text_capacity_for_its_two_passes(monkeypatch):
-    config = small_config()
-    model = lxmert_fast.LxmertForNLVR2(config, backend="torch").eval()
-    g = torch.Generator().manual_seed(1)
-    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])  # 11 real tokens, encoded once per image: 22
-    inputs = dict(input_ids=torch.randint(1, config.vocab_size, (2, 7), generator=g), attention_mask=mask,
-                  visual_feats=torch.randn(2, 2, 5, config.visual_feat_dim, generator=g),
-                  visual_pos=torch.rand(2, 2, 5, 4, generator=g))
-    monkeypatch.setattr("lxmert_fast.modeling.static_shapes_only", lambda: True)
-    with torch.no_grad():
-        expected = model(**inputs).logits
-        torch.testing.assert_close(model(**inputs, text_token_capacity=11).logits, expected, atol=ATOL, rtol=0)
-        assert model(**inputs, text_token_capacity=10).logits.isnan().all()
-
-
 @pytest.mark.parametrize("name", sorted(SMALL_CONFIGS))
 def test_pretraining_loss_and_gradients_equal_transformers(name):
     config = small_config(name)
@@ -174,38 +115,6 @@ def test_lm_head_at_labels_only_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(param.grad, full_grads[name], atol=ATOL, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-shapes"])
-def test_lm_head_at_labels_with_a_capacity_gives_the_same_loss_and_gradients(monkeypatch, static):
-    """With static shapes (as under torch.compile or graph capture, simulated here) the LM head runs on a fixed
-    number of rows, labelled tokens first and unlabelled filler after: the loss and every gradient are still those
-    of the head at every token."""
-    config = small_config()
-    _, ours = paired(transformers.LxmertForPreTraining, lxmert_fast.LxmertForPreTraining, config, train=True)
-    batch = make_batch(config, batch=4, seed=4)
-    batch["labels"][1, 3:6] = torch.tensor([5, 6, 7])  # not only the first tokens: all must be picked
-    labelled = int((batch["labels"] != -100).sum())
-    full = ours(**batch, return_task_losses=True)
-    full.loss.backward()
-    full_grads = {n: p.grad.clone() for n, p in ours.named_parameters()}
-    monkeypatch.setattr("lxmert_fast.modeling.static_shapes_only", lambda: static)
-    for capacity in (labelled, labelled + 5, 10_000):  # exactly enough, filler rows, more rows than tokens
-        ours.zero_grad()
-        out = ours(**batch, return_task_losses=True, lm_logits_at_labels_only=True, lm_label_capacity=capacity)
-        assert out.prediction_logits is None
-        torch.testing.assert_close(out.task_losses["mlm"], full.task_losses["mlm"], atol=ATOL, rtol=0)
-        out.loss.backward()
-        for name, param in ours.named_parameters():
-            torch.testing.assert_close(param.grad, full_grads[name], atol=ATOL, rtol=1e-4, msg=name)
-    # too small a capacity: NaN, in both modes, never a loss over some of the labelled tokens
-    out = ours(**batch, return_task_losses=True, lm_logits_at_labels_only=True, lm_label_capacity=labelled - 1)
-    assert out.task_losses["mlm"].isnan() and out.loss.isnan()
-    assert torch.isfinite(out.task_losses["matched"])
-    # static shapes without a capacity: every token, the same loss, and the logits are returned
-    out = ours(**batch, return_task_losses=True, lm_logits_at_labels_only=True)
-    assert (out.prediction_logits is not None) == static
-    torch.testing.assert_close(out.task_losses["mlm"], full.task_losses["mlm"], atol=ATOL, rtol=0)
-
-
 def test_true_first_is_a_stable_partition():
     from lxmert_fast.modeling import true_first
 
@@ -216,40 +125,6 @@ def test_true_first_is_a_stable_partition():
         for count in sorted({0, 1, int(flags.sum()), n}):
             assert torch.equal(true_first(flags, count), expected[:count])
     assert torch.equal(true_first(torch.tensor([False, True, False, True]), 3), torch.tensor([1, 3, 0]))
-
-
-def test_lm_label_capacity():
-    from lxmert_fast.modeling import lm_label_capacity
-
-    paper = torch.full((256, 20), -100)
-    paper[:, 1:4] = 7  # 768 labelled tokens, the expected 15%
-    assert lm_label_capacity(paper) == 1024  # 768 expected + 10 standard deviations (255), in whole 64-row tiles
-    paper[:, 4:8] = 7  # 1,792 labelled: more than the capacity
-    assert lm_label_capacity(paper) is None
-    small = torch.full((2, 9), -100)
-    small[:, 1] = 3
-    assert lm_label_capacity(small) == 18  # small batches: every position
-
-
-def test_capacities_under_torch_compile():
-    """The real static-shape path: torch.compile (Inductor, on the CPU) traces the capacity branches (stable
-    true_first instead of nonzero) of the LM head and of the text packing, and gives eager's loss and gradients."""
-    config = small_config("tiny")
-    _, ours = paired(transformers.LxmertForPreTraining, lxmert_fast.LxmertForPreTraining, config, train=True)
-    batch = make_batch(config, batch=2, text_len=6, objects=3, seed=5)  # 9 real text tokens of 12, 3 labelled
-    kwargs = dict(return_task_losses=True, lm_logits_at_labels_only=True, lm_label_capacity=4, text_token_capacity=10)
-    eager = ours(**batch, **kwargs)
-    eager.loss.backward()
-    eager_grads = {n: p.grad.clone() for n, p in ours.named_parameters()}
-    ours.zero_grad()
-    torch._dynamo.reset()
-    compiled = torch.compile(ours, fullgraph=True)(**batch, **kwargs)  # fullgraph: no eager fallback inside
-    assert compiled.prediction_logits is None
-    torch.testing.assert_close(compiled.task_losses["mlm"], eager.task_losses["mlm"], atol=ATOL, rtol=0)
-    compiled.loss.backward()
-    for name, param in ours.named_parameters():
-        torch.testing.assert_close(param.grad, eager_grads[name], atol=ATOL, rtol=1e-4, msg=name)
-    torch._dynamo.reset()
 
 
 def test_tuple_outputs_match_transformers():

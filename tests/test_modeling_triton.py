@@ -10,6 +10,7 @@ from helpers import make_batch, small_config
 
 import lxmert_fast
 from lxmert_fast.data import to_device
+from lxmert_fast.static_shapes import StaticShapes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -42,9 +43,9 @@ def test_triton_backend_equals_torch_backend(name):
         torch.testing.assert_close(fused_params[param_name].grad, param.grad, atol=2e-5, rtol=1e-4, msg=param_name)
 
 
-def test_triton_backend_with_static_shape_capacities_equals_torch_backend(monkeypatch):
-    """The kernels on text packed to a fixed capacity and the LM head on fixed rows (the static-shape path of
-    torch.compile and CUDA graphs, simulated) give the eager torch path's losses and gradients."""
+def test_triton_backend_with_static_shapes_equals_torch_backend():
+    """The kernels on text packed to a fixed number of rows and the LM head on fixed rows (the static-shape path of
+    torch.compile and CUDA graphs, run eagerly) give the eager torch path's losses and gradients."""
     config = small_config("uneven")
     reference, fused = twin_models(config)
     reference.train()
@@ -53,9 +54,8 @@ def test_triton_backend_with_static_shape_capacities_equals_torch_backend(monkey
     real, labelled = int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum())
     expected = reference(**batch, return_task_losses=True)
     expected.loss.backward()
-    monkeypatch.setattr("lxmert_fast.modeling.static_shapes_only", lambda: True)
     actual = fused(**batch, return_task_losses=True, lm_logits_at_labels_only=True,
-                   lm_label_capacity=labelled + 2, text_token_capacity=real + 3)
+                   static_shapes=StaticShapes(text_rows=real + 3, lm_label_rows=labelled + 2))
     for task, value in expected.task_losses.items():
         torch.testing.assert_close(actual.task_losses[task], value, atol=1e-5, rtol=1e-5, msg=task)
     actual.loss.backward()

@@ -21,8 +21,9 @@ from helpers import make_batch, small_config
 from safetensors.torch import load_file
 
 from lxmert_fast import LxmertForPreTraining
+from lxmert_fast.objectives import apply_task_switches, pretraining_losses
 from lxmert_fast.optimization import BertAdam, build_scheduler, warmup_linear
-from lxmert_fast.pretrain import TASKS, apply_task_switches, pretraining_losses
+from lxmert_fast.pretraining import TASKS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "lxmert_fast", "pretrain.py")
@@ -124,7 +125,8 @@ def _run(cmd, cwd, timeout=300):
 def _metrics(output_dir):
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    return [r for r in records if "event" not in r], [r for r in records if "event" in r]
+    assert all("event" in r for r in records)
+    return [r for r in records if r["event"] == "train"], [r for r in records if r["event"] != "train"]
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +159,11 @@ def test_default_run_trains_and_writes_outputs(uninterrupted):
     losses = [r["loss"] for r in steps]
     assert sum(losses[-2:]) < sum(losses[:2]) - 2.0, losses  # falls clearly within 8 steps
     assert events and events[-1]["event"] == "end" and events[-1]["total_time_s"] > 0
+    assert [e["event"] for e in events] == ["eval", "end"] and events[0]["valid_loss"] > 0
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:09d}"
+    saved = json.loads((out / "run_config.json").read_text())
+    assert saved["micro_batch"] == 32 and saved["world_size"] == 1 and saved["flags"]["max_steps"] == STEPS
+    assert log.count("run config (pretrain)") == 1
 
 
 @pytest.mark.slow
@@ -170,6 +176,23 @@ def test_final_folder_loads_in_transformers_and_lxmert_fast(uninterrupted):
         if name in saved:
             torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0)
         torch.testing.assert_close(ours.state_dict()[name], tensor, rtol=0, atol=0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))  # the folder is self-contained
+    assert len(tokenizer) == ours.config.vocab_size and tokenizer.tokenize("a red apple") == ["a", "red", "apple"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["deepspeed", "torch"])
+def test_a_checkpoint_of_either_engine_exports_to_a_model_folder(uninterrupted, torch_engine_run, tmp_path, engine):
+    """python -m lxmert_fast.export turns a checkpoint into a model folder: the last one's is the final model."""
+    run = (uninterrupted if engine == "deepspeed" else torch_engine_run)[0]
+    for step in (4, STEPS):
+        out = tmp_path / f"step{step}"
+        rc, log = _run([sys.executable, "-m", "lxmert_fast.export", str(run / "checkpoints" / f"step{step:09d}"),
+                        str(out)], cwd=tmp_path)
+        assert rc == 0, log
+        assert transformers.AutoTokenizer.from_pretrained(str(out)).tokenize("a red apple") == ["a", "red", "apple"]
+        LxmertForPreTraining.from_pretrained(str(out))
+    assert _max_weight_difference(run, tmp_path / f"step{STEPS}", "model.safetensors") == 0.0
 
 
 def _kill_after_step_6_and_resume(cmd, cwd, out):
@@ -193,9 +216,9 @@ def _kill_after_step_6_and_resume(cmd, cwd, out):
     return log
 
 
-def _max_weight_difference(run_a, run_b):
+def _max_weight_difference(run_a, run_b, b_file="final_model/model.safetensors"):
     a = load_file(str(run_a / "final_model" / "model.safetensors"))
-    b = load_file(str(run_b / "final_model" / "model.safetensors"))
+    b = load_file(str(run_b / b_file))
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
@@ -289,30 +312,31 @@ def test_resuming_with_the_other_engine_says_which_one_wrote_the_checkpoint(unin
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["deepspeed", "torch"])
-def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(workdir, engine):
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(workdir, engine, monkeypatch):
+    """The third training forward returns a NaN loss (injected in-process): the run stops at step 3 before the
+    update, names the last good checkpoint, and writes no final model."""
+    from lxmert_fast import objectives, pretrain, training
+
+    original, calls = objectives.PretrainingObjective.forward, []
+
+    def forward(self, batch, static=False):
+        losses = original(self, batch, static)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 3:
+                losses = {**losses, "loss": losses["loss"] * float("nan")}
+        return losses
+
+    monkeypatch.setattr(objectives.PretrainingObjective, "forward", forward)
+    monkeypatch.chdir(workdir)
     out = workdir / f"nan_{engine}"
-    cmd = [
-        sys.executable,
-        SCRIPT,
-        "--max-steps",
-        "6",
-        "--save-every",
-        "2",
-        "--log-every",
-        "1",
-        "--num-workers",
-        "0",
-        "--output-dir",
-        str(out),
-        "--inject-nan-at-step",
-        "3",
-        "--engine",
-        engine,
-    ]
-    rc, log = _run(cmd, cwd=workdir)
-    assert rc != 0
-    assert "non-finite loss at step 3" in log, log
-    assert "weights were not updated" in log and "step000000002" in log
+    argv = ["--max-steps", "6", "--save-every", "2", "--log-every", "1", "--num-workers", "0", "--output-dir",
+            str(out), "--engine", engine]
+    with pytest.raises(training.NonFiniteLossError) as error:
+        pretrain.main(argv)
+    message = str(error.value)
+    assert "non-finite loss at step 3" in message and "weights were not updated" in message
+    assert "step000000002" in message
     assert (out / "checkpoints" / "latest").read_text().strip() == "step000000002"
     assert not (out / "final_model").exists()
 
@@ -330,6 +354,7 @@ def test_plot_metrics(uninterrupted, tmp_path):
         assert rc != 0 and "pip install matplotlib" in log
     else:
         assert rc == 0 and png.stat().st_size > 0, log
+        assert f"({STEPS} steps, 1 evaluations)" in log  # the validation loss is drawn beside the training loss
 
 
 # ------------------------------------------------------------------------------------------ checkpoint safety
@@ -340,7 +365,7 @@ def test_resume_never_executes_code_from_a_checkpoint(tmp_path):
 
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
-    from lxmert_fast import training
+    from lxmert_fast import engines, training
 
     marker = tmp_path / "pwned"
 
@@ -349,7 +374,7 @@ def test_resume_never_executes_code_from_a_checkpoint(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     engine = SimpleNamespace(checkpoint_engine=SimpleNamespace(load=None))
-    training._load_without_code(engine)
+    engines.install_safe_load(engine)
     good = tmp_path / "good.pt"
     torch.save({"module": {"w": torch.ones(2)}, "loss_scaler": LossScaler(4.0), "rng": training.rng_state()}, good)
     state = engine.checkpoint_engine.load(str(good))
@@ -363,7 +388,7 @@ def test_resume_never_executes_code_from_a_checkpoint(tmp_path):
 
 
 def _single_device_engine(tmp_seed=0, accumulation=1, clip=1.0):
-    from lxmert_fast.pretrain import PretrainingObjective
+    from lxmert_fast.objectives import PretrainingObjective
     from lxmert_fast.single_device import SingleDeviceEngine
 
     torch.manual_seed(tmp_seed)
@@ -377,21 +402,19 @@ def _single_device_engine(tmp_seed=0, accumulation=1, clip=1.0):
 
 def test_graph_counters_only_for_a_graphed_torch_engine():
     """metrics.jsonl gets eager_steps (batches run outside the CUDA graph) only when there is a graph: on a CPU,
-    or with DeepSpeed, nothing."""
-    from lxmert_fast import training
-
+    nothing."""
     engine, *_ = _single_device_engine()
-    assert engine.graphed is None and training.graph_counters(engine) == {}
-    engine.graphed, engine.eager_steps = object(), 2  # what a GPU run with two batches over a capacity holds
-    assert training.graph_counters(engine) == {"eager_steps": 2}
+    assert engine.graphed is None and engine.counters() == {} and not engine.needs_static_shapes
+    engine.graphed, engine.eager_steps = object(), 2  # what a GPU run with two batches that did not fit holds
+    assert engine.counters() == {"eager_steps": 2}
 
 
 def test_torch_engine_checkpoint_never_executes_code_and_names_a_bad_file(tmp_path):
     engine, objective, *_ = _single_device_engine()
-    engine.save_checkpoint(str(tmp_path), "good", client_state={"step": 3, "rng": training_rng_state()})
+    engine.save(str(tmp_path), "good", client_state={"step": 3, "rng": training_rng_state()})
     before = {k: v.clone() for k, v in objective.state_dict().items()}
-    path, client = engine.load_checkpoint(str(tmp_path), "good")
-    assert path.endswith("good/state.pt") and client["step"] == 3
+    client = engine.load(str(tmp_path), "good")
+    assert client["step"] == 3
     assert all(torch.equal(before[k], v) for k, v in objective.state_dict().items())
 
     marker = tmp_path / "pwned"
@@ -402,14 +425,14 @@ def test_torch_engine_checkpoint_never_executes_code_and_names_a_bad_file(tmp_pa
 
     (tmp_path / "evil").mkdir()
     torch.save({"module": objective.state_dict(), "client_state": Exploit()}, tmp_path / "evil" / "state.pt")
-    with pytest.raises(RuntimeError, match=r"evil/state.pt: not a checkpoint of pretrain.py --engine torch"):
-        engine.load_checkpoint(str(tmp_path), "evil")
+    with pytest.raises(RuntimeError, match=r"evil/state.pt: not a checkpoint of --engine torch"):
+        engine.load(str(tmp_path), "evil")
     assert not marker.exists()
     (tmp_path / "cut").mkdir()
     data = (tmp_path / "good" / "state.pt").read_bytes()
     (tmp_path / "cut" / "state.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(RuntimeError, match=r"cut/state.pt"):
-        engine.load_checkpoint(str(tmp_path), "cut")
+        engine.load(str(tmp_path), "cut")
 
 
 def training_rng_state():
@@ -425,8 +448,7 @@ def test_torch_engine_accumulates_clips_and_steps_at_the_boundary():
     reference, ref_objective, ref_optimizer, ref_scheduler = _single_device_engine(accumulation=1, clip=0.0)
     for i, half in enumerate(halves):
         torch.manual_seed(100 + i)
-        engine.forward_backward(half)
-        engine.step()
+        engine.train_step(half, lambda losses: None)
         if i == 0:  # no update before the boundary
             assert all(torch.equal(p, q) for p, q in zip(objective.parameters(), ref_objective.parameters(),
                                                          strict=True))
@@ -441,30 +463,6 @@ def test_torch_engine_accumulates_clips_and_steps_at_the_boundary():
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
     assert all(p.grad is None for p in objective.parameters())  # eager: the gradients are reset after the update
     assert engine.scheduler.last_epoch == 1
-
-
-def test_engine_plan_refuses_several_ranks_turns_fp16_into_bf16_and_graphs_only_without_accumulation(monkeypatch):
-    from types import SimpleNamespace
-
-    from lxmert_fast import training
-
-    def plan(engine="torch", precision="fp32", world=1, accum=1, cuda=False, **flags):
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-        args = SimpleNamespace(engine=engine, no_cuda_graphs=False, compile=False, **flags)
-        return training.plan_engine(args, precision, world, accum)
-
-    with pytest.raises(SystemExit, match="2 ranks: use --engine deepspeed"):
-        plan(world=2)
-    assert plan(engine="deepspeed", precision="fp16", world=2) == ("deepspeed", "fp16", False, False)
-    assert plan(precision="bf16") == ("torch", "bf16", False, False)  # no CUDA: no graphs
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert plan(precision="fp16", cuda=True) == ("torch", "bf16", True, False)
-    assert plan(precision="fp16", cuda=True).model_backend == "triton"
-    assert plan(precision="bf16", cuda=True, accum=4).cuda_graphs is False
-    assert plan(precision="bf16", cuda=True, accum=1).cuda_graphs is True
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    with pytest.raises(SystemExit, match="no bf16"):
-        plan(precision="fp16", cuda=True)
 
 
 @pytest.mark.parametrize("chunk", [0, 40, 1 << 40], ids=["one-per-chunk", "several-per-chunk", "one-chunk"])
@@ -502,14 +500,16 @@ def test_bertadam_multi_tensor_step_equals_the_per_parameter_formulas(monkeypatc
 
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(REPO, "configs")) if f.startswith("ds_")))
-def test_every_deepspeed_config_loads_with_a_batch_geometry(name):
-    from lxmert_fast import training
+def test_every_deepspeed_config_resolves_to_a_batch_geometry(name):
+    from lxmert_fast import run_config
 
-    cfg, precision = training.load_ds_config(os.path.join(REPO, "configs", name), log=lambda *a: None)
-    micro, accum = training.batch_geometry(cfg, world=1)
-    assert micro >= 1 and accum >= 1 and precision in ("fp16", "bf16", "fp32")
-    assert "optimizer" not in cfg and "scheduler" not in cfg
+    flags = {"engine": "deepspeed", "seed": 1}
+    config = run_config.resolve("pretrain", flags, default_deepspeed=name, world_size=1)
+    cfg = config.deepspeed
+    assert config.micro_batch >= 1 and config.accumulation >= 1 and config.precision in ("fp16", "bf16", "fp32")
+    assert cfg["train_batch_size"] == config.micro_batch * config.accumulation
+    assert "optimizer" not in cfg and "scheduler" not in cfg and cfg["zero_allow_untested_optimizer"]
     if name.startswith("ds_paper"):  # the paper's global batch on one rank
-        assert micro * accum == 256
+        assert config.global_batch == 256
     if name == "ds_paper_1gpu_bf16.json":  # --engine torch graphs only steps without accumulation
-        assert accum == 1 and cfg["gradient_clipping"] == 1.0 and cfg["bf16"]["enabled"]
+        assert config.accumulation == 1 and cfg["gradient_clipping"] == 1.0 and cfg["bf16"]["enabled"]

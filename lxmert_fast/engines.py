@@ -1,0 +1,165 @@
+"""The engines the training loop runs on, behind one small protocol (``Engine``).
+
+- ``DeepSpeedEngine``: DeepSpeed's engine (any ZeRO stage, fp16 loss scaling, many ranks and nodes);
+- ``lxmert_fast.single_device.SingleDeviceEngine``: one process on one device, plain PyTorch, bf16 autocast and
+  the step replayed as a CUDA graph on a GPU.
+
+Both wrap an objective: a module whose ``forward(batch, static=False)`` returns a dict with the total loss under
+"loss" (lxmert_fast.objectives). ``static`` asks for the objective's static shapes (lxmert_fast.static_shapes);
+the loop sets it for a batch that fits them when the engine ``needs_static_shapes`` (compiled or graphed), and
+the engine runs a batch without them eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Protocol
+
+import torch
+
+from lxmert_fast.single_device import CHECKPOINT_FILE, SingleDeviceEngine
+
+
+class Engine(Protocol):
+    device: torch.device
+    batch_dtype: torch.dtype  # the dtype the batches' floats move in
+    needs_static_shapes: bool  # compiled or graphed: batches that fit the objective's static shapes use them
+
+    def train_step(self, batch, check, static: bool) -> dict:
+        """One micro-batch: losses, ``check(losses)`` (returns what the loop logs, or raises before anything is
+        updated), backward, and at an accumulation boundary the optimiser step. Returns check's result."""
+
+    def evaluate(self, batch, static: bool) -> dict:
+        """The objective's outputs without gradients."""
+
+    def train(self) -> None: ...
+
+    def eval(self) -> None: ...
+
+    def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None: ...
+
+    def load(self, ckpt_dir: str, tag: str) -> dict:
+        """Load the checkpoint ``ckpt_dir/tag``; returns its client state. Never executes code from the file."""
+
+    def counters(self) -> dict:
+        """Numbers for metrics.jsonl (the loss scale and skipped steps of fp16, steps run outside a graph)."""
+
+    def whole_parameters(self, module):
+        """Context in which ``module``'s parameters are whole on every rank."""
+
+    def describe(self) -> str: ...
+
+
+def build_engine(config, objective, optimizer, scheduler) -> Engine:
+    """The engine ``config`` (a RunConfig) asks for, around ``objective`` with our optimiser and schedule."""
+    if config.engine == "torch":
+        from lxmert_fast.training import local_device
+
+        return SingleDeviceEngine(
+            objective.to(local_device()), optimizer, scheduler, device=local_device(), precision=config.precision,
+            gradient_clipping=config.deepspeed.get("gradient_clipping", 0.0), accumulation=config.accumulation,
+            cuda_graphs=config.cuda_graphs, compile_model=config.compile,
+        )
+    return DeepSpeedEngine(objective, optimizer, scheduler, config.deepspeed_config(), compile_model=config.compile)
+
+
+def _eager_if(condition):
+    """Run compiled code eagerly (a batch without static shapes under torch.compile)."""
+    return torch.compiler.set_stance("force_eager") if condition else contextlib.nullcontext()
+
+
+class DeepSpeedEngine:
+    """DeepSpeed owns precision, ZeRO, clipping and accumulation; this adapter speaks the loop's protocol."""
+
+    def __init__(self, objective, optimizer, scheduler, ds_config: dict, compile_model=False):
+        import deepspeed
+
+        self.engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
+        self.compiled = compile_model
+        if compile_model:
+            self.engine.compile()
+        self.device = self.engine.device
+        self.batch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self._precision(), torch.float32)
+        self.needs_static_shapes = compile_model
+        install_safe_load(self.engine)
+
+    def _precision(self):
+        return "fp16" if self.engine.fp16_enabled() else "bf16" if self.engine.bfloat16_enabled() else "fp32"
+
+    def train_step(self, batch, check, static):
+        with _eager_if(self.compiled and not static):
+            losses = self.engine(batch, static=static)
+        checked = check(losses)
+        self.engine.backward(losses["loss"])
+        self.engine.step()
+        return checked
+
+    def evaluate(self, batch, static):
+        with torch.no_grad(), _eager_if(self.compiled and not static):
+            return self.engine(batch, static=static)
+
+    def train(self):
+        self.engine.train()
+
+    def eval(self):
+        self.engine.eval()
+
+    def save(self, ckpt_dir, tag, client_state):
+        self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, ckpt_dir, tag):
+        folder = os.path.join(ckpt_dir, tag)
+        if os.path.isfile(os.path.join(folder, CHECKPOINT_FILE)):
+            raise RuntimeError(f"{folder} was written by --engine torch: resume it with --engine torch")
+        path, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
+        if path is None:
+            raise RuntimeError(f"could not load checkpoint {folder}")
+        return client_state
+
+    def counters(self):
+        if not self.engine.fp16_enabled():
+            return {}
+        scale = getattr(self.engine.optimizer, "cur_scale", None)
+        record = {"skipped_steps": int(self.engine.skipped_steps)}
+        if scale is not None and not callable(scale):
+            record["loss_scale"] = float(scale)
+        return record
+
+    def whole_parameters(self, module):
+        if self.engine.zero_optimization_stage() == 3:  # each rank holds a shard of every parameter
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def describe(self):
+        return f"DeepSpeed ZeRO-{self.engine.zero_optimization_stage()}" + (", compiled" if self.compiled else "")
+
+
+# The objects DeepSpeed pickles into its checkpoints besides tensors; loading allows these and nothing else.
+def _deepspeed_checkpoint_classes():
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path, map_location=None):
+    """torch.load(weights_only=True) with DeepSpeed's few checkpoint classes allowed: a checkpoint never executes
+    code when loaded. An unreadable file is a RuntimeError naming it."""
+    with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as error:  # noqa: BLE001 - torch.load raises many types; all mean "unreadable"
+            raise RuntimeError(f"{path}: not a loadable checkpoint ({str(error).splitlines()[0]})") from error
+
+
+def install_safe_load(engine):
+    """The one hook into DeepSpeed: its checkpoint engine reads files with ``safe_load`` instead of
+    torch.load(weights_only=False)."""
+    if engine.checkpoint_engine is None:
+        engine._configure_checkpointing()
+    engine.checkpoint_engine.load = safe_load

@@ -1,0 +1,129 @@
+"""A fine-tuning run (VQA, GQA, NLVR2) from its resolved RunConfig: the data, the task model, the loop, the test.
+
+lxmert_fast/finetune.py is the command that resolves the config.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lxmert_fast import training
+from lxmert_fast.data import FeatureStore
+from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADataset, finetune_collate
+from lxmert_fast.engines import build_engine
+from lxmert_fast.evaluation import SUBMISSION_NAME, question_only_note, write_submission
+from lxmert_fast.export import nlvr2_labels
+from lxmert_fast.objectives import FinetuneObjective, TaskEvaluation, model_saver
+from lxmert_fast.optimization import build_optimizer, build_scheduler
+from lxmert_fast.static_shapes import StaticShapes
+from lxmert_fast.tasks import TASKS, build_task_model
+from lxmert_fast.trainer import Trainer, plan_steps, start
+
+
+def _split(value):
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [v for v in value.split(",") if v]
+
+
+def build_data(config):
+    """(train, valid, test) datasets (None where not asked for) and the answer vocabulary (None for NLVR2)."""
+    stores = [FeatureStore.from_tsv(path) for path in _split(config.features)]
+    vocab = AnswerVocab.load(config.ans2label, config.label2ans) if TASKS[config.task].is_qa else None
+
+    def dataset(files, require_labels=True):
+        if not files:
+            return None
+        # features travel as stored (float16, half the bytes); training.to_device casts them to the model's dtype
+        if vocab is None:
+            return NLVR2Dataset(files, stores, config.tokenizer, config.max_seq_length, require_labels, "float16")
+        return QADataset(files, stores, vocab, config.tokenizer, config.task, config.max_seq_length,
+                         require_labels, "float16")
+
+    train = dataset(_split(config.train)) if config.epochs > 0 else None
+    valid = dataset(_split(config.valid))
+    test = dataset(_split(config.test_json), require_labels=False) if config.test else None
+    return train, valid, test, vocab
+
+
+def build_model(config, any_set, label2ans):
+    """The task model from --load / --load-lxmert-qa / the model config, checked against the data."""
+    from lxmert_fast import LxmertConfig
+
+    scratch = None
+    if config.model is not None:
+        scratch = LxmertConfig(**config.model)
+        scratch.vocab_size, scratch.visual_feat_dim = len(any_set.tokenizer), any_set.feat_dim
+    torch.manual_seed(config.seed)  # the same random head on every rank
+    model = build_task_model(config.task, load=config.load, load_qa=config.load_lxmert_qa,
+                             answer_table=config.answer_table, label2ans=label2ans, config=scratch,
+                             backend=config.model_backend, log=training.print0)
+    if len(any_set.tokenizer) > model.config.vocab_size:
+        raise SystemExit(f"the tokenizer has {len(any_set.tokenizer)} tokens but the model's vocabulary only "
+                         f"{model.config.vocab_size}: use the tokenizer the checkpoint was pre-trained with")
+    if any_set.feat_dim != model.config.visual_feat_dim:
+        raise SystemExit(f"features have {any_set.feat_dim} dimensions, the model expects "
+                         f"{model.config.visual_feat_dim}")
+    return model
+
+
+def finetune(config):
+    """Fine-tune and / or evaluate; returns {"valid": metrics, "best_score", "test": metrics, "submission"}."""
+    start(config)
+    train_set, valid_set, test_set, vocab = training.main_first(lambda: build_data(config))
+    label2ans = vocab.label2ans if vocab is not None else None
+    any_set = next(d for d in (train_set, valid_set, test_set) if d is not None)
+    model = build_model(config, any_set, label2ans)
+    shapes = StaticShapes.from_statistics(config.micro_batch, config.max_seq_length, *any_set.text_length_stats())
+    objective = FinetuneObjective(model, config.task, config.loss, shapes)
+    total_steps = plan_steps(config, len(train_set), config.epochs)[1] if train_set is not None else 0
+    optimizer = build_optimizer(objective.parameters(), config.optimizer, config.lr, config.weight_decay)
+    scheduler = build_scheduler(optimizer, max(total_steps, 1), config.warmup)
+    engine = build_engine(config, objective, optimizer, scheduler)
+    # printed beside each validation score: a model that does no better than this does not use the image
+    records = [d.records if d is not None else None for d in (train_set, valid_set)]
+    baseline = question_only_note(config.task, *records, label2ans)
+    hooks = TaskEvaluation(config.task, valid_set, finetune_collate, label2ans, baseline)
+    labels = list(label2ans) if label2ans is not None else nlvr2_labels()
+    trainer = Trainer(config, engine, objective, scheduler, train_set, finetune_collate,
+                      epochs=config.epochs if train_set is not None else 0, hooks=hooks,
+                      save_model=model_saver(model, any_set.tokenizer, labels), name=f"finetune {config.task}")
+    training.print0(
+        f"LXMERT fine-tuning ({config.task}): {model.num_parameters() / 1e6:.1f}M parameters, "
+        f"{len(train_set) if train_set else 0} train / {len(valid_set) if valid_set else 0} valid samples"
+        f"{f', {len(label2ans)} answers' if label2ans else ''}, {config.world_size} rank(s) on {engine.device}, "
+        f"{engine.describe()}, {trainer.total_steps} steps, lr {config.lr}"
+    )
+    trainer.fit()
+    if trainer.total_steps > 0:
+        trainer.save_model(os.path.join(config.output_dir, "final_model"))
+    result = {"valid": hooks.scores, "best_score": hooks.best, "test": None, "submission": None}
+    if test_set is not None:
+        result.update(test(trainer, hooks, model, test_set))
+    total_time = trainer.finish(best_eval_score=hooks.best)
+    training.print0(f"done: {trainer.position.step} steps in {total_time:.1f} s; best eval_score {hooks.best}; "
+                    f"output in {config.output_dir}")
+    training.barrier()
+    return result
+
+
+def test(trainer, hooks, model, test_set):
+    """Predict the test split with the best model of the run (the final weights when there is none) and write the
+    submission file."""
+    config = trainer.config
+    best = os.path.join(config.output_dir, "best_model")
+    if trainer.total_steps > 0 and os.path.isfile(os.path.join(best, "model.safetensors")):
+        from safetensors.torch import load_file
+
+        with trainer.engine.whole_parameters(model), torch.no_grad():
+            model.load_state_dict(load_file(os.path.join(best, "model.safetensors")))
+        training.print0(f"--test: predicting with the best model, {best}")
+    preds, scores = hooks.run(trainer, test_set, "test")
+    submission = None
+    if training.is_main():
+        submission = str(write_submission(config.task, preds, os.path.join(config.output_dir,
+                                                                           SUBMISSION_NAME[config.task])))
+        training.print0(f"submission written to {submission}")
+    return {"test": scores or None, "submission": submission}

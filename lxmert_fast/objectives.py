@@ -1,0 +1,203 @@
+"""What the training loop trains: a model plus its losses, one objective per kind of run.
+
+An objective is the module the engine wraps. ``forward(batch, static=False)`` returns a dict with the total loss
+under "loss" (and what else the task reports); ``static=True`` runs the model with the objective's
+``static_shapes`` (lxmert_fast.static_shapes), which the loop asks for only for a batch that ``fits`` them (checked
+on the host). ``prepare(batch)`` turns a collated host batch into the model's inputs.
+
+The task's hooks into the loop (evaluation at an epoch's end, the best model, the checkpoint's client state) live
+here too: ``ValidationLoss`` for pre-training, ``TaskEvaluation`` for fine-tuning.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lxmert_fast import training
+from lxmert_fast.export import save_model_folder
+from lxmert_fast.static_shapes import StaticShapes
+from lxmert_fast.trainer import Hooks
+
+PRETRAINING_TASKS = ("mlm", "matched", "obj", "attr", "feat", "qa")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos",
+                "visual_attention_mask")
+
+
+class Objective(nn.Module):
+    def __init__(self, model, static_shapes: StaticShapes | None = None):
+        super().__init__()
+        self.model = model
+        self.static_shapes = static_shapes
+
+    def fits(self, batch) -> bool:
+        return self.static_shapes is not None and self.static_shapes.fits(batch)
+
+    def shapes(self, static):
+        return self.static_shapes if static else None
+
+
+# ------------------------------------------------------------------------------------------------ pre-training
+def pretraining_losses(model, batch, static_shapes=None):
+    """The pre-training losses of ``model`` (an LxmertForPreTraining) on a collated batch: ``loss`` (the total)
+    and ``{task}_loss`` for each task the model's config switches on.
+
+    The model computes them as transformers does (the total equals transformers' loss on the same batch), with the
+    language-model head evaluated only at masked tokens, cross-entropies in fp32, and 0 instead of NaN for a task
+    with no label in the batch (a small batch, or QA before --qa-from-epoch).
+    """
+    out = model(**batch, return_task_losses=True, lm_logits_at_labels_only=True, static_shapes=static_shapes)
+    losses = {f"{task}_loss": value for task, value in out.task_losses.items()}
+    losses["loss"] = out.loss
+    return losses
+
+
+def apply_task_switches(config, tasks):
+    """Mirror the enabled tasks into the LxmertConfig fields, so the saved model has exactly the heads it trained."""
+    config.task_mask_lm = "mlm" in tasks
+    config.task_matched = "matched" in tasks
+    config.visual_obj_loss = "obj" in tasks
+    config.visual_attr_loss = "attr" in tasks
+    config.visual_feat_loss = "feat" in tasks
+    config.task_obj_predict = any(t in tasks for t in ("obj", "attr", "feat"))
+    config.task_qa = "qa" in tasks
+    return config
+
+
+class PretrainingObjective(Objective):
+    """LxmertForPreTraining and its five tasks' losses."""
+
+    def prepare(self, batch):
+        return batch
+
+    def forward(self, batch, static=False):
+        return pretraining_losses(self.model, batch, self.shapes(static))
+
+
+class ValidationLoss(Hooks):
+    """Pre-training's hooks: the epoch's masking, and the mean losses over the validation set at each epoch's end
+    (fixed masking: epoch 0, no dropout), at most ``batches`` micro-batches per rank."""
+
+    def __init__(self, train_set, valid_set, collate, batches):
+        self.train_set, self.valid_set, self.collate, self.batches = train_set, valid_set, collate, batches
+
+    def on_epoch_start(self, trainer):
+        self.train_set.set_epoch(trainer.position.epoch)
+
+    def on_epoch_end(self, trainer):
+        if self.valid_set is None:
+            return
+        self.valid_set.set_epoch(0)
+        sums, count = {}, 0
+        for _, out in trainer.evaluate(self.valid_set, self.collate, limit=self.batches, seed=trainer.config.seed):
+            values, _ = training.reduce_losses(out, trainer.engine.device)
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+        record = {f"valid_{k}": v / count for k, v in sorted(sums.items())}
+        p = trainer.position
+        trainer.log({"event": "eval", "split": "valid", "step": p.step, "epoch": p.epoch, **record})
+        training.print0(f"validation at step {p.step}: loss {record['valid_loss']:.4f}")
+
+
+# ------------------------------------------------------------------------------------------------- fine-tuning
+def task_loss(task: str, logits: torch.Tensor, batch: dict, loss: str = "bce") -> torch.Tensor:
+    """VQA / GQA: BCE-with-logits on the soft scores, mean over all entries x number of answers (the original's
+    scaling: a sum over answers, mean over the batch); `loss="ce"`: cross-entropy on each question's top answer
+    (questions with no known answer ignored). NLVR2: cross-entropy on the 0 / 1 label."""
+    logits = logits.float()  # (B, A) or (B, 2)
+    if task == "nlvr2":
+        return F.cross_entropy(logits, batch["label"], ignore_index=-100)
+    target = batch["target"].float()  # (B, A)
+    if loss == "ce":
+        best, label = target.max(dim=1)
+        label = torch.where(best > 0, label, torch.full_like(label, -100))
+        return F.cross_entropy(logits, label, ignore_index=-100)
+    return F.binary_cross_entropy_with_logits(logits, target) * logits.shape[1]
+
+
+class FinetuneObjective(Objective):
+    """A task model plus its loss: ``forward(batch)`` -> {"logits", and "loss" when the batch carries targets}."""
+
+    def __init__(self, model, task: str, loss: str = "bce", static_shapes: StaticShapes | None = None):
+        super().__init__(model, static_shapes)
+        self.task, self.loss = task, loss
+
+    def prepare(self, batch):
+        return {k: v for k, v in batch.items() if k != "index"}
+
+    def forward(self, batch, static=False):
+        inputs = {k: batch[k] for k in MODEL_INPUTS}
+        out = self.model(**inputs, static_shapes=self.shapes(static), return_dict=True)
+        logits = out.logits if self.task == "nlvr2" else out.question_answering_score  # (B, 2) / (B, A)
+        result = {"logits": logits}
+        if "target" in batch or "label" in batch:
+            result["loss"] = task_loss(self.task, logits, batch, self.loss)
+        return result
+
+
+class TaskEvaluation(Hooks):
+    """Fine-tuning's hooks: after each epoch, the task's scores on the validation set (metrics.jsonl gets
+    ``eval_score``, the main metric), and the best model so far in OUTPUT_DIR/best_model; the best score goes into
+    each checkpoint."""
+
+    def __init__(self, task, valid_set, collate, label2ans=None, baseline=""):
+        self.task, self.valid_set, self.collate, self.label2ans = task, valid_set, collate, label2ans
+        self.baseline = baseline  # printed beside each validation score (evaluation.question_only_note)
+        self.best, self.scores = None, None
+
+    def client_state(self):
+        return {"best": self.best}
+
+    def load_client_state(self, state):
+        self.best = state.get("best")
+
+    def predict(self, trainer, dataset):
+        """{id: prediction} over the whole dataset, the work split over ranks and gathered on every rank."""
+        from lxmert_fast.tasks import predict
+
+        predictions = {}
+        for host_batch, out in trainer.evaluate(dataset, self.collate):
+            answers = predict(self.task, out["logits"], self.label2ans)
+            for i, answer in zip(host_batch["index"].tolist(), answers, strict=True):
+                predictions[dataset.qid(i)] = answer
+        if trainer.config.world_size > 1:
+            gathered = [None] * trainer.config.world_size
+            torch.distributed.all_gather_object(gathered, predictions)
+            predictions = {k: v for part in gathered for k, v in part.items()}
+        return {dataset.qid(i): predictions[dataset.qid(i)] for i in range(len(dataset))}  # in file order
+
+    def run(self, trainer, dataset, split):
+        from lxmert_fast.evaluation import evaluate
+
+        t0 = time.perf_counter()
+        preds = self.predict(trainer, dataset)
+        scores = evaluate(self.task, preds, dataset.labels) if dataset.labels else {}
+        p = trainer.position
+        trainer.log({"event": "eval", "split": split, "step": p.step, "epoch": p.epoch, **scores,
+                     "eval_time_s": time.perf_counter() - t0})
+        if scores:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+            training.print0(f"{split} after step {p.step}: {shown}{self.baseline if split == 'valid' else ''}")
+        return preds, scores
+
+    def on_epoch_end(self, trainer):
+        if self.valid_set is None:
+            return
+        _, self.scores = self.run(trainer, self.valid_set, "valid")
+        if trainer.total_steps and (self.best is None or self.scores["eval_score"] > self.best):
+            self.best = self.scores["eval_score"]
+            trainer.save_model(os.path.join(trainer.config.output_dir, "best_model"))
+
+
+def model_saver(model, tokenizer, labels=None):
+    """``save(folder, weights=True)``: ``model`` as a self-contained folder (lxmert_fast.export)."""
+
+    def save(folder, weights=True):
+        save_model_folder(model, folder, tokenizer, labels, weights=weights)
+
+    return save

@@ -1,0 +1,147 @@
+"""Pre-training as a library: the command line, the resolved run, the data, the model and the loop.
+
+lxmert_fast/pretrain.py is the command; fine-tuning's sample mode uses ``resolve`` and ``pretrain`` here to make
+the sample pre-trained model it starts from.
+"""
+
+import os
+import sys
+
+from lxmert_fast import run_config
+
+TASKS = ("mlm", "matched", "obj", "attr", "feat", "qa")
+TASK_NAMES = {"mlm": "masked language model", "matched": "cross-modality matching",
+              "obj": "object-label classification", "attr": "attribute classification",
+              "feat": "RoI-feature regression", "qa": "image question answering"}
+
+
+def build_parser():
+    p = run_config.make_parser("LXMERT pre-training (DeepSpeed, or one device with --engine torch).")
+    data = p.add_argument_group("data (default: the generated sample data set)")
+    data.add_argument("--train-json", help="comma-separated pre-training JSON files (sentf/labelf records)")
+    data.add_argument("--valid-json", help="comma-separated JSON files for a validation loss after each epoch")
+    data.add_argument("--valid-batches", type=int, default=50, help="validation micro-batches per rank (0: none)")
+    data.add_argument("--features", help="comma-separated object-feature TSV files (converted once to a store)")
+    data.add_argument("--answer-table", help="all_ans.json")
+    data.add_argument("--tokenizer", help="tokenizer folder or hub name (default: the sample data's vocabulary)")
+    data.add_argument("--sample-data-dir", default="sample_data", help="where sample data is generated if needed")
+    model = p.add_argument_group("model and tasks")
+    model.add_argument("--model-config", default="lxmert_small",
+                       help="config.json of LxmertConfig fields, or a preset in configs/ (lxmert_small, lxmert_base)")
+    model.add_argument("--qa-from-epoch", type=int, default=0,
+                       help="first epoch (0-based) with the QA loss; the paper: 10 of 20, the released code: 0")
+    for task in TASKS:
+        model.add_argument(f"--no-{task}", action="store_true", help=f"switch off the {TASK_NAMES[task]} task")
+    run_config.add_training_arguments(p, output_dir=os.path.join("output", "pretrain"), save_every=200)
+    p.set_defaults(epochs=1, lr=1e-4, warmup=0.05)
+    return p
+
+
+def resolve(argv=None):
+    """The run's RunConfig: flags, the sample data's paths when no --train-json is given, the model preset."""
+    parser = build_parser()
+    args = run_config.parse_args_with_config(parser, argv)
+    flags = vars(args)
+    flags["tasks"] = [t for t in TASKS if not flags[f"no_{t}"]]
+    if not flags["tasks"]:
+        parser.error("every task is switched off")
+    if args.train_json is None:
+        from lxmert_fast.data import ensure_sample_data
+
+        sample = ensure_sample_data(args.sample_data_dir)  # safe when every rank calls it
+        flags.update(train_json=str(sample.train_json), valid_json=args.valid_json or str(sample.valid_json),
+                     features=args.features or str(sample.features_tsv),
+                     answer_table=args.answer_table or str(sample.answer_table),
+                     tokenizer=args.tokenizer or str(sample.tokenizer_dir))
+    missing = [f"--{f.replace('_', '-')}" for f in ("features", "answer_table", "tokenizer") if flags[f] is None]
+    if missing:
+        parser.error(f"--train-json given without {', '.join(missing)}")
+    run_config.check_files(flags, ("train_json", "valid_json", "features", "answer_table"))
+    model_file = run_config.find_config(args.model_config)
+    model = run_config.read_json(model_file, "a model config (LxmertConfig fields)")
+    return run_config.resolve("pretrain", flags, default_deepspeed="ds_zero2_fp16.json",
+                              model=model_with_tasks(model, flags["tasks"]))
+
+
+def model_with_tasks(fields, tasks):
+    """The model config's fields with the heads of exactly the enabled tasks."""
+    return {**fields, "task_mask_lm": "mlm" in tasks, "task_matched": "matched" in tasks,
+            "visual_obj_loss": "obj" in tasks, "visual_attr_loss": "attr" in tasks, "visual_feat_loss": "feat" in tasks,
+            "task_obj_predict": any(t in tasks for t in ("obj", "attr", "feat")), "task_qa": "qa" in tasks}
+
+
+def build_data(config, model_config):
+    """(train, valid or None, collate); fills ``model_config``'s vocabulary and answer-table sizes from the data."""
+    from lxmert_fast import data as lxdata
+
+    stores = [lxdata.FeatureStore.from_tsv(path) for path in _split(config.features)]  # converted once, mapped
+    # features travel as stored (float16, half the bytes); training.to_device casts them to the model's dtype
+    common = dict(seed=config.seed, task_matched="matched" in config.tasks, feature_dtype="float16")
+    train = lxdata.PretrainDataset(_split(config.train_json), stores, lxdata.AnswerTable(config.answer_table),
+                                   str(config.tokenizer), qa_from_epoch=config.qa_from_epoch, **common)
+    valid = None
+    if config.valid_json and config.valid_batches > 0:  # QA always on: the validation loss covers every task
+        valid = lxdata.PretrainDataset(_split(config.valid_json), stores, train.answer_table, train.tokenizer,
+                                       **common)
+    model_config.vocab_size = train.vocab_size
+    model_config.num_qa_labels = len(train.answer_table)
+    return train, valid, lxdata.pretrain_collate
+
+
+def _split(value):
+    if value is None:
+        return []
+    return value if isinstance(value, (list, tuple)) else [v for v in value.split(",") if v]
+
+
+def pretrain(config):
+    """Run the pre-training ``config`` (a resolved RunConfig) describes; returns the final model's folder."""
+    import torch
+
+    from lxmert_fast import LxmertConfig, LxmertForPreTraining, training
+    from lxmert_fast.engines import build_engine
+    from lxmert_fast.objectives import PretrainingObjective, ValidationLoss, model_saver
+    from lxmert_fast.optimization import build_optimizer, build_scheduler
+    from lxmert_fast.static_shapes import StaticShapes
+    from lxmert_fast.trainer import Trainer, plan_steps, start
+
+    start(config)
+    model_config = LxmertConfig(**config.model)
+    train_set, valid_set, collate = training.main_first(lambda: build_data(config, model_config))
+    shapes = StaticShapes.from_statistics(config.micro_batch, train_set.max_seq_length,
+                                          *train_set.text_length_stats(), mask_rate=train_set.word_mask_rate)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
+    model = LxmertForPreTraining(model_config, backend=config.model_backend)
+    objective = PretrainingObjective(model, shapes)
+    optimizer = build_optimizer(objective.parameters(), config.optimizer, config.lr, config.weight_decay)
+    scheduler = build_scheduler(optimizer, plan_steps(config, len(train_set), config.epochs)[1], config.warmup)
+    engine = build_engine(config, objective, optimizer, scheduler)
+    trainer = Trainer(config, engine, objective, scheduler, train_set, collate, epochs=config.epochs,
+                      save_model=model_saver(model, train_set.tokenizer), name="pretrain",
+                      hooks=ValidationLoss(train_set, valid_set, collate, config.valid_batches))
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 leaves p empty
+    training.print0(
+        f"LXMERT pre-training: {n_params / 1e6:.1f}M parameters, {len(train_set)} samples, {config.world_size} "
+        f"rank(s) on {engine.device}, {engine.describe()}, {trainer.total_steps} steps, tasks "
+        f"{','.join(config.tasks)}, optimizer {config.optimizer} lr {config.lr}"
+    )
+    trainer.fit()
+    final_dir = os.path.join(config.output_dir, "final_model")
+    trainer.save_model(final_dir)
+    total_time = trainer.finish()
+    training.print0(f"done: {trainer.position.step} steps in {total_time:.1f} s, loss {trainer.first_loss} -> "
+                    f"{trainer.last_loss}; model in {final_dir}, metrics in {trainer.metrics.path}")
+    return final_dir
+
+
+def run_as_command(main):
+    """Run ``main`` as a command: a known failure is one line on stderr and exit status 2, not a traceback; the
+    process group is torn down at the end."""
+    try:
+        main()
+    except (run_config.RunError, run_config.ConfigError) as error:
+        print(f"ERROR: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    from lxmert_fast import training
+
+    training.shutdown()

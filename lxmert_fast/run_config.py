@@ -1,0 +1,358 @@
+"""The run's configuration, resolved once: command line + ``--config`` JSON + DeepSpeed JSON + model preset.
+
+``resolve`` reads and checks everything a run is told, makes every adjustment to the machine in one place (fp16 ->
+fp32 without CUDA, fp16 -> bf16 for ``--engine torch``, ``--micro-batch-size`` written into the DeepSpeed config,
+DeepSpeed's ``"auto"`` values filled in as transformers' Trainer fills them) and returns a frozen ``RunConfig``,
+which the run prints once and saves as ``run_config.json`` in its output folder. A resumed run is compared with
+the saved one: what would change the data order or the model (seed, batch geometry, ranks, model config) must be
+the same.
+
+Nothing heavy is imported here (no torch at import time): ``--help`` and a bad flag answer at once, before
+DeepSpeed starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_CONFIG_FILE = "run_config.json"
+MICRO, ACCUM, TOTAL = "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"
+
+
+class ConfigError(ValueError):
+    """A flag, a config file or a value in one that cannot be used; the message names it."""
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (a non-finite loss, a checkpoint that cannot be written or read); the message says
+    why and what is kept."""
+
+
+# ----------------------------------------------------------------------------------------------------- files
+def find_config(name_or_path: str) -> str:
+    """A config file: a path, or the name of one shipped in configs/ (``lxmert_small``, ``configs/x.json``)."""
+    config_dir = os.path.join(REPO_ROOT, "configs")
+    candidates = (name_or_path, os.path.join(REPO_ROOT, name_or_path), os.path.join(config_dir, name_or_path),
+                  os.path.join(config_dir, f"{name_or_path}.json"))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise ConfigError(f"{name_or_path}: no such file, and no config of that name in {config_dir}")
+
+
+def read_json(path: str, what: str):
+    """The JSON in ``path``; a file that is not JSON is an error naming the file, line and column and ``what``
+    the file should hold."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read {what} ({error.strerror})") from error
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}); expected {what}") \
+            from error
+
+
+# ------------------------------------------------------------------------------------------ shared flags
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def add_training_arguments(parser, *, output_dir, save_every, log_every=10, workers="min(8, cores/2)"):
+    """The flags of the loop, the schedule and the engine, shared by pretrain.py and finetune.py."""
+    run = parser.add_argument_group("run: output, checkpoints, logging")
+    run.add_argument("--output-dir", default=output_dir,
+                     help="metrics, checkpoints, run_config.json and the saved models" + (
+                         "" if output_dir else " (default: output/finetune_TASK)"))
+    run.add_argument("--seed", type=int, default=9595, help="data order, masking, dropout and initial weights")
+    run.add_argument("--epochs", type=int, default=None, help="training epochs (default: the task's)")
+    run.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimiser steps")
+    run.add_argument("--save-every", type=positive_int, default=save_every,
+                     help="checkpoint every N optimiser steps" + ("" if save_every else " (default: epoch ends)"))
+    run.add_argument("--keep-checkpoints", type=positive_int, default=2, help="the newest N checkpoints are kept")
+    run.add_argument("--log-every", type=positive_int, default=log_every,
+                     help="a metrics.jsonl record every N optimiser steps")
+    run.add_argument("--num-workers", type=int, default=None, help=f"data-loader workers (default: {workers})")
+    run.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/latest")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start afresh in an OUTPUT_DIR that holds another run (its metrics and checkpoints go)")
+    run.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    opt = parser.add_argument_group("optimiser")
+    opt.add_argument("--optimizer", choices=("bertadam", "adamw"), default="bertadam",
+                     help="bertadam: the original's Adam without bias correction")
+    opt.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the task's)")
+    opt.add_argument("--weight-decay", type=float, default=0.01, help="decoupled, on every parameter")
+    opt.add_argument("--warmup", type=float, default=None, help="warm-up fraction of the steps (default: the task's)")
+    engine = parser.add_argument_group("engine and batch")
+    engine.add_argument(
+        "--engine", choices=("deepspeed", "torch"), default="deepspeed",
+        help="deepspeed: DeepSpeed's engine (ZeRO, fp16 loss scaling, any number of ranks); torch: one process on "
+        "one device, plain PyTorch, bf16 autocast and the step replayed as a CUDA graph on a GPU; both read batch "
+        "size, accumulation, precision and clipping from the DeepSpeed JSON",
+    )
+    engine.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
+                        help="DeepSpeed JSON (a path or the name of one in configs/; default: the task's)")
+    engine.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed's launcher; no effect")
+    engine.add_argument("--micro-batch-size", type=positive_int, default=None,
+                        help="override the DeepSpeed JSON's train_micro_batch_size_per_gpu")
+    engine.add_argument("--gradient-accumulation", type=positive_int, default=None,
+                        help="override the DeepSpeed JSON's gradient_accumulation_steps")
+    engine.add_argument("--no-cuda-graphs", action="store_true",
+                        help="with --engine torch on a GPU: launch every step eagerly instead of replaying a graph")
+    engine.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (with the Triton kernels on a GPU)")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default and keeps the description's layout."""
+
+
+def make_parser(description):
+    parser = argparse.ArgumentParser(description=description, formatter_class=_Formatter)
+    parser.add_argument("--config", help="JSON file of values for any of these flags (the command line wins)")
+    return parser
+
+
+def parse_args_with_config(parser, argv=None):
+    """Parse ``argv``, taking defaults from the JSON file named by ``--config`` (keys are flag names; keys starting
+    with "_" are comments; the command line wins). Unknown keys are an error naming the file."""
+    args, _ = parser.parse_known_args(argv)
+    if args.config:
+        try:
+            loaded = read_json(args.config, "a JSON object of flag names and values")
+        except ConfigError as error:
+            parser.error(str(error))
+        if not isinstance(loaded, dict):
+            parser.error(f"--config {args.config}: expected a JSON object of flag names and values")
+        defaults = {k.replace("-", "_"): v for k, v in loaded.items() if not k.startswith("_")}
+        unknown = set(defaults) - {a.dest for a in parser._actions}
+        if unknown:
+            parser.error(f"{args.config}: unknown keys {sorted(unknown)}")
+        parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def check_files(flags: dict, names) -> None:
+    """Every comma-separated path of the flags ``names`` exists (hub names aside: a tokenizer may be one)."""
+    for name in names:
+        value = flags.get(name)
+        for path in ([] if value is None else value if isinstance(value, (list, tuple)) else str(value).split(",")):
+            if path and not os.path.exists(path):
+                raise ConfigError(f"--{name.replace('_', '-')} {path}: no such file or folder")
+
+
+# ------------------------------------------------------------------------------------------------- RunConfig
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run was told, resolved. ``flags`` holds every flag's final value (also readable as an
+    attribute: ``config.lr``); ``deepspeed`` is the DeepSpeed JSON exactly as the DeepSpeed engine gets it."""
+
+    script: str
+    flags: dict
+    deepspeed_file: str
+    deepspeed: dict
+    model: dict | None  # the model config's fields for a model built from a config (None: from a checkpoint)
+    engine: str  # deepspeed | torch
+    precision: str  # fp16 | bf16 | fp32
+    cuda_graphs: bool
+    compile: bool
+    micro_batch: int
+    accumulation: int
+    world_size: int
+    adjustments: tuple[str, ...] = field(default_factory=tuple)
+
+    def __getattr__(self, name):
+        flags = self.__dict__.get("flags", {})
+        if name in flags:
+            return flags[name]
+        raise AttributeError(name)
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accumulation * self.world_size
+
+    @property
+    def model_backend(self) -> str:
+        """Compiled or graphed on a GPU: the fused kernels, chosen up front; eagerly: "auto" (the plain path)."""
+        import torch
+
+        return "triton" if (self.compile or self.cuda_graphs) and torch.cuda.is_available() else "auto"
+
+    def deepspeed_config(self) -> dict:
+        return copy.deepcopy(self.deepspeed)
+
+    def summary(self) -> str:
+        how = "DeepSpeed" if self.engine == "deepspeed" else "plain PyTorch"
+        if self.engine == "deepspeed":
+            how += f" ZeRO-{self.deepspeed.get('zero_optimization', {}).get('stage', 0)}"
+        how += ", CUDA graphs" if self.cuda_graphs else ""
+        how += ", compiled" if self.compile else ""
+        lines = [
+            f"run config ({self.script}): {how}, {self.precision}, micro-batch {self.micro_batch} x accumulation "
+            f"{self.accumulation} x {self.world_size} rank(s) = {self.global_batch}, seed {self.seed}, "
+            f"DeepSpeed JSON {self.deepspeed_file}"
+        ]
+        lines += [f"  adjusted: {note}" for note in self.adjustments]
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
+
+    def check_resume(self, saved: dict, source: str) -> None:
+        """A resumed run must read the data in the same order into the same model: compare with the saved run."""
+        for name in ("seed", "micro_batch", "accumulation", "world_size", "model"):
+            ours = self.flags["seed"] if name == "seed" else getattr(self, name)
+            theirs = saved.get("flags", {}).get("seed") if name == "seed" else saved.get(name)
+            if name == "model" and (ours is None or theirs is None):
+                continue
+            if ours != theirs:
+                if name == "model":
+                    changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+                    ours = {k: ours.get(k) for k in changed}
+                    theirs = {k: theirs.get(k) for k in changed}
+                raise ConfigError(
+                    f"--resume: this run's {name} is {ours}, the run in {source} had {theirs}; resume with the same "
+                    "settings, or start a new run with --overwrite or another --output-dir"
+                )
+
+
+def resolve(script: str, flags: dict, *, default_deepspeed: str, model: dict | None = None,
+            world_size: int | None = None) -> RunConfig:
+    """The RunConfig of ``flags`` (the parsed flags, data paths filled in). World size from the launcher's
+    WORLD_SIZE (1 for a plain process)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    ds_file = find_config(flags.get("deepspeed_config") or default_deepspeed)
+    raw = read_json(ds_file, "a DeepSpeed config (a JSON object)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{ds_file}: expected a DeepSpeed config (a JSON object), got {type(raw).__name__}")
+    notes = []
+    ds = resolve_deepspeed(raw, ds_file, flags, world, cuda, model, notes)
+    precision = "fp16" if ds.get("fp16", {}).get("enabled") else "bf16" if ds.get("bf16", {}).get("enabled") else "fp32"
+    engine, graphs = flags["engine"], False
+    if engine == "torch":
+        precision, graphs = _plan_torch_engine(precision, world, cuda, flags, ds[ACCUM], notes)
+    return RunConfig(
+        script=script, flags=dict(flags), deepspeed_file=ds_file, deepspeed=ds, model=model, engine=engine,
+        precision=precision, cuda_graphs=graphs, compile=bool(flags.get("compile")), micro_batch=ds[MICRO],
+        accumulation=ds[ACCUM], world_size=world, adjustments=tuple(notes),
+    )
+
+
+def _plan_torch_engine(precision, world, cuda, flags, accum, notes):
+    """--engine torch trains one process in bf16 or fp32; a CUDA graph needs steps without accumulation."""
+    import torch
+
+    if world > 1:
+        raise ConfigError(f"--engine torch runs one process; this run has {world} ranks: use --engine deepspeed")
+    if precision == "fp16":
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise ConfigError("--engine torch trains in bf16 or fp32 and this GPU has no bf16: use --engine deepspeed")
+        notes.append("--engine torch: the DeepSpeed config's fp16 runs as bf16 autocast, with fp32 weights")
+        precision = "bf16"
+    graphs = cuda and not flags.get("no_cuda_graphs")
+    if graphs and accum > 1:
+        notes.append(f"--engine torch: gradient accumulation ({accum} micro-batches) runs eagerly, without CUDA graphs")
+        graphs = False
+    return precision, graphs
+
+
+# ------------------------------------------------------------------------------------------ the DeepSpeed JSON
+def resolve_deepspeed(raw: dict, source: str, flags: dict, world: int, cuda: bool, model: dict | None,
+                      notes: list) -> dict:
+    """The DeepSpeed JSON ``raw`` (from ``source``) as this run gives it to DeepSpeed: "auto" filled in, the batch
+    flags applied, the three batch keys consistent for ``world`` ranks, fp16 off without CUDA, and what our own
+    optimiser needs. Each change is appended to ``notes``."""
+    cfg = copy.deepcopy(raw)
+    for key in ("optimizer", "scheduler"):
+        if key in cfg:  # the optimiser and schedule are ours (BertAdam, warm-up + linear decay)
+            raise ConfigError(f"{source}: remove '{key}'; the optimiser and schedule are set by --optimizer/--lr")
+    _fill_auto(cfg, source, flags, cuda, (model or {}).get("hidden_size", 768), notes)
+    for key, flag in ((MICRO, "micro_batch_size"), (ACCUM, "gradient_accumulation")):
+        if flags.get(flag) is not None and cfg.get(key) != flags[flag]:
+            notes.append(f"{key} {cfg.get(key)} -> {flags[flag]} (--{flag.replace('_', '-')})")
+            cfg[key] = flags[flag]
+            cfg.pop(TOTAL, None)  # follows from the overridden keys
+    micro, accum = batch_geometry(cfg, world, source)
+    cfg.update({MICRO: micro, ACCUM: accum, TOTAL: micro * accum * world})
+    if cfg.get("fp16", {}).get("enabled") and not cuda:
+        cfg["fp16"] = {**cfg["fp16"], "enabled": False}
+        notes.append("no CUDA device: fp16 is not available, training in fp32 instead")
+    if not cfg.get("zero_allow_untested_optimizer"):
+        cfg["zero_allow_untested_optimizer"] = True  # our BertAdam is passed to DeepSpeed as a client optimiser
+        notes.append("zero_allow_untested_optimizer true (the run passes its own optimiser, BertAdam or AdamW)")
+    return cfg
+
+
+def _fill_auto(cfg, source, flags, cuda, hidden, notes):
+    """DeepSpeed's "auto" values, filled as transformers' Trainer fills them from its arguments."""
+    fills = {
+        (MICRO,): flags.get("micro_batch_size"),
+        (ACCUM,): flags.get("gradient_accumulation") or 1,
+        (TOTAL,): None,  # follows from the two above
+        ("gradient_clipping",): 1.0,
+        ("fp16", "enabled"): cuda,  # our default precision on a GPU
+        ("bf16", "enabled"): False,
+        ("zero_optimization", "reduce_bucket_size"): hidden * hidden,
+        ("zero_optimization", "stage3_prefetch_bucket_size"): int(0.9 * hidden * hidden),
+        ("zero_optimization", "stage3_param_persistence_threshold"): 10 * hidden,
+    }
+    for keys, value in fills.items():
+        parent = cfg
+        for key in keys[:-1]:
+            parent = parent.get(key) if isinstance(parent.get(key), dict) else {}
+        if parent.get(keys[-1]) != "auto":
+            continue
+        if keys == (MICRO,) and value is None:
+            raise ConfigError(f"{source}: {MICRO} is \"auto\": give --micro-batch-size")
+        if value is None:
+            del parent[keys[-1]]
+        else:
+            parent[keys[-1]] = value
+        notes.append(f"{'.'.join(keys)} \"auto\" -> {value if value is not None else 'derived'}")
+    leftover = [path for path in _auto_paths(cfg)]
+    if leftover:
+        raise ConfigError(f"{source}: no value to fill in for \"auto\" at {', '.join(leftover)}")
+
+
+def _auto_paths(cfg, prefix=""):
+    for key, value in cfg.items():
+        if value == "auto":
+            yield prefix + key
+        elif isinstance(value, dict):
+            yield from _auto_paths(value, f"{prefix}{key}.")
+
+
+def batch_geometry(cfg: dict, world: int, source: str = "DeepSpeed config") -> tuple[int, int]:
+    """(micro-batch per rank, accumulation steps) as DeepSpeed derives them from any two of the three batch keys;
+    a contradiction, a value below 1 or a batch that does not divide is an error naming the values."""
+    micro, accum, total = cfg.get(MICRO), cfg.get(ACCUM), cfg.get(TOTAL)
+    for key, value in ((MICRO, micro), (ACCUM, accum), (TOTAL, total)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{source}: {key} is {value!r}; it must be a whole number, 1 or more")
+    if micro is None and total is None:
+        raise ConfigError(f"{source}: set {MICRO} (and {ACCUM}) or {TOTAL}")
+    if micro is None:
+        accum = accum or 1
+        micro = total // (accum * world)
+        if micro < 1 or micro * accum * world != total:
+            raise ConfigError(f"{source}: {TOTAL} {total} does not split into {accum} accumulation step(s) x "
+                              f"{world} rank(s)")
+    elif accum is None:
+        accum = max(total // (micro * world), 1) if total else 1
+    if total is not None and micro * accum * world != total:
+        raise ConfigError(
+            f"{source}: {TOTAL} {total} != {MICRO} {micro} x {ACCUM} {accum} x {world} rank(s) = "
+            f"{micro * accum * world}; give two of the three, or make them agree"
+        )
+    return micro, accum

@@ -1,0 +1,280 @@
+"""One training loop for pre-training and fine-tuning.
+
+The loop knows a run's life cycle and nothing of the model: it is given a resolved RunConfig, an engine (protocol
+in lxmert_fast.engines), an objective (lxmert_fast.objectives: the model and its losses, the host-side batch
+preparation and the static shapes) and hooks for the task's own parts (evaluation at an epoch's end, what goes
+into a checkpoint's client state). Per micro-batch: seed every RNG from (seed, micro-step, rank), prepare the batch
+on the host, ask whether it fits the static shapes, move it, train it, check the losses for NaN on every rank
+before anything is updated; per optimiser step: log, checkpoint; per epoch: the hooks.
+
+The output folder: a new run refuses a folder that holds another run's metrics or checkpoints unless told
+``--resume`` or ``--overwrite``; ``run_config.json`` is written at the start; a resumed run must match it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lxmert_fast import training
+from lxmert_fast.export import MODEL_SPEC
+from lxmert_fast.run_config import RUN_CONFIG_FILE, ConfigError, RunConfig
+
+RUN_OUTPUTS = (training.METRICS_FILE, "checkpoints", "tensorboard", RUN_CONFIG_FILE, "final_model", "best_model")
+
+
+@dataclass
+class Position:
+    """Where the loop is; saved in every checkpoint, so a resumed run goes on from the same sample."""
+
+    step: int = 0  # optimiser steps done
+    epoch: int = 0
+    pos: int = 0  # micro-batches done in this epoch
+    micro_step: int = 0  # micro-batches done in the run
+
+
+class Hooks:
+    """The task's parts of the loop; the defaults do nothing."""
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        """Before each epoch's batches are drawn (pre-training: the epoch's masking)."""
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        """After each epoch (and at the last step): evaluate, keep the best model."""
+
+    def client_state(self) -> dict:
+        """What the task keeps in a checkpoint besides the loop's position."""
+        return {}
+
+    def load_client_state(self, state: dict) -> None:
+        pass
+
+
+def start(config: RunConfig) -> None:
+    """A run's start: join the process group, print the resolved config once, check and claim the output folder."""
+    training.init_distributed()
+    if training.world_size() != config.world_size:
+        raise ConfigError(f"the run config was resolved for {config.world_size} rank(s), the process group has "
+                          f"{training.world_size()}")
+    training.print0(config.summary())
+    prepare_output_dir(config)
+
+
+def prepare_output_dir(config: RunConfig) -> None:
+    """Refuse an output folder that holds another run unless --resume or --overwrite; --overwrite clears it. Then
+    save the run config (a resumed run's config is checked against the saved one first)."""
+    out = config.output_dir
+    found = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(out, name))]
+    saved_path = os.path.join(out, RUN_CONFIG_FILE)
+    if config.resume and os.path.isfile(saved_path):
+        with open(saved_path) as f:
+            config.check_resume(json.load(f), saved_path)
+    elif found and not (config.resume or config.overwrite):
+        raise ConfigError(
+            f"--output-dir {out} holds another run ({', '.join(found)}): continue it with --resume, replace it "
+            "with --overwrite, or choose another --output-dir"
+        )
+    if training.is_main():
+        if config.overwrite and not config.resume:
+            for name in found:
+                path = os.path.join(out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        os.makedirs(out, exist_ok=True)
+        training.atomic_write(saved_path, config.to_json() + "\n")
+    training.barrier()
+
+
+def plan_steps(config: RunConfig, num_samples: int, epochs: int):
+    """(micro-batches per epoch, optimiser steps in total, epochs to run) for a training set of ``num_samples``."""
+    per_epoch = training.num_micro_batches(num_samples, config.micro_batch, config.world_size)
+    per_epoch = per_epoch // config.accumulation * config.accumulation
+    steps_per_epoch = per_epoch // config.accumulation
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{num_samples} training samples are fewer than one global batch ({config.global_batch})")
+    total = epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    return per_epoch, total, math.ceil(total / steps_per_epoch)
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, engine, objective, scheduler, train_set=None, collate=None, *, epochs=0,
+                 save_model=None, hooks: Hooks | None = None, name="train"):
+        """``save_model(folder, weights=True)``: writes the model as a self-contained folder (rank 0); without
+        weights into each checkpoint, so that it exports (lxmert_fast.export)."""
+        self.config, self.engine, self.objective, self.scheduler = config, engine, objective, scheduler
+        self._save_model = save_model
+        self.train_set, self.collate = train_set, collate
+        self.hooks = hooks or Hooks()
+        self.position = Position()
+        self.ckpt_dir = os.path.join(config.output_dir, "checkpoints")
+        self.last_checkpoint = None
+        self.micro_per_epoch, self.total_steps, self.epochs = (0, 0, 0)
+        if train_set is not None and epochs > 0:
+            self.micro_per_epoch, self.total_steps, self.epochs = plan_steps(config, len(train_set), epochs)
+        self.metrics = training.MetricsLogger(config.output_dir, enabled=training.is_main())
+        self.bar = training.progress_bar(self.total_steps, desc=name)
+        self.timer = training.Timer()
+        self.sums, self.count, self.first_loss, self.last_loss = {}, 0, None, None
+        self.t_start = time.perf_counter()
+
+    @property
+    def num_workers(self):
+        return self.config.num_workers if self.config.num_workers is not None else min(8, (os.cpu_count() or 2) // 2)
+
+    # ----------------------------------------------------------------------------------------------- resume
+    def resume(self):
+        """With --resume: load the latest checkpoint (if any) and drop the killed run's metrics past it."""
+        if not self.config.resume:
+            return
+        tag, state = training.load_checkpoint(self.engine, self.ckpt_dir)
+        if tag is not None:
+            self.last_checkpoint = tag
+            self.position = Position(**state["position"])
+            rngs = state["rng"]
+            training.set_rng_state(rngs[training.rank()] if training.rank() < len(rngs) else rngs[0])
+            self.hooks.load_client_state(state.get("task", {}))
+            training.print0(f"resumed from {os.path.join(self.ckpt_dir, tag)}: step {self.position.step}, "
+                            f"epoch {self.position.epoch}")
+        else:
+            training.print0(f"--resume: no checkpoint in {self.ckpt_dir}, starting from the beginning")
+        if training.is_main():
+            training.truncate_metrics(self.metrics.path, self.position.step)
+        self.bar.update(self.position.step)
+        training.barrier()
+
+    # ------------------------------------------------------------------------------------------------- loop
+    def fit(self):
+        """Train to the last step; the hooks run at each epoch's end (once, for evaluation, without training)."""
+        self.resume()
+        p = self.position
+        if self.total_steps == 0:
+            self.hooks.on_epoch_end(self)
+        try:
+            while p.step < self.total_steps and p.epoch < self.epochs:
+                self._train_epoch()
+                if p.pos >= self.micro_per_epoch:
+                    p.epoch, p.pos = p.epoch + 1, 0
+                self.hooks.on_epoch_end(self)
+                self.checkpoint()
+        finally:
+            self.bar.close()
+
+    def _train_epoch(self):
+        p, config = self.position, self.config
+        self.hooks.on_epoch_start(self)
+        batches = training.epoch_batches(len(self.train_set), config.micro_batch, config.seed, p.epoch,
+                                         training.rank(), config.world_size, start=p.pos)
+        for batch in self.loader(self.train_set, batches[: self.micro_per_epoch - p.pos]):
+            training.seed_step(config.seed, p.micro_step, training.rank())
+            lr = self.scheduler.get_last_lr()[0]  # the rate this update uses (the scheduler moves on in step())
+            batch, static = self.to_device(batch)
+            values = self.engine.train_step(batch, self._check_losses, static)
+            p.micro_step, p.pos = p.micro_step + 1, p.pos + 1
+            self._add(values)
+            if p.micro_step % config.accumulation:
+                continue
+            p.step += 1
+            self.bar.update(1)
+            if p.step % config.log_every == 0 or p.step == self.total_steps:
+                self._log_step(lr)
+            if p.step >= self.total_steps:
+                return
+            if config.save_every and p.step % config.save_every == 0 and p.pos < self.micro_per_epoch:
+                self.checkpoint()
+
+    def loader(self, dataset, batches):
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=self.collate,
+                                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+
+    def to_device(self, batch):
+        """The host batch prepared by the objective, on the engine's device; and whether it fits the static shapes
+        (asked only of an engine that needs them)."""
+        batch = self.objective.prepare(batch)
+        static = self.engine.needs_static_shapes and self.objective.fits(batch)
+        return training.to_device(batch, self.engine.device, self.engine.batch_dtype), static
+
+    def _add(self, values):
+        self.timer.add(self.config.micro_batch * self.config.world_size)
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def _check_losses(self, losses):
+        """The losses averaged over ranks; a NaN or inf stops the run before the weights are updated."""
+        scalars = {k: v for k, v in losses.items() if k.endswith("loss")}
+        values, bad = training.reduce_losses(scalars, self.engine.device)
+        if bad:
+            p = self.position
+            where = (f"the last good checkpoint is {os.path.join(self.ckpt_dir, self.last_checkpoint)}"
+                     if self.last_checkpoint else "no checkpoint was written yet")
+            raise training.NonFiniteLossError(
+                f"non-finite loss at step {p.step + 1} (epoch {p.epoch}, micro-batch {p.pos}): "
+                f"{ {k: scalars[k].item() for k in sorted(scalars)} }; weights were not updated; {where}"
+            )
+        return values
+
+    def _log_step(self, lr):
+        p = self.position
+        record = {"event": "train", "step": p.step, "epoch": p.epoch, "lr": lr}
+        record.update({k: v / self.count for k, v in sorted(self.sums.items())})
+        record["samples_per_s"] = self.timer.rate()
+        record.update(self.engine.counters())
+        self.log(record)
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}")
+        self.first_loss = record["loss"] if self.first_loss is None else self.first_loss
+        self.last_loss = record["loss"]
+        self.sums, self.count = {}, 0
+
+    def log(self, record):
+        self.metrics.log(record)
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def checkpoint(self):
+        rngs = [None] * self.config.world_size
+        torch.distributed.all_gather_object(rngs, training.rng_state())
+        state = {"position": asdict(self.position), "rng": rngs, "task": self.hooks.client_state()}
+        describe = None
+        if self._save_model is not None:
+            def describe(folder):
+                self._save_model(os.path.join(folder, MODEL_SPEC), weights=False)
+        self.last_checkpoint = training.save_checkpoint(self.engine, self.ckpt_dir, self.position.step, state,
+                                                        keep=self.config.keep_checkpoints, describe=describe)
+
+    def save_model(self, folder):
+        """The model as a self-contained folder, on rank 0 (ZeRO-3's shards gathered first)."""
+        with self.engine.whole_parameters(self.objective):
+            if training.is_main():
+                self._save_model(folder)
+        training.barrier()
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def evaluate(self, dataset, collate, limit=None, seed=None):
+        """The objective's outputs over ``dataset`` (all of it, the last micro-batch partial; at most ``limit``
+        micro-batches per rank), yielded with each prepared host batch."""
+        batches = training.eval_batches(len(dataset), self.config.micro_batch, training.rank(),
+                                        self.config.world_size, limit=limit, seed=seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                             num_workers=self.num_workers)
+        self.engine.eval()
+        try:
+            for host_batch in loader:
+                batch, static = self.to_device(host_batch)
+                yield host_batch, self.engine.evaluate(batch, static)
+        finally:
+            self.engine.train()
+
+    # ---------------------------------------------------------------------------------------------- end
+    def finish(self, **extra):
+        """The end record; returns the run's time."""
+        total_time = time.perf_counter() - self.t_start
+        self.log({"event": "end", "step": self.position.step, "total_time_s": total_time,
+                  "first_loss": self.first_loss, "last_loss": self.last_loss, **self.engine.counters(), **extra})
+        self.metrics.close()
+        return total_time
