@@ -5,8 +5,8 @@ import json
 import pytest
 
 from lxmert_fast.data import FeatureStore, ensure_sample_data
-from lxmert_fast.data.finetune_sample import _image_contents, ensure_finetune_sample
-from lxmert_fast.data.sample import ATTRIBUTE_NAMES, OBJECT_NAMES, OBJECTS
+from lxmert_fast.data.finetune_sample import _box_counts, _image_contents, ensure_finetune_sample
+from lxmert_fast.data.sample import ATTRIBUTE_NAMES, NUM_FOREGROUND, OBJECT_NAMES, OBJECTS
 from lxmert_fast.evaluation import question_only_note, question_only_score
 
 
@@ -78,6 +78,10 @@ def test_sample_answers_follow_from_the_image(sample):
                 answers[best] += 1
             elif r["question_type"] == "what color is the":
                 assert best == ATTRIBUTE_NAMES[contents[names[words[-1]]]], r
+            elif r["question_type"] in ("what is", "what is the"):  # the kind with the most boxes (among backgrounds)
+                counts = _box_counts(store, r["img_id"])
+                counts = {k: n for k, n in counts.items() if (k >= NUM_FOREGROUND) == (r["question_type"] != "what is")}
+                assert names[best] in [k for k, n in counts.items() if n == max(counts.values())], r
     assert answers["yes"] == answers["no"] > 50
 
 
