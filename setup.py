@@ -1,7 +1,10 @@
 """Packaging for lxmert_fast.
 
-The Triton kernels live in the top-level folder ``kernels/`` but install as ``lxmert_fast.kernels``: a top-level
-module named ``kernels`` would collide with an unrelated PyPI distribution that transformers probes for.
+The Triton kernels (top-level ``kernels/``) and the shipped configs (top-level ``configs/``) belong to the package
+as ``lxmert_fast.kernels`` and ``lxmert_fast.configs``: ``lxmert_fast/kernels`` and ``lxmert_fast/configs`` are
+symbolic links to them, so a checkout, an editable install and a wheel all import them under those names.
+``kernels/`` has no ``__init__.py`` on purpose: from the repository root, ``kernels`` would otherwise be a regular
+package that shadows the PyPI package of that name (transformers probes for it); as a namespace folder it never does.
 """
 
 from setuptools import setup
@@ -16,8 +19,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lxmert_fast", "lxmert_fast.data", "lxmert_fast.kernels"],
-    package_dir={"lxmert_fast": "lxmert_fast", "lxmert_fast.kernels": "kernels"},
+    packages=["lxmert_fast", "lxmert_fast.data", "lxmert_fast.kernels", "lxmert_fast.configs"],
+    # The model presets, DeepSpeed JSONs and recipes ship with the package (found by lxmert_fast.resources).
+    package_data={"lxmert_fast.configs": ["*.json"]},
     install_requires=[
         "torch>=2.6",
         TRITON,

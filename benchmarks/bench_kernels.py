@@ -27,7 +27,7 @@ def _kernels(bench):
     if bench.full and not bench.cuda:
         pytest.skip("full mode times the Triton kernels on CUDA only (without it they run under Triton's interpreter)")
     try:
-        from lxmert_fast import kernels
+        from lxmert_fast.kernels import ops as kernels
     except Exception as exc:  # noqa: BLE001 - an import error of any kind means there is nothing to time
         pytest.skip(f"lxmert_fast.kernels is not importable: {type(exc).__name__}: {exc}")
     return kernels

@@ -7,13 +7,14 @@
   model on the device at a time);
 - the same steps without launch overhead, bf16 at one batch size on a GPU: captured in a CUDA graph
   (lxmert_fast.cuda_graphs.GraphedStep) and/or ``torch.compile``'d, ours and transformers' (graphed) alike;
-- the CPU target of issue 6: ``LxmertModel`` forward + backward in training mode on padded caption batches
-  (lengths 8-20 padded to 20, 36 objects), torch path vs transformers, full-size config, on the CPU in every run.
+- the CPU target (1.3x transformers' speed): ``LxmertModel`` forward + backward in training mode on padded caption
+  batches (lengths 8-20 padded to 20, 36 objects), torch path vs transformers, full-size config, on the CPU in every
+  run.
 
 TFLOP/s use the model FLOPs of lxmert_fast/flops.py at 20 tokens and 36 objects: a training sample counts its
 LM head at the masked tokens only (the work the task needs, whatever an implementation spends), an inference
 sample its LM head at every token (both implementations return all logits). The text counts as 20 tokens, padding
-included, as issue 6 defines the count, although ours skips most of the padding: the captions here average 14.
+included, as the CPU target defines the count, although ours skips most of the padding: the captions here average 14.
 """
 
 import math
@@ -298,7 +299,7 @@ CPU_ROUNDS = 7  # timed rounds of the CPU target; each round runs one step of ev
 
 
 def test_cpu_target(bench, benchmark, cpu_batch):
-    """Issue 6's CPU target: LxmertModel forward + backward, train mode, padded captions; ours (torch) vs HF.
+    """The CPU target: LxmertModel forward + backward, train mode, padded captions; ours (torch) vs HF.
     The implementations' steps alternate round by round and each gets the median of its rounds: a shared CPU's
     speed drifts by 10-30% within minutes, and timing one implementation after the other measured the drift."""
     ours_classes()
@@ -349,8 +350,8 @@ def test_capacity_ab_script_runs(bench):
     if bench.full:
         pytest.skip("a harness check: run the script itself for a measurement")
     script = Path(__file__).with_name("capacity_ab.py")
-    done = subprocess.run([sys.executable, str(script), "--batch", "4", "--rounds", "1"], capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(script), "--batch", "4", "--rounds", "1", "--model-config",
+                           "lxmert_small"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "without row counts:" in done.stdout and re.search(r"speed-up: \d+\.\d+x", done.stdout), done.stdout
 

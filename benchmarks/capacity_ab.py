@@ -27,15 +27,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds; each runs one step of each variant")
+    parser.add_argument("--model-config", default="lxmert_base", help="a config.json or a preset in configs/")
     args = parser.parse_args(argv)
 
     from lxmert_fast import LxmertConfig
+    from lxmert_fast.resources import find_config
     from lxmert_fast.static_shapes import StaticShapes
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    config = LxmertConfig()
+    config = LxmertConfig.from_json_file(find_config(args.model_config))
     state = bench_model.reference_state(config, "LxmertForPreTraining")
     batch = bench_model.make_batch(config, args.batch, 20, 36, device)
     shapes = bench_model.our_extras(batch, train=True, static=True)["static_shapes"]

@@ -2,16 +2,17 @@
 
     pytest benchmarks/               smoke mode: tiny shapes, one timed iteration; checks the harness, not speed (CI)
     pytest benchmarks/ --benchmark   the full suite at LXMERT shapes; results in benchmarks/results/
+    --benchmark-results-dir DIR      the results file (JSON, markdown, plots) goes to DIR instead
 
 Every test measures its implementation and its baselines in the same process on the same inputs and hands the
 numbers to the session's ``Bench`` (fixture ``bench``), which writes ``<device-slug>-<date>.json`` after every case
 (a run stopped part-way keeps what it measured) and the markdown table and plots at the end (benchmarks/report.py).
-In smoke mode all of that goes to a temporary folder.
+In smoke mode all of that goes to a temporary folder unless --benchmark-results-dir names one.
 
-GPU timings replay a CUDA graph of many calls (launch overhead of ~10 us kernels would otherwise dominate, spec
-section 6) and fall back to CUDA-event timing of plain calls when a function cannot be captured; CPU timings are
-wall-clock medians. The timed function of each test also goes through pytest-benchmark (synchronised), whose
-``extra_info`` carries the same record.
+GPU timings replay a CUDA graph of many calls (launch overhead of ~10 us kernels would otherwise dominate) and fall
+back to CUDA-event timing of plain calls when a function cannot be captured; CPU timings are wall-clock medians. The
+timed function of each test also goes through pytest-benchmark (synchronised), whose ``extra_info`` carries the same
+record.
 """
 
 import datetime
@@ -128,6 +129,13 @@ def pytest_addoption(parser):
         dest="lxmert_full_benchmark",
         help="lxmert_fast: run the full benchmark suite (default: quick smoke mode that only checks the harness)",
     )
+    parser.addoption(
+        "--benchmark-results-dir",
+        default=None,
+        dest="lxmert_results_dir",
+        help="lxmert_fast: the folder the results file goes to (default: benchmarks/results/ with --benchmark, a "
+        "temporary folder in smoke mode)",
+    )
 
 
 def pytest_generate_tests(metafunc):
@@ -188,7 +196,7 @@ class Bench:
         self.started = datetime.datetime.now(datetime.timezone.utc)
         stamp = self.started.strftime("%Y-%m-%d")
         self.path = out_dir / f"{self.device_info['slug']}-{stamp}.json"
-        if full and self.path.exists():  # never overwrite an earlier run of the same day: each file is one run
+        if self.path.exists():  # never overwrite an earlier run of the same day: each file is one run
             self.path = out_dir / f"{self.device_info['slug']}-{self.started.strftime('%Y-%m-%d-%H%M%S')}.json"
 
     # -- timing --------------------------------------------------------------------------------------------------
@@ -401,8 +409,10 @@ def environment():
 @pytest.fixture(scope="session")
 def bench(request, tmp_path_factory):
     full = request.config.getoption("lxmert_full_benchmark")
-    out_dir = RESULTS_DIR if full else tmp_path_factory.mktemp("bench_results")
-    b = Bench(full, out_dir)
+    out_dir = request.config.getoption("lxmert_results_dir")
+    if out_dir is None:
+        out_dir = RESULTS_DIR if full else tmp_path_factory.mktemp("bench_results")
+    b = Bench(full, Path(out_dir))
     yield b
     if b.records:
         path = b.write()

@@ -141,7 +141,7 @@ def lxmert_launches(batch=256, text_len=20, num_objects=36, hidden=768, heads=12
     """The launches the three fused ops make at LXMERT's shapes, forward and backward, with and without dropout, in
     bf16, fp16 and fp32. The public ops run end to end on the CPU with every kernel launch recorded instead of made
     (their outputs stay uninitialised), so the arguments are exactly the ones a GPU would get."""
-    k = importlib.import_module("lxmert_fast.kernels")
+    k = importlib.import_module("lxmert_fast.kernels.ops")
     utils = importlib.import_module("lxmert_fast.kernels._utils")
     rows, d = batch * num_objects, hidden // heads
     launches = []

@@ -153,7 +153,7 @@ def markdown(doc, plots=()):
             out += ["", "Speed-up of the RoI embedding after the shared 2048->768 GEMM (timed alone in the same run):",
                     "", *after]
 
-    for suite, title in (("model", "Model: training step and inference"), ("cpu_target", "CPU target (issue 6)")):
+    for suite, title in (("model", "Model: training step and inference"), ("cpu_target", "CPU target")):
         if suite not in by_suite:
             continue
         out += ["", f"## {title}", ""]

@@ -6,7 +6,7 @@
 Forward reads x and residual once and writes y plus two fp32 numbers per row (mean, rstd); the dropout mask is never
 stored: backward regenerates it from the seed. Backward recomputes h from x and residual (the same bytes a stored h
 would cost) and processes many rows per program, reducing dW/dB into fp32 per-program partials that one small sum
-finishes (spec section 6: one row per program plus a separate reduction loses to PyTorch at hidden 768).
+finishes (one row per program plus a separate reduction loses to PyTorch at hidden 768).
 
 Limits: last dim N <= 8192 (one row fits in one tile); numel < 2**31 (int32 offsets, also the Philox counter);
 x, residual and y share one dtype (fp32, fp16, bf16); weight/bias may be any float dtype; accumulation in fp32.

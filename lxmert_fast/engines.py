@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from lxmert_fast.single_device import CHECKPOINT_FILE, SingleDeviceEngine
+from lxmert_fast.training import CheckpointError, local_device
 
 
 class Engine(Protocol):
@@ -54,8 +55,6 @@ class Engine(Protocol):
 def build_engine(config, objective, optimizer, scheduler) -> Engine:
     """The engine ``config`` (a RunConfig) asks for, around ``objective`` with our optimiser and schedule."""
     if config.engine == "torch":
-        from lxmert_fast.training import local_device
-
         return SingleDeviceEngine(
             objective.to(local_device()), optimizer, scheduler, device=local_device(), precision=config.precision,
             gradient_clipping=config.deepspeed.get("gradient_clipping", 0.0), accumulation=config.accumulation,
@@ -112,10 +111,10 @@ class DeepSpeedEngine:
     def load(self, ckpt_dir, tag):
         folder = os.path.join(ckpt_dir, tag)
         if os.path.isfile(os.path.join(folder, CHECKPOINT_FILE)):
-            raise RuntimeError(f"{folder} was written by --engine torch: resume it with --engine torch")
+            raise CheckpointError(f"{folder} was written by --engine torch: resume it with --engine torch")
         path, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
         if path is None:
-            raise RuntimeError(f"could not load checkpoint {folder}")
+            raise CheckpointError(f"could not load checkpoint {folder}")
         return client_state
 
     def counters(self):
@@ -149,12 +148,12 @@ def _deepspeed_checkpoint_classes():
 
 def safe_load(path, map_location=None):
     """torch.load(weights_only=True) with DeepSpeed's few checkpoint classes allowed: a checkpoint never executes
-    code when loaded. An unreadable file is a RuntimeError naming it."""
+    code when loaded. An unreadable file is a CheckpointError naming it."""
     with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as error:  # noqa: BLE001 - torch.load raises many types; all mean "unreadable"
-            raise RuntimeError(f"{path}: not a loadable checkpoint ({str(error).splitlines()[0]})") from error
+            raise CheckpointError(f"{path}: not a loadable checkpoint ({str(error).splitlines()[0]})") from error
 
 
 def install_safe_load(engine):

@@ -7,7 +7,7 @@ the input is data: the visual feature and box projections get weight gradients o
 
 At the paper's shapes (20 tokens, 36 objects, base config) this gives 35.4 GFLOP forward+backward per sample with the
 language-model head at all 20 tokens (as transformers evaluates it) and 32.9 GFLOP with it only at the 15% masked
-tokens (3 of 20); the spec's "about 32" is that figure rounded down.
+tokens (3 of 20), often quoted as "about 32".
 
     python -m lxmert_fast.flops     prints the breakdown
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# The paper's schedule: 20 epochs ~ 670K steps at batch 256, 10 days on 4 Titan Xp (spec section 2).
+# The paper's schedule: 20 epochs ~ 670K steps at batch 256, 10 days on 4 Titan Xp.
 PAPER_STEPS = 670_000
 PAPER_BATCH = 256
 PAPER_DAYS = 10
@@ -78,7 +78,7 @@ def count_flops(
 
     lm_tokens: positions where the LM head runs (default: all ``text_len``); fractional values are expectations.
     feat_objects: objects where the feature-regression decoder runs (default: all); the object and attribute
-        classifiers always run on all objects (their loss covers all 36, spec section 2).
+        classifiers always run on all objects (their loss covers all 36).
     qa: count the answer head (default: ``config.task_qa``).
     """
     h, inter = config.hidden_size, config.intermediate_size

@@ -59,7 +59,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def _kernels():
     # Imported lazily: triton is optional, and TRITON_INTERPRET must be set before the kernels are defined.
-    from lxmert_fast import kernels
+    from lxmert_fast.kernels import ops as kernels
 
     return kernels
 
@@ -485,7 +485,7 @@ class GeLU(nn.Module):
 
 
 def answer_head_mlp(in_dim: int, num_labels: int) -> nn.Sequential:
-    """Linear(in, 2*in) -> GeLU -> LayerNorm -> Linear(2*in, labels): LXMERT's QA heads (spec section 4)."""
+    """Linear(in, 2*in) -> GeLU -> LayerNorm -> Linear(2*in, labels): LXMERT's QA heads."""
     return nn.Sequential(
         nn.Linear(in_dim, in_dim * 2),
         GeLU(),

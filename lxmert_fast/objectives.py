@@ -98,6 +98,8 @@ class ValidationLoss(Hooks):
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
+        if not count:
+            return
         record = {f"valid_{k}": v / count for k, v in sorted(sums.items())}
         p = trainer.position
         trainer.log({"event": "eval", "split": "valid", "step": p.step, "epoch": p.epoch, **record})

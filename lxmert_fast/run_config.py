@@ -14,12 +14,12 @@ DeepSpeed starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 from dataclasses import asdict, dataclass, field
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_CONFIG_FILE = "run_config.json"
 MICRO, ACCUM, TOTAL = "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"
 
@@ -35,14 +35,18 @@ class RunError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------------- files
 def find_config(name_or_path: str) -> str:
-    """A config file: a path, or the name of one shipped in configs/ (``lxmert_small``, ``configs/x.json``)."""
-    config_dir = os.path.join(REPO_ROOT, "configs")
-    candidates = (name_or_path, os.path.join(REPO_ROOT, name_or_path), os.path.join(config_dir, name_or_path),
-                  os.path.join(config_dir, f"{name_or_path}.json"))
-    for path in candidates:
-        if os.path.isfile(path):
-            return path
-    raise ConfigError(f"{name_or_path}: no such file, and no config of that name in {config_dir}")
+    """A config file: a path, or the name of one shipped with the package (``lxmert_small``, ``ds_zero2_fp16.json``;
+    a recipe's ``configs/NAME.json`` also outside a checkout)."""
+    from lxmert_fast.resources import find_config as find_shipped
+
+    try:
+        return str(find_shipped(name_or_path))
+    except FileNotFoundError as error:
+        folder, name = os.path.split(str(name_or_path))
+        if folder == "configs":
+            with contextlib.suppress(FileNotFoundError):
+                return str(find_shipped(name))
+        raise ConfigError(str(error)) from None
 
 
 def read_json(path: str, what: str):
@@ -207,21 +211,26 @@ class RunConfig:
         return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
 
     def check_resume(self, saved: dict, source: str) -> None:
-        """A resumed run must read the data in the same order into the same model: compare with the saved run."""
-        for name in ("seed", "micro_batch", "accumulation", "world_size", "model"):
-            ours = self.flags["seed"] if name == "seed" else getattr(self, name)
-            theirs = saved.get("flags", {}).get("seed") if name == "seed" else saved.get(name)
-            if name == "model" and (ours is None or theirs is None):
+        """A resumed run must read the data in the same order into the same model: compare with ``saved`` (the
+        run_config.json of the run being resumed, read from ``source``)."""
+        ours, theirs = _identity(json.loads(self.to_json())), _identity(saved)
+        for name in ours:
+            a, b = ours[name], theirs.get(name)
+            if a == b or (name == "model" and (a is None or b is None)):
                 continue
-            if ours != theirs:
-                if name == "model":
-                    changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-                    ours = {k: ours.get(k) for k in changed}
-                    theirs = {k: theirs.get(k) for k in changed}
-                raise ConfigError(
-                    f"--resume: this run's {name} is {ours}, the run in {source} had {theirs}; resume with the same "
-                    "settings, or start a new run with --overwrite or another --output-dir"
-                )
+            if name == "model":  # only the fields that differ
+                changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                a, b = ({k: d.get(k) for k in changed} for d in (a, b))
+            raise ConfigError(
+                f"--resume: this run's {name} is {a}, the run in {source} had {b}; resume with the same settings, "
+                "or start a new run with --overwrite or another --output-dir"
+            )
+
+
+def _identity(saved: dict) -> dict:
+    """What a resumed run must share with the run it resumes (from a run_config.json)."""
+    identity = {name: saved.get(name) for name in ("micro_batch", "accumulation", "world_size", "model")}
+    return {"seed": saved.get("flags", {}).get("seed"), **identity}
 
 
 def resolve(script: str, flags: dict, *, default_deepspeed: str, model: dict | None = None,

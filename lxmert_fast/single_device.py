@@ -23,6 +23,7 @@ import warnings
 import torch
 
 from lxmert_fast.cuda_graphs import GraphedStep
+from lxmert_fast.training import CheckpointError
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -147,7 +148,7 @@ class SingleDeviceEngine:
         folder = os.path.join(ckpt_dir, tag)
         path = os.path.join(folder, CHECKPOINT_FILE)
         if not os.path.isfile(path) and os.path.isdir(folder) and os.listdir(folder):
-            raise RuntimeError(f"{folder} has no {CHECKPOINT_FILE}: it was written by DeepSpeed, resume it with "
+            raise CheckpointError(f"{folder} has no {CHECKPOINT_FILE}: it was written by DeepSpeed, resume it with "
                                "--engine deepspeed")
         try:
             # on the CPU: the RNG states in the client state must stay CPU tensors; load_state_dict moves the
@@ -159,7 +160,7 @@ class SingleDeviceEngine:
             self.micro_steps = int(state["micro_steps"])
             client_state = state["client_state"]
         except Exception as error:  # noqa: BLE001 - torch.load and load_state_dict raise many types
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{path}: not a checkpoint of --engine torch ({str(error).splitlines()[0]})"
             ) from error
         return client_state

@@ -270,7 +270,7 @@ class MetricsLogger:
     def __init__(self, output_dir, enabled=True, tensorboard=True):
         self.enabled = enabled
         self.path = os.path.join(output_dir, METRICS_FILE)
-        self.file = open(self.path, "a") if enabled else None
+        self.file = None  # opened at the first record: a resumed run cuts the file back first
         self.tb = None
         if enabled and tensorboard:
             try:
@@ -283,6 +283,8 @@ class MetricsLogger:
     def log(self, record):
         if not self.enabled:
             return
+        if self.file is None:
+            self.file = open(self.path, "a")
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None and record.get("event") in ("train", "eval"):

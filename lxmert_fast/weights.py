@@ -1,6 +1,6 @@
 """Checkpoint I/O: transformers folders and the original release's `model_LXRT.pth`, both ways.
 
-Formats (spec section 1):
+Formats:
 - HF folder: config.json + model.safetensors (or pytorch_model.bin, or sharded with an *.index.json), keys
   `lxmert.*`, `cls.*`, `obj_predict_head.*`, `answer_head.*`; the LM decoder is tied to the word embeddings.
 - Original: a plain state dict with keys `bert.*` for `lxmert.*`, often prefixed `module.` (DataParallel); the

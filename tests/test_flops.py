@@ -1,4 +1,5 @@
-"""The FLOP counter against the spec's figures (section 2) and against how the count must scale."""
+"""The FLOP counter against the known per-sample figures (35.4 and "about 32" GFLOP) and against how the count must
+scale."""
 
 import math
 
@@ -21,7 +22,7 @@ def test_spec_figure_lm_head_at_all_tokens():
 
 
 def test_spec_figure_lm_head_at_masked_tokens():
-    # The exact count is 32.9 GFLOP; the spec rounds it to "about 32".
+    # The exact count is 32.9 GFLOP, often rounded to "about 32".
     gflop = pretraining_flops_per_sample(BASE, 20, 36, lm_head="masked") / 1e9
     assert gflop == pytest.approx(32.9, rel=0.01)
     assert gflop == pytest.approx(32, rel=0.03)

@@ -117,7 +117,7 @@ def _env():
     return env
 
 
-def _run(cmd, cwd, timeout=300):
+def _run(cmd, cwd, timeout=1200):
     proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -167,7 +167,7 @@ def test_default_run_trains_and_writes_outputs(uninterrupted):
 
 
 @pytest.mark.slow
-def test_final_folder_loads_in_transformers_and_lxmert_fast(uninterrupted):
+def test_final_folder_loads_in_transformers_and_lxmert_fast(uninterrupted, workdir):
     folder = uninterrupted[0] / "final_model"
     saved = load_file(str(folder / "model.safetensors"))
     hf = transformers.LxmertForPreTraining.from_pretrained(str(folder))
@@ -177,12 +177,19 @@ def test_final_folder_loads_in_transformers_and_lxmert_fast(uninterrupted):
             torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0)
         torch.testing.assert_close(ours.state_dict()[name], tensor, rtol=0, atol=0)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))  # the folder is self-contained
-    assert len(tokenizer) == ours.config.vocab_size and tokenizer.tokenize("a red apple") == ["a", "red", "apple"]
+    assert len(tokenizer) == ours.config.vocab_size
+    assert tokenizer.get_vocab() == _sample_tokenizer(workdir).get_vocab()
+
+
+def _sample_tokenizer(workdir):
+    """The tokenizer the sample data set comes with."""
+    return transformers.AutoTokenizer.from_pretrained(str(workdir / "sample_data" / "tokenizer"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["deepspeed", "torch"])
-def test_a_checkpoint_of_either_engine_exports_to_a_model_folder(uninterrupted, torch_engine_run, tmp_path, engine):
+def test_a_checkpoint_of_either_engine_exports_to_a_model_folder(uninterrupted, torch_engine_run, workdir, tmp_path,
+                                                                 engine):
     """python -m lxmert_fast.export turns a checkpoint into a model folder: the last one's is the final model."""
     run = (uninterrupted if engine == "deepspeed" else torch_engine_run)[0]
     for step in (4, STEPS):
@@ -190,7 +197,8 @@ def test_a_checkpoint_of_either_engine_exports_to_a_model_folder(uninterrupted, 
         rc, log = _run([sys.executable, "-m", "lxmert_fast.export", str(run / "checkpoints" / f"step{step:09d}"),
                         str(out)], cwd=tmp_path)
         assert rc == 0, log
-        assert transformers.AutoTokenizer.from_pretrained(str(out)).tokenize("a red apple") == ["a", "red", "apple"]
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+        assert tokenizer.get_vocab() == _sample_tokenizer(workdir).get_vocab()
         LxmertForPreTraining.from_pretrained(str(out))
     assert _max_weight_difference(run, tmp_path / f"step{STEPS}", "model.safetensors") == 0.0
 
@@ -199,7 +207,7 @@ def _kill_after_step_6_and_resume(cmd, cwd, out):
     """Start ``cmd``, SIGKILL it right after step 6 (its last checkpoint is at 4), resume it; returns the log."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 240
+    deadline = time.time() + 1200
     while time.time() < deadline and proc.poll() is None:
         if metrics.is_file() and '"step": 6,' in metrics.read_text():
             break

@@ -162,7 +162,7 @@ def test_help_is_quick_and_shows_every_default(script):
     (["--features", "missing.tsv", "--train-json", "missing.json", "--answer-table", "a", "--tokenizer", "t"],
      "--train-json missing.json: no such file or folder"),
     (["--deepspeed_config", "nowhere.json", "--train-json", README, "--features", README, "--answer-table", README,
-      "--tokenizer", "t"], "nowhere.json: no such file, and no config of that name"),
+      "--tokenizer", "t"], "nowhere.json': no such file, and no shipped config of that name"),
 ])
 def test_a_wrong_flag_file_or_value_is_one_line_before_deepspeed_starts(tmp_path, args, message):
     proc = _command("pretrain.py", *args, "--sample-data-dir", str(tmp_path / "s"), cwd=tmp_path)

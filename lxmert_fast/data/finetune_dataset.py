@@ -1,6 +1,6 @@
 """Fine-tuning data: the released VQA v2 / GQA / NLVR2 annotation formats, answer vocabularies, and datasets.
 
-Annotation files (JSON lists, spec section 3), as the original's `src/tasks/*_data.py` read them:
+Annotation files (JSON lists), as the original's `src/tasks/*_data.py` read them:
     VQA v2  {"question_id", "img_id", "sent", "label": {answer: soft score}, "answer_type", "question_type"}
     GQA     {"question_id", "img_id", "sent", "label": {answer: 1.0}}
     NLVR2   {"identifier", "img0", "img1", "sent", "label": 0 | 1}

@@ -1,4 +1,4 @@
-"""Readers and writers for the file formats of the original LXMERT release (spec section 3).
+"""Readers and writers for the file formats of the original LXMERT release.
 
 Object features, one image per TSV line (no header), tab-separated:
     img_id, img_h, img_w, objects_id, objects_conf, attrs_id, attrs_conf, num_boxes, boxes, features

@@ -1,6 +1,6 @@
 """LXMERT pre-training examples: one (sentence, image) pair per item, with the five tasks' inputs and labels.
 
-Faithful to the original `src/pretrain/lxmert_pretrain.py` (spec section 2):
+Faithful to the original `src/pretrain/lxmert_pretrain.py`:
 - masked LM: 15% of the sentence's word pieces ([CLS]/[SEP] never); of those 80% -> [MASK], 10% -> a random
   id of the whole vocabulary, 10% kept; labels are the original ids there and -100 elsewhere. Applied to
   mismatched pairs too.

@@ -2,7 +2,7 @@
 choose for LXMERT's shapes, and none spills more than 256 bytes of registers per thread.
 
 The interpreter that runs the kernels in the other tests never compiles them. This catches a kernel that fails to
-lower for a GPU, or a launch configuration that runs out of registers, before a GPU session does
+lower for a GPU, or a launch configuration that runs out of registers, before a GPU run does
 (``benchmarks/kernel_resources.py --check``; Triton ships the ptxas it needs).
 """
 

@@ -8,7 +8,8 @@ the LXMERT shapes (B=256, 12 heads, 20 words, 36 objects, head dim 64) run only 
 import pytest
 import torch
 from kernel_checks import CUDA, DEVICE, DTYPES, assert_within_torch_error, gpu_only
-from lxmert_fast.kernels import bidirectional_cross_attention, bidirectional_cross_attention_ref
+
+from lxmert_fast.kernels.ops import bidirectional_cross_attention, bidirectional_cross_attention_ref
 
 # (B, H, L, V, D): batch 1, odd and prime lengths, head dims that are not powers of two.
 SHAPES = [(1, 1, 3, 5, 8), (2, 3, 7, 5, 12), (1, 2, 17, 9, 20)]

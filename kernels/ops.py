@@ -1,4 +1,4 @@
-"""Fused Triton kernels for LXMERT (installed as lxmert_fast.kernels).
+"""The fused Triton ops of LXMERT: ``from lxmert_fast.kernels.ops import add_layernorm, ...``.
 
 Each op lives in its own file with its pure-PyTorch ``*_ref``, its forward/backward kernels and its custom-op
 registration (namespace ``lxmert_fast``), so ``torch.compile`` and CUDA graphs see the kernels.
