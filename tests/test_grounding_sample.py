@@ -5,8 +5,8 @@ import json
 import pytest
 
 from lxmert_fast.data import FeatureStore, ensure_sample_data
-from lxmert_fast.data.finetune_sample import _box_counts, _image_contents, ensure_finetune_sample
-from lxmert_fast.data.sample import ATTRIBUTE_NAMES, NUM_FOREGROUND, OBJECT_NAMES, OBJECTS
+from lxmert_fast.data.finetune_sample import _image_contents, ensure_finetune_sample
+from lxmert_fast.data.sample import ATTRIBUTE_NAMES, OBJECT_NAMES, OBJECTS
 from lxmert_fast.evaluation import question_only_note, question_only_score
 
 
@@ -61,8 +61,8 @@ def sample(tmp_path_factory):
 
 
 def test_sample_answers_follow_from_the_image(sample):
-    """Every VQA answer is a fact about the image's boxes, and presence questions are balanced: the question alone
-    cannot tell the answer, the image can."""
+    """Every presence and colour answer is a fact about the image's boxes, and presence questions are as often
+    "yes" as "no": the question alone cannot tell the answer, the image can."""
     paths, ft = sample
     store = FeatureStore.from_tsv(paths.features_tsv, progress=False)
     names = {**{n: k for k, n in enumerate(OBJECT_NAMES)}, **{p: k for k, (_, p) in enumerate(OBJECTS)}}
@@ -78,11 +78,7 @@ def test_sample_answers_follow_from_the_image(sample):
                 answers[best] += 1
             elif r["question_type"] == "what color is the":
                 assert best == ATTRIBUTE_NAMES[contents[names[words[-1]]]], r
-            elif r["question_type"] in ("what is", "what is the"):  # the kind with the most boxes (among backgrounds)
-                counts = _box_counts(store, r["img_id"])
-                counts = {k: n for k, n in counts.items() if (k >= NUM_FOREGROUND) == (r["question_type"] != "what is")}
-                assert names[best] in [k for k, n in counts.items() if n == max(counts.values())], r
-    assert answers["yes"] == answers["no"] > 50
+    assert answers["yes"] == answers["no"] > 20
 
 
 def test_short_run_prints_the_question_only_score_beside_its_own(sample, tmp_path, capsys):

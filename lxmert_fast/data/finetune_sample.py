@@ -5,11 +5,8 @@ images that LXMERT was pre-trained on; the fine-tuning train split uses the pre-
 test the held-out valid images. Questions and statements are made from what each image holds (its boxes' object
 and attribute labels in the feature store, which determine its features), in the generator's vocabulary:
     VQA    "how many dogs are there?" (the pre-training sample's own count question, answers normalised),
-           "what color is the dog?" (each kind in the image), "is there a cat in the picture?" / "are there any
-           cats?" (each kind in the image, and as many kinds not in it), "what is in the picture?" / "what is
-           this?" (the kind with the most boxes 1.0, the others 0.6), "what is the background?" (the same among
-           the background kinds); soft scores with occasional secondary answers, some of them outside the answer
-           vocabulary (dropped, as in the real data)
+           "what color is the dog?", "is there a cat in the picture?" / "are there any cats?"; soft scores with
+           occasional secondary answers, some of them outside the answer vocabulary (dropped, as in the real data)
     GQA    "what is the red object?", "what color is the dog?", "is the dog red?"
     NLVR2  statements on object presence in a pair: "there is a dog in each image", "exactly one image contains a
            dog", "the left image contains a dog and the right image does not", ...; each statement comes with four
@@ -38,7 +35,7 @@ from .fsutil import build_lock, publish_dir, remove_stale_staging, staging_dir
 # The pre-training sample generator's scheme: object k < NUM_FOREGROUND is a foreground kind, with its plural.
 from .sample import ATTRIBUTE_NAMES, NUM_FOREGROUND, OBJECT_NAMES, OBJECTS, SamplePaths
 
-_VERSION = 3
+_VERSION = 1
 _OUT_OF_VOCABULARY = ("unsure", "not sure", "dunno")  # rare secondary answers, absent from ans2label
 
 
@@ -70,20 +67,7 @@ def _image_contents(store: FeatureStore, img_id: str) -> dict[int, int]:
     return contents
 
 
-def _box_counts(store: FeatureStore, img_id: str) -> dict[int, int]:
-    """{object id: how many of the image's boxes carry it}, background kinds included."""
-    row = store.row(img_id)
-    ids, counts = np.unique(store.obj_ids[row][: int(store.num_boxes[row])], return_counts=True)
-    return dict(zip(ids.tolist(), counts.tolist(), strict=True))
-
-
-def _most_boxes(counts: dict[int, int]) -> dict[str, float]:
-    """Soft answers naming the kinds of `counts`: 1.0 for those with the most boxes, 0.6 for the others."""
-    top = max(counts.values())
-    return {OBJECT_NAMES[k]: 1.0 if n == top else 0.6 for k, n in counts.items()}
-
-
-def _vqa(rng, img_id: str, contents: dict[int, int], boxes: dict[int, int], annotation: dict, qid: int) -> list[dict]:
+def _vqa(rng, img_id: str, contents: dict[int, int], annotation: dict, qid: int) -> list[dict]:
     out = []
 
     def add(sent, label, answer_type, question_type):
@@ -114,21 +98,9 @@ def _vqa(rng, img_id: str, contents: dict[int, int], boxes: dict[int, int], anno
         if rng.random() < 0.1:
             label[str(rng.choice(_OUT_OF_VOCABULARY))] = 0.3
         add(f"what color is the {OBJECT_NAMES[obj]}?", label, "other", "what color is the")
-    # What the image mostly shows, and its background: answered from the boxes as a whole, no word to match to an
-    # object first, so a model learns to look at the image with these before the questions above
-    sent = "what is in the picture?" if rng.random() < 0.5 else "what is this?"
-    add(sent, _most_boxes({k: n for k, n in boxes.items() if k < NUM_FOREGROUND}), "other", "what is")
-    background = {k: n for k, n in boxes.items() if k >= NUM_FOREGROUND}
-    if background:
-        add("what is the background?", _most_boxes(background), "other", "what is the")
-    # Presence: every kind the image holds ("yes") and as many kinds it lacks ("no"), so that for any one object
-    # "yes" and "no" are about equally likely (each kind is in ~1 image of 10) and the question alone cannot tell.
     present = list(contents)
     absent = [k for k in range(NUM_FOREGROUND) if k not in contents]
-    asked = [(obj, "yes") for obj in present]
-    asked += [(int(obj), "no") for obj in rng.choice(absent, size=len(present), replace=False)]
-    for k in rng.permutation(len(asked)).tolist():
-        obj, answer = asked[k]
+    for obj, answer in ((int(rng.choice(present)), "yes"), (int(rng.choice(absent)), "no")):
         if rng.random() < 0.5:
             add(f"is there a {OBJECT_NAMES[obj]} in the picture?", {answer: 1.0}, "yes/no", "is there a")
         else:
@@ -207,8 +179,7 @@ def make_finetune_sample(sample: SamplePaths, out_dir, seed: int = 0) -> Finetun
         for a in annotations:
             if not contents[a["img_id"]]:
                 continue
-            boxes = _box_counts(store, a["img_id"])
-            vqa += _vqa(rng, a["img_id"], contents[a["img_id"]], boxes, a, base + len(vqa))
+            vqa += _vqa(rng, a["img_id"], contents[a["img_id"]], a, base + len(vqa))
             gqa += _gqa(rng, a["img_id"], contents[a["img_id"]], base + len(gqa))
         nlvr2 = _nlvr2(rng, split, contents, num_sentences=max(4, int(1.5 * len(annotations))))
         for task, records in (("vqa", vqa), ("gqa", gqa), ("nlvr2", nlvr2)):
