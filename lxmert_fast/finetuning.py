@@ -15,7 +15,7 @@ from lxmert_fast.data import FeatureStore
 from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADataset, finetune_collate
 from lxmert_fast.data.tokenizer import check_tokenizer
 from lxmert_fast.engines import build_engine
-from lxmert_fast.evaluation import SUBMISSION_NAME, write_submission
+from lxmert_fast.evaluation import SUBMISSION_NAME, question_only_note, write_submission
 from lxmert_fast.export import nlvr2_labels
 from lxmert_fast.objectives import FinetuneObjective, TaskEvaluation, model_saver
 from lxmert_fast.optimization import build_optimizer, build_scheduler
@@ -83,7 +83,10 @@ def finetune(config):
     optimizer = build_optimizer(objective.parameters(), config.optimizer, config.lr, config.weight_decay)
     scheduler = build_scheduler(optimizer, max(total_steps, 1), config.warmup)
     engine = build_engine(config, objective, optimizer, scheduler)
-    hooks = TaskEvaluation(config.task, valid_set, finetune_collate, label2ans)
+    # printed beside each validation score: a model that does no better than this does not use the image
+    records = [d.records if d is not None else None for d in (train_set, valid_set)]
+    baseline = question_only_note(config.task, *records, label2ans)
+    hooks = TaskEvaluation(config.task, valid_set, finetune_collate, label2ans, baseline)
     labels = list(label2ans) if label2ans is not None else nlvr2_labels()
     trainer = Trainer(config, engine, objective, scheduler, train_set, finetune_collate,
                       epochs=config.epochs if train_set is not None else 0, hooks=hooks,

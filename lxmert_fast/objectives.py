@@ -147,8 +147,9 @@ class TaskEvaluation(Hooks):
     ``eval_score``, the main metric), and the best model so far in OUTPUT_DIR/best_model; the best score goes into
     each checkpoint."""
 
-    def __init__(self, task, valid_set, collate, label2ans=None):
+    def __init__(self, task, valid_set, collate, label2ans=None, baseline=""):
         self.task, self.valid_set, self.collate, self.label2ans = task, valid_set, collate, label2ans
+        self.baseline = baseline  # printed beside each validation score (evaluation.question_only_note)
         self.best, self.scores = None, None
 
     def client_state(self):
@@ -182,7 +183,8 @@ class TaskEvaluation(Hooks):
         trainer.log({"event": "eval", "split": split, "step": p.step, "epoch": p.epoch, **scores,
                      "eval_time_s": time.perf_counter() - t0})
         if scores:
-            training.print0(f"{split} after step {p.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+            training.print0(f"{split} after step {p.step}: {shown}{self.baseline if split == 'valid' else ''}")
         return preds, scores
 
     def on_epoch_end(self, trainer):

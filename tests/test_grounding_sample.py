@@ -1,0 +1,109 @@
+"""The question-only baseline, and a fine-tuning sample whose answers need the image."""
+
+import json
+
+import pytest
+
+from lxmert_fast.data import FeatureStore, ensure_sample_data
+from lxmert_fast.data.finetune_sample import _image_contents, ensure_finetune_sample
+from lxmert_fast.data.sample import ATTRIBUTE_NAMES, OBJECT_NAMES, OBJECTS
+from lxmert_fast.evaluation import question_only_note, question_only_score
+
+
+def vqa(qid, sent, label, question_type):
+    return {"question_id": qid, "img_id": "i", "sent": sent, "label": label, "question_type": question_type}
+
+
+def test_question_only_answers_by_question_then_type_then_overall():
+    train = [
+        vqa(1, "is there a dog?", {"yes": 1.0}, "is there a"),
+        vqa(2, "is there a dog?", {"yes": 1.0}, "is there a"),
+        vqa(3, "is there a cat?", {"no": 1.0}, "is there a"),
+        vqa(4, "is there a cow?", {"no": 1.0, "yes": 0.3}, "is there a"),
+        vqa(5, "what color is it?", {"red": 1.0, "blue": 0.6}, "what color"),
+        vqa(6, "what color is the sky?", {"blue": 1.0}, "what color"),
+    ]
+    valid = [
+        vqa(11, "Is there a dog? ", {"yes": 1.0}, "is there a"),  # seen text (case and spaces aside): "yes"
+        vqa(12, "is there a cat?", {"yes": 1.0}, "is there a"),  # seen: "no", wrong
+        vqa(13, "is there a bird?", {"no": 1.0}, "is there a"),  # unseen: the type's best, "yes" (2.3 vs 2.0)
+        vqa(14, "what color is the car?", {"blue": 0.3, "red": 1.0}, "what color"),  # the type's: blue (1.6)
+        vqa(15, "how many?", {"2": 1.0}, "how many"),  # unseen type: the overall best, "yes"
+    ]
+    # per question, backing off: 1 + 0 + 0 + 0.3 + 0 = 1.3; per type ("yes" for all three "is there a"): 2.3
+    score, key = question_only_score("vqa", train, valid)
+    assert (score, key) == (pytest.approx(2.3 / 5), "question type")
+    # an answer the model cannot give never wins: "no" for every "is there a" question, and overall
+    score, key = question_only_score("vqa", train, valid, answers=["no", "red", "blue"])
+    assert score == pytest.approx((0 + 0 + 1 + 0.3 + 0) / 5)
+
+
+def test_question_only_for_nlvr2_is_the_majority_per_statement():
+    def pair(identifier, sent, label):
+        return {"identifier": identifier, "img0": "a", "img1": "b", "sent": sent, "label": label}
+
+    train = [pair("t-0-0-0", "one dog", 1), pair("t-0-0-1", "one dog", 1), pair("t-1-0-0", "two cats", 0)]
+    valid = [pair("v-0-0-0", "one dog", 1), pair("v-0-0-1", "one dog", 0), pair("v-1-0-0", "a bird", 1)]
+    assert question_only_score("nlvr2", train, valid) == (pytest.approx(2 / 3), "question")
+
+
+def test_note_is_empty_without_labels_on_either_side():
+    train = [vqa(1, "q?", {"yes": 1.0}, "t")]
+    assert question_only_note("vqa", None, train) == ""
+    assert question_only_note("vqa", train, [{"question_id": 2, "img_id": "i", "sent": "q?"}]) == ""
+    assert question_only_note("vqa", train, train) == " (question only: 1.0000, the best training answer per question)"
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    paths = ensure_sample_data(tmp_path_factory.mktemp("grounding") / "sample_data", num_images=40, feat_dim=32)
+    return paths, ensure_finetune_sample(paths)
+
+
+def test_sample_answers_follow_from_the_image(sample):
+    """Every presence and colour answer is a fact about the image's boxes, and presence questions are as often
+    "yes" as "no": the question alone cannot tell the answer, the image can."""
+    paths, ft = sample
+    store = FeatureStore.from_tsv(paths.features_tsv, progress=False)
+    names = {**{n: k for k, n in enumerate(OBJECT_NAMES)}, **{p: k for k, (_, p) in enumerate(OBJECTS)}}
+    answers = {"yes": 0, "no": 0}
+    for split in ("train", "valid"):
+        for r in json.load(open(ft.split("vqa", split))):
+            contents = _image_contents(store, r["img_id"])
+            best = max(r["label"], key=r["label"].get)
+            words = r["sent"].rstrip("?").split()
+            if r["question_type"] in ("is there a", "are there"):
+                obj = names[words[3]]  # "is there a dog in the picture" / "are there any dogs"
+                assert best == ("yes" if obj in contents else "no"), r
+                answers[best] += 1
+            elif r["question_type"] == "what color is the":
+                assert best == ATTRIBUTE_NAMES[contents[names[words[-1]]]], r
+    assert answers["yes"] == answers["no"] > 20
+
+
+def test_short_run_prints_the_question_only_score_beside_its_own(sample, tmp_path, capsys):
+    from lxmert_fast.finetune import main
+
+    paths, ft = sample
+    config = tmp_path / "tiny.json"
+    config.write_text(
+        json.dumps(
+            {"model_type": "lxmert", "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32,
+             "l_layers": 1, "x_layers": 1, "r_layers": 1, "max_position_embeddings": 32}
+        )
+    )  # fmt: skip
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 32, "zero_optimization": {"stage": 0}}))
+    main(
+        ["--task", "vqa", "--train", str(ft.split("vqa", "train")), "--valid", str(ft.split("vqa", "valid")),
+         "--features", str(paths.features_tsv), "--tokenizer", str(paths.tokenizer_dir),
+         "--ans2label", str(ft.ans2label("vqa")), "--from-scratch", "--model-config", str(config),
+         "--deepspeed_config", str(ds), "--max-steps", "1", "--output-dir", str(tmp_path / "out"),
+         "--num-workers", "0"]
+    )  # fmt: skip
+    train, valid = (json.load(open(ft.split("vqa", s))) for s in ("train", "valid"))
+    expected, key = question_only_score("vqa", train, valid, json.load(open(ft.label2ans("vqa"))))
+    out = capsys.readouterr().out
+    note = f"(question only: {expected:.4f}, the best training answer per {key})"
+    lines = [line for line in out.splitlines() if line.startswith("valid after step 1: eval_score")]
+    assert len(lines) == 1 and lines[0].endswith(note), out
