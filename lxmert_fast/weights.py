@@ -205,13 +205,21 @@ def is_lxmert_fast_checkpoint(path, subfolder: str = "") -> bool:
     return path.is_file() or (path.is_dir() and not (path / "config.json").exists())
 
 
-def load_pretrained(cls, path, config=None, missing_heads="init", dtype=None, torch_dtype=None, **model_kwargs):
+# from_pretrained keywords about fetching from the hub: nothing to do for a local file
+HUB_KEYWORDS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "token")
+
+
+def load_pretrained(
+    cls, path, config=None, missing_heads="init", dtype=None, torch_dtype=None, subfolder="", **model_kwargs
+):
     """`cls` built and loaded from a checkpoint `is_lxmert_fast_checkpoint` accepts, in eval mode as transformers
     returns models. The sizes come from `config` or, without one, from the weights' shapes. Weights that the file
     lacks raise a CheckpointError with ``missing_heads="error"``, else start from random with a warning; encoder
-    weights that are missing, extra or of another shape always raise (see `load_into`). `model_kwargs` (backend,
-    pack_text) go to the model's constructor."""
-    path = Path(path)
+    weights that are missing, extra or of another shape always raise (see `load_into`). The remaining
+    `model_kwargs` (backend, pack_text) go to the model's constructor."""
+    path = Path(path) / subfolder
+    for keyword in HUB_KEYWORDS:
+        model_kwargs.pop(keyword, None)
     state_dict = to_hf_layout(read_state_dict(path))
     if config is None:
         config = infer_config(state_dict)
