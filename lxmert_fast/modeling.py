@@ -7,8 +7,14 @@ names (so ``load_state_dict(hf_model.state_dict(), strict=True)`` works both way
   ``F.scaled_dot_product_attention`` unless attention probabilities are requested.
 - ``backend="triton"``: the fused kernels of ``lxmert_fast.kernels`` for every residual+LayerNorm, the
   bidirectional cross-attention and the RoI-position embedding.
-- ``backend="auto"`` (default; the environment variable ``LXMERT_FAST_BACKEND`` overrides it): triton for CUDA
-  inputs, torch otherwise. It is resolved at each forward from the inputs' device.
+- ``backend="auto"``: triton for CUDA inputs while torch.compile traces, torch otherwise.
+
+The backend is fixed when the model is built: ``backend=`` if given, else the environment variable
+``LXMERT_FAST_BACKEND`` (read then, once), else "auto". Each fused module decides from it and its input's device
+at call time, without storing anything, so a forward never changes the model's state.
+
+The models are ``transformers.PreTrainedModel`` subclasses: loading, saving, the hub, resizing, gradient
+checkpointing and the rest are transformers' own code.
 
 Shapes: B batch, L text tokens, V visual objects, H heads, D head size, C hidden size, F RoI-feature size.
 """
@@ -17,12 +23,15 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
 from transformers.models.lxmert.modeling_lxmert import (
     LxmertForPreTrainingOutput,
     LxmertForQuestionAnsweringOutput,
@@ -38,12 +47,16 @@ BACKENDS = ("auto", "torch", "triton")
 IGNORE_INDEX = -100  # transformers' ignore index; the original code used -1
 
 
+def backend_from_environment() -> str:
+    """The backend a model gets when none is passed: ``LXMERT_FAST_BACKEND`` if set, else "auto"."""
+    backend = os.environ.get("LXMERT_FAST_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"LXMERT_FAST_BACKEND={backend!r}: expected one of {BACKENDS}")
+    return backend
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn "auto" into "torch" or "triton" for inputs on `device`."""
-    if backend == "auto":
-        backend = os.environ.get("LXMERT_FAST_BACKEND", "auto")
-        if backend not in BACKENDS:
-            raise ValueError(f"LXMERT_FAST_BACKEND={backend!r}: expected one of {BACKENDS}")
+    """Turn "auto" into "torch" or "triton" for inputs on `device` (a pure function: nothing is stored)."""
     if backend == "auto":
         # The fused kernels win only without Python launch overhead. Measured on an H100 (bf16, batch 256, training
         # step, benchmarks/profile_step.py): eager, torch 107 ms vs triton 154 ms; torch.compile + CUDA graph,
@@ -137,9 +150,13 @@ class Dropout(nn.Dropout):
 
 
 class FusedOps(nn.Module):
-    """Base of the modules that have a fused (Triton) variant; `use_triton` is set per forward by the top model."""
+    """Base of the modules that have a fused (Triton) variant. `backend` is set when the model is built (or its
+    `backend` is set); each call decides from it and the input's device, storing nothing."""
 
-    use_triton: bool = False
+    backend: str = "torch"
+
+    def use_triton(self, x: torch.Tensor) -> bool:
+        return self.backend != "torch" and resolve_backend(self.backend, x.device) == "triton"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -179,7 +196,7 @@ class LxmertVisualFeatureEncoder(FusedOps):
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, visual_feats, visual_pos):
-        if self.use_triton:
+        if self.use_triton(visual_feats):
             output = _kernels().roi_position_embedding(
                 visual_feats,
                 visual_pos,
@@ -267,7 +284,7 @@ class LxmertAttentionOutput(FusedOps):
 
     def forward(self, hidden_states, input_tensor):
         hidden_states = self.dense(hidden_states)
-        if self.use_triton:
+        if self.use_triton(hidden_states):
             # under autocast the dense output is half precision and the residual may be fp32: the kernel takes
             # one dtype (it accumulates in fp32), so the residual stream continues in the autocast dtype
             return _kernels().add_layernorm(
@@ -311,7 +328,7 @@ class LxmertCrossAttentionLayer(FusedOps):
             return att.split_heads(lang_part), att.split_heads(visn_part.view(visn.shape))
 
         (lang_q, visn_q), (lang_k, visn_k), (lang_v, visn_v) = map(project, (att.query, att.key, att.value))
-        if self.use_triton and not output_attentions:
+        if not output_attentions and self.use_triton(lang):
             lang_ctx, visn_ctx = _kernels().bidirectional_cross_attention(
                 lang_q,
                 lang_k,
@@ -396,8 +413,19 @@ class LxmertXLayer(nn.Module):
         return lang, visn, cross_probs
 
 
+def _call(layer, *args):
+    return layer(*args)
+
+
 class LxmertEncoder(nn.Module):
-    """Object embedding, then N_L language layers, N_R relationship layers, N_X cross-modality layers."""
+    """Object embedding, then N_L language layers, N_R relationship layers, N_X cross-modality layers.
+
+    With gradient checkpointing on (``model.gradient_checkpointing_enable()``, transformers' switch, which sets
+    ``gradient_checkpointing`` and ``_gradient_checkpointing_func`` here) each layer's activations are recomputed in
+    the backward pass instead of kept; the RNG state is restored for the recomputation, so dropout masks and
+    gradients are the same."""
+
+    gradient_checkpointing = False
 
     def __init__(self, config):
         super().__init__()
@@ -411,17 +439,19 @@ class LxmertEncoder(nn.Module):
         cross_encoder_attentions); the hidden states are each layer's output, as transformers reports them, and
         are packed (N, C) when the language stream is."""
         visn = self.visn_fc(visual_feats, visual_pos)
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        run = self._gradient_checkpointing_func if checkpointed else _call
         lang_states, visn_states, lang_atts, visn_atts, cross_atts = [], [], [], [], []
         for layer in self.layer:
-            lang, probs = layer(lang, lang_stream, output_attentions)
+            lang, probs = run(layer, lang, lang_stream, output_attentions)
             lang_states.append(lang)
             lang_atts.append(probs)
         for layer in self.r_layers:
-            visn, probs = layer(visn, visn_stream, output_attentions)
+            visn, probs = run(layer, visn, visn_stream, output_attentions)
             visn_states.append(visn)
             visn_atts.append(probs)
         for layer in self.x_layers:
-            lang, visn, probs = layer(lang, lang_stream, visn, visn_stream, output_attentions)
+            lang, visn, probs = run(layer, lang, lang_stream, visn, visn_stream, output_attentions)
             lang_states.append(lang)
             visn_states.append(visn)
             cross_atts.append(probs)
@@ -536,23 +566,25 @@ class LxmertVisualObjHead(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class LxmertPreTrainedModel(nn.Module):
-    """Config handling, weight initialisation, backend selection and checkpoint I/O shared by the models."""
+class LxmertPreTrainedModel(PreTrainedModel):
+    """transformers' PreTrainedModel (loading, saving, the hub, resizing, gradient checkpointing, ...) with the
+    backend switch and the original release's checkpoints added."""
 
+    config_class = LxmertConfig
     base_model_prefix = "lxmert"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LxmertLayer", "LxmertXLayer"]
 
-    def __init__(self, config, backend: str = "auto"):
-        super().__init__()
-        if not isinstance(config, LxmertConfig):
-            # accept transformers' LxmertConfig (or any object with the same fields)
-            config = LxmertConfig(**config.to_dict()) if hasattr(config, "to_dict") else LxmertConfig(**vars(config))
+    def __init__(self, config, backend: str | None = None):
         check_model_sizes(config)  # a clear message before torch fails on an impossible size
-        self.config = config
-        self.backend = backend
+        super().__init__(config)
+        self.backend = backend_from_environment() if backend is None else backend
 
     @property
     def backend(self) -> str:
-        """ "auto", "torch" or "triton"; setting it on a task model sets it on its encoder too."""
+        """ "auto", "torch" or "triton"; setting it sets it on every fused module and on the encoder."""
         return self._backend
 
     @backend.setter
@@ -560,84 +592,89 @@ class LxmertPreTrainedModel(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
         self._backend = backend
-        for module in self.children():
-            if isinstance(module, LxmertPreTrainedModel):
-                module.backend = backend
-
-    def init_weights(self):
-        """transformers' initialisation: N(0, initializer_range) for linear and embedding weights, zero biases and
-        padding rows, LayerNorm ones and zeros."""
-        std = self.config.initializer_range
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
-                if module.padding_idx is not None:
-                    with torch.no_grad():
-                        module.weight[module.padding_idx].zero_()
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, LxmertLMPredictionHead):
-                nn.init.zeros_(module.bias)
-        self.tie_weights()
+            if isinstance(module, FusedOps):
+                module.backend = backend
+            elif isinstance(module, LxmertPreTrainedModel):
+                module._backend = backend
 
-    def tie_weights(self):
-        """Nothing to tie by default; the pre-training model ties its LM decoder to the word embeddings."""
+    def post_init(self):
+        super().post_init()
+        self.backend = self._backend  # hand the backend to the fused modules built since __init__
 
-    def _select_backend(self, device: torch.device) -> str:
-        backend = resolve_backend(self.backend, device)
-        if getattr(self, "_active_backend", None) != backend:  # walk the modules only when the choice changes
-            for module in self.modules():
-                if isinstance(module, FusedOps):
-                    module.use_triton = backend == "triton"
-            self._active_backend = backend
-        return backend
+    def _init_weights(self, module):
+        """transformers' initialisation (normal(0, initializer_range) weights, zero biases and padding rows,
+        LayerNorm ones and zeros) and a zero LM-head bias."""
+        super()._init_weights(module)
+        if isinstance(module, LxmertLMPredictionHead):
+            init.zeros_(module.bias)
+
+    def get_qa_logit_layer(self) -> nn.Module | None:
+        """The answer head's last linear layer (None without an answer head)."""
+        head = getattr(self, "answer_head", None)
+        return None if head is None else head.logit_fc[-1]
 
     @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
+    def num_qa_labels(self) -> int:
+        return self.config.num_qa_labels
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+    def resize_num_qa_labels(self, num_labels: int | None):
+        """LXMERT's answer-head resizing (transformers'): keep the first rows, start new ones from the initializer,
+        set ``config.num_qa_labels``. Returns the new last layer (None without an answer head or a size)."""
+        old = self.get_qa_logit_layer()
+        if num_labels is None or old is None:
+            return None
+        if old.out_features != num_labels:
+            new = nn.Linear(old.in_features, num_labels, bias=old.bias is not None)
+            new = new.to(old.weight.device, old.weight.dtype)
+            self._init_weights(new)
+            rows = min(old.out_features, num_labels)
+            with torch.no_grad():
+                new.weight[:rows] = old.weight[:rows]
+                if old.bias is not None:
+                    new.bias[:rows] = old.bias[:rows]
+            self.answer_head.logit_fc[-1] = new
+        self.config.num_qa_labels = num_labels
+        return self.get_qa_logit_layer()
 
     @classmethod
-    def from_pretrained(cls, path, config=None, backend: str = "auto", missing_heads: str = "error"):
-        """Load an HF folder (config.json + model.safetensors / pytorch_model.bin) or an original `model_LXRT.pth`.
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, missing_heads: str = "init", **kwargs):
+        """transformers' ``from_pretrained`` (hub ids, the hub cache, every keyword), plus:
 
-        Never executes code from the file. Keys or shapes that do not fit raise an error naming them. A head that
-        the file lacks raises too, unless ``missing_heads="init"`` (then it starts from random and is reported).
+        - a file or a folder without config.json (the original release's ``model_LXRT.pth``, the original code's
+          fine-tuned checkpoints, a bare .safetensors/.bin) goes through lxmert_fast's own loader: the original key
+          layout is mapped, the config is inferred from the shapes unless ``config=`` is given, and nothing in the
+          file is executed (safetensors, or ``torch.load(weights_only=True)``);
+        - ``backend=`` (and ``pack_text=`` for LxmertModel) is passed on to the model;
+        - ``missing_heads="error"`` raises a CheckpointError naming every weight the checkpoint lacks, has extra or
+          has in another shape, instead of transformers' warning and random initialisation (the default, "init").
         """
-        from lxmert_fast.weights import load_pretrained
+        from lxmert_fast import weights
 
-        return load_pretrained(cls, path, config=config, backend=backend, missing_heads=missing_heads)
-
-    def save_pretrained(self, directory):
-        """Write an HF-compatible folder: config.json and model.safetensors (tied weights stored once)."""
-        from lxmert_fast.weights import save_pretrained
-
-        save_pretrained(self, directory)
+        if missing_heads not in ("error", "init"):
+            raise ValueError(f"missing_heads={missing_heads!r}: expected 'error' or 'init'")
+        if weights.is_lxmert_fast_checkpoint(pretrained_model_name_or_path, kwargs.get("subfolder", "")):
+            return weights.load_pretrained(cls, pretrained_model_name_or_path, missing_heads=missing_heads, **kwargs)
+        if missing_heads == "init":
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        weights.raise_on_misfit(model, info, source=str(pretrained_model_name_or_path))
+        return (model, info) if wants_info else model
 
 
 class LxmertModel(LxmertPreTrainedModel):
     """The LXMERT encoder: returns language, vision and pooled (cross-modality) outputs."""
 
-    base_model_prefix = ""
-
-    def __init__(self, config, backend: str = "auto", pack_text: bool = True):
+    def __init__(self, config, backend: str | None = None, pack_text: bool = True):
         super().__init__(config, backend)
         self.pack_text = pack_text  # skip the padding of the text stream in token-wise layers (see Stream)
-        self.embeddings = LxmertEmbeddings(self.config)
-        self.encoder = LxmertEncoder(self.config)
-        self.pooler = LxmertPooler(self.config)
-        self.init_weights()
+        self.embeddings = LxmertEmbeddings(config)
+        self.encoder = LxmertEncoder(config)
+        self.pooler = LxmertPooler(config)
+        self.post_init()
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
@@ -658,12 +695,12 @@ class LxmertModel(LxmertPreTrainedModel):
         output_hidden_states=None,
         return_dict=None,
         static_shapes: StaticShapes | None = None,
-        **kwargs,
     ):
         """transformers' forward, plus ``static_shapes``: without it the padded text is packed away exactly, with
         shapes that depend on the data (see Stream); with it (torch.compile, CUDA graphs) the text stream is packed
         to ``static_shapes.text_rows`` rows, which the batch must fit (``StaticShapes.fits``, checked by the
-        caller on the host)."""
+        caller on the host). Under torch.jit.trace the text is not packed, so the trace serves batches of any
+        padding."""
         config = self.config
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -680,7 +717,6 @@ class LxmertModel(LxmertPreTrainedModel):
         device = input_ids.device if input_ids is not None else inputs_embeds.device
         input_shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         _check_shapes(config, input_shape, visual_feats, visual_pos, attention_mask, visual_attention_mask)
-        self._select_backend(device)
 
         if attention_mask is None:
             attention_mask = torch.ones(input_shape, device=device)
@@ -688,7 +724,7 @@ class LxmertModel(LxmertPreTrainedModel):
             token_type_ids = torch.zeros(input_shape, dtype=torch.long, device=device)
         # masks in the parameters' dtype, as transformers builds them (finfo.min, not the original's -10000);
         # padded text is packed away unless attention maps (which cover the padding too) are requested
-        pack = self.pack_text and not output_attentions
+        pack = self.pack_text and not output_attentions and not torch.jit.is_tracing()
         lang_stream = Stream.make(attention_mask, *input_shape, self.dtype, pack=pack, static=static_shapes is not None,
                                   rows=None if static_shapes is None else static_shapes.text_rows)
         visn_stream = Stream.make(visual_attention_mask, *visual_feats.shape[:2], self.dtype)
@@ -744,33 +780,37 @@ def _check_shapes(config, input_shape, visual_feats, visual_pos, attention_mask,
         )
 
 
-@dataclass
-class LxmertForPreTrainingOutputWithLosses(LxmertForPreTrainingOutput):
-    """transformers' pre-training output plus `task_losses` (only when asked for with return_task_losses=True)."""
-
-    task_losses: dict[str, torch.Tensor] | None = None
-
-
 class LxmertForPreTraining(LxmertPreTrainedModel):
     """LXMERT with the five pre-training heads: masked LM, masked-object (obj/attr/feat), matching, QA."""
 
-    def __init__(self, config, backend: str = "auto"):
+    _tied_weights_keys = {"cls.predictions.decoder.weight": "lxmert.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config, backend: str | None = None):
         super().__init__(config, backend)
-        config = self.config
         self.lxmert = LxmertModel(config, backend)
         self.cls = LxmertPreTrainingHeads(config)
         if config.task_obj_predict:
             self.obj_predict_head = LxmertVisualObjHead(config)
         if config.task_qa:
             self.answer_head = LxmertVisualAnswerHead(config, config.num_qa_labels)
-        self.init_weights()
+        self.post_init()
 
-    def tie_weights(self):
-        if self.config.tie_word_embeddings:
-            self.cls.predictions.decoder.weight = self.lxmert.embeddings.word_embeddings.weight
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
 
-    def get_qa_logit_layer(self):
-        return self.answer_head.logit_fc[-1] if hasattr(self, "answer_head") else None
+    def set_output_embeddings(self, new_embeddings):
+        self.cls.predictions.decoder = new_embeddings
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """transformers' resizing of the word embeddings and the tied decoder, and the LM bias with them (new
+        entries 0)."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        bias = self.cls.predictions.bias
+        size = embeddings.num_embeddings
+        resized = bias.new_zeros(size)
+        resized[: min(size, bias.shape[0])] = bias.detach()[:size]
+        self.cls.predictions.bias = nn.Parameter(resized)
+        return embeddings
 
     def forward(
         self,
@@ -791,16 +831,26 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         return_task_losses: bool = False,
         lm_logits_at_labels_only: bool = False,
         static_shapes: StaticShapes | None = None,
-        **kwargs,
+        masked_lm_labels=None,
     ):
         """transformers' forward, plus these lxmert_fast options:
 
-        - ``return_task_losses``: also return each task's loss (``task_losses``: mlm, matched, obj, attr, feat, qa).
+        - ``return_task_losses``: also give each task's loss, as the attribute ``out.task_losses`` (a dict: mlm,
+          matched, obj, attr, feat, qa) of the returned ``LxmertForPreTrainingOutput`` (not one of its fields, so
+          the output stays transformers' class and its tuple form is unchanged); only with ``return_dict``.
         - ``lm_logits_at_labels_only``: evaluate the LM head only at labelled positions (the same loss, 85% less
-          head work); ``prediction_logits`` is then None.
+          head work); ``prediction_logits`` is then None. Under torch.jit.trace the head runs on every token (a
+          trace cannot depend on where the labels are).
         - ``static_shapes``: see LxmertModel.forward; with it the LM head at the labelled positions runs on
           ``static_shapes.lm_label_rows`` rows, the labelled ones first (None: on every token).
+        - ``masked_lm_labels``: the old name of ``labels`` (transformers 4 accepted it with a warning; 5 ignores it
+          silently, dropping the masked-LM loss). Here it still means ``labels``, with a FutureWarning.
         """
+        if masked_lm_labels is not None:
+            if labels is not None:
+                raise ValueError("pass the masked-LM targets as labels= only (masked_lm_labels is its old name)")
+            warnings.warn("masked_lm_labels is deprecated: pass labels= instead", FutureWarning, stacklevel=2)
+            labels = masked_lm_labels
         config = self.config
         return_dict = config.return_dict if return_dict is None else return_dict
         out = self.lxmert(
@@ -819,7 +869,7 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         lang_output, visual_output, pooled_output = out[:3]
         device = lang_output.device
 
-        sparse_lm = lm_logits_at_labels_only and labels is not None
+        sparse_lm = lm_logits_at_labels_only and labels is not None and not torch.jit.is_tracing()
         if sparse_lm and static_shapes is not None and static_shapes.lm_label_rows is None:
             sparse_lm = False  # static shapes without a row count: the head runs on every token
         lang_prediction_scores = None if sparse_lm else self.cls.predictions(lang_output)
@@ -850,14 +900,16 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             output = (lang_prediction_scores, cross_relationship_score, answer_score) + tuple(out[3:])
             return ((total_loss,) + output) if total_loss is not None else output
         hidden = _hidden_and_attentions(out[3:], output_hidden_states, output_attentions, config)
-        return LxmertForPreTrainingOutputWithLosses(
+        output = LxmertForPreTrainingOutput(
             loss=total_loss,
             prediction_logits=lang_prediction_scores,
             cross_relationship_score=cross_relationship_score,
             question_answering_score=answer_score,
-            task_losses=losses if return_task_losses else None,
             **hidden,
         )
+        if return_task_losses:
+            output.task_losses = losses  # an attribute, not a field: see the docstring
+        return output
 
     def masked_lm_loss_at_labels(self, lang_output, labels, static_rows=None):
         """The masked-LM loss with the LM head evaluated at the labelled tokens only (see ``forward``).
@@ -918,14 +970,11 @@ def _hidden_and_attentions(extra, output_hidden_states, output_attentions, confi
 class LxmertForQuestionAnswering(LxmertPreTrainedModel):
     """LXMERT with an answer classifier on the pooled output (VQA, GQA)."""
 
-    def __init__(self, config, backend: str = "auto"):
+    def __init__(self, config, backend: str | None = None):
         super().__init__(config, backend)
-        self.lxmert = LxmertModel(self.config, backend)
-        self.answer_head = LxmertVisualAnswerHead(self.config, self.config.num_qa_labels)
-        self.init_weights()
-
-    def get_qa_logit_layer(self):
-        return self.answer_head.logit_fc[-1]
+        self.lxmert = LxmertModel(config, backend)
+        self.answer_head = LxmertVisualAnswerHead(config, config.num_qa_labels)
+        self.post_init()
 
     def forward(
         self,
@@ -941,7 +990,6 @@ class LxmertForQuestionAnswering(LxmertPreTrainedModel):
         output_hidden_states=None,
         return_dict=None,
         static_shapes: StaticShapes | None = None,
-        **kwargs,
     ):
         """`labels`: (B,) answer indices, cross-entropy as transformers (the VQA recipe's soft-score BCE lives in
         lxmert_fast.finetune)."""
@@ -982,12 +1030,12 @@ class LxmertForNLVR2(LxmertPreTrainedModel):
     """NLVR2 (the original's pair head; transformers has none): the sentence is encoded with each of the two images
     in separate passes, the two pooled vectors are concatenated and classified true/false."""
 
-    def __init__(self, config, backend: str = "auto"):
+    def __init__(self, config, backend: str | None = None):
         super().__init__(config, backend)
-        self.lxmert = LxmertModel(self.config, backend)
-        pair = 2 * self.config.hidden_size  # the original's NLVR2 head keeps this width (its QA head doubles it)
+        self.lxmert = LxmertModel(config, backend)
+        pair = 2 * config.hidden_size  # the original's NLVR2 head keeps this width (its QA head doubles it)
         self.logit_fc = nn.Sequential(nn.Linear(pair, pair), GeLU(), nn.LayerNorm(pair, eps=1e-12), nn.Linear(pair, 2))
-        self.init_weights()
+        self.post_init()
 
     def forward(
         self,
@@ -1001,7 +1049,6 @@ class LxmertForNLVR2(LxmertPreTrainedModel):
         labels=None,
         return_dict=None,
         static_shapes: StaticShapes | None = None,
-        **kwargs,
     ):
         """Text (B, L); visual_feats (B, 2, V, F), visual_pos (B, 2, V, 4), visual_attention_mask (B, 2, V);
         labels (B,) in {0, 1}; ``static_shapes`` as LxmertModel's, for the (B, L) text given."""

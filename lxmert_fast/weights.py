@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lxmert_fast.checks import load_model_config
 from lxmert_fast.configuration import LxmertConfig
@@ -252,17 +252,59 @@ def infer_config(state_dict: dict[str, torch.Tensor], source="checkpoint", **ove
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_pretrained(cls, path, config=None, backend="auto", missing_heads="error"):
-    """See `LxmertPreTrainedModel.from_pretrained`."""
-    if missing_heads not in ("error", "init"):
-        raise ValueError(f"missing_heads={missing_heads!r}: expected 'error' or 'init'")
-    path = Path(path)
+def is_lxmert_fast_checkpoint(path, subfolder: str = "") -> bool:
+    """True for what transformers' loader cannot read and ours can: a file (the original release's `model_LXRT.pth`,
+    the original code's fine-tuned checkpoints, a bare .safetensors/.bin) or a folder without config.json.
+    Anything else (an HF folder, a hub id) is transformers' business."""
+    if path is None:
+        return False
+    path = Path(path) / subfolder
+    return path.is_file() or (path.is_dir() and not (path / "config.json").exists())
+
+
+# from_pretrained keywords about fetching from the hub: nothing to do for a local file
+HUB_KEYWORDS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "token")
+
+
+def load_pretrained(
+    cls, path, config=None, missing_heads="init", dtype=None, torch_dtype=None, subfolder="", **model_kwargs
+):
+    """`cls` built and loaded from a checkpoint `is_lxmert_fast_checkpoint` accepts, in eval mode as transformers
+    returns models. The sizes come from `config` or, without one, from the weights' shapes. Weights that the file
+    lacks raise a CheckpointError with ``missing_heads="error"``, else start from random with a warning; encoder
+    weights that are missing, extra or of another shape always raise (see `load_into`). The remaining
+    `model_kwargs` (backend, pack_text) go to the model's constructor."""
+    path = Path(path) / subfolder
+    for keyword in HUB_KEYWORDS:
+        model_kwargs.pop(keyword, None)
     state_dict = to_hf_layout(read_state_dict(path))
     if config is None:
         config = checkpoint_config(path, state_dict)
-    model = cls(config, backend=backend)
+    model = cls(config, **model_kwargs)
     load_into(model, state_dict, source=str(path), missing_heads=missing_heads)
-    return model
+    dtype = dtype if dtype is not None else torch_dtype
+    if dtype not in (None, "auto"):
+        model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    return model.eval()
+
+
+def raise_on_misfit(model, loading_info: dict, source: str):
+    """The strict check of ``from_pretrained(..., missing_heads="error")`` on transformers' loading report: a
+    CheckpointError naming every weight that was missing, unexpected or of another shape."""
+    problems = []
+    if loading_info.get("missing_keys"):
+        problems.append(f"missing from the checkpoint: {_listing(sorted(loading_info['missing_keys']))}")
+    if loading_info.get("unexpected_keys"):
+        problems.append(
+            f"keys that {type(model).__name__} does not have: {_listing(sorted(loading_info['unexpected_keys']))}"
+        )
+    if loading_info.get("mismatched_keys"):
+        shapes = [
+            f"{key}: checkpoint {tuple(old)} vs model {tuple(new)}" for key, old, new in loading_info["mismatched_keys"]
+        ]
+        problems.append(f"shapes that do not fit the config: {_listing(shapes)}")
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
 
 
 def load_into(model, state_dict, source="checkpoint", missing_heads="error"):
@@ -330,24 +372,6 @@ def _listing(items, limit=8) -> str:
     items = list(items)
     shown = ", ".join(items[:limit])
     return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
-
-
-def hf_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's state dict as transformers stores it: contiguous CPU tensors, the tied LM decoder left out."""
-    state_dict = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state_dict.pop(TIED_KEY, None)
-    return state_dict
-
-
-def save_pretrained(model, directory):
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = LxmertConfig.from_dict(model.config.to_dict())
-    config.architectures = [type(model).__name__]
-    tensors = hf_state_dict(model)
-    _atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / "config.json", lambda tmp: config.to_json_file(tmp))
 
 
 def save_original(state_dict: dict[str, torch.Tensor], path, config: LxmertConfig | None = None):

@@ -6,7 +6,7 @@ import transformers
 from helpers import SMALL_CONFIGS, make_batch, model_inputs, small_config
 
 import lxmert_fast
-from lxmert_fast.modeling import resolve_backend
+from lxmert_fast.modeling import FusedOps, resolve_backend
 
 ATOL = 1e-5
 
@@ -222,25 +222,18 @@ def test_nlvr2_encodes_each_image_with_the_sentence_and_concatenates():
 def test_accepts_both_config_classes():
     hf_config = small_config()
     ours = lxmert_fast.LxmertModel(hf_config)
-    assert isinstance(ours.config, lxmert_fast.LxmertConfig)
-    assert ours.config.to_dict()["hidden_size"] == hf_config.hidden_size
+    assert ours.config is hf_config  # kept as given, as transformers' models keep theirs
     assert lxmert_fast.LxmertModel(lxmert_fast.LxmertConfig(**small_config().to_dict())).config.l_layers == 3
 
 
 def test_backend_selection(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.delenv("LXMERT_FAST_BACKEND", raising=False)
     assert resolve_backend("auto", cpu) == "torch"
     assert resolve_backend("auto", torch.device("cuda")) == "torch"  # eager: the kernels lose to launch overhead
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert resolve_backend("auto", torch.device("cuda")) == "triton"  # traced by torch.compile
     assert resolve_backend("auto", cpu) == "torch"
     monkeypatch.undo()
-    monkeypatch.setenv("LXMERT_FAST_BACKEND", "torch")
-    assert resolve_backend("auto", torch.device("cuda")) == "torch"
-    monkeypatch.setenv("LXMERT_FAST_BACKEND", "fast")
-    with pytest.raises(ValueError, match="LXMERT_FAST_BACKEND"):
-        resolve_backend("auto", cpu)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="needs CUDA"):
         resolve_backend("triton", cpu)
@@ -248,7 +241,26 @@ def test_backend_selection(monkeypatch):
         lxmert_fast.LxmertModel(small_config(), backend="cuda")
     model = lxmert_fast.LxmertForPreTraining(small_config(), backend="auto")
     model.backend = "torch"
-    assert model.lxmert.backend == "torch"
+    assert model.lxmert.backend == "torch" and model.lxmert.encoder.visn_fc.backend == "torch"
+
+
+def test_backend_comes_from_the_environment_once_at_construction(monkeypatch):
+    """LXMERT_FAST_BACKEND is read when the model is built; changing it later changes nothing, and a forward
+    stores nothing on the modules to pick the backend."""
+    monkeypatch.setenv("LXMERT_FAST_BACKEND", "torch")
+    model = lxmert_fast.LxmertForQuestionAnswering(small_config())
+    assert model.backend == "torch" and model.lxmert.backend == "torch"
+    fused = [module for module in model.modules() if isinstance(module, FusedOps)]
+    assert fused and all(module.backend == "torch" for module in fused)
+    monkeypatch.setenv("LXMERT_FAST_BACKEND", "triton")
+    before = {name: dict(vars(module)) for name, module in model.named_modules()}
+    with torch.no_grad():
+        model(**model_inputs(make_batch(model.config)))
+    assert {name: dict(vars(module)) for name, module in model.named_modules()} == before
+    assert lxmert_fast.LxmertModel(small_config(), backend="torch").backend == "torch"  # an argument wins
+    monkeypatch.setenv("LXMERT_FAST_BACKEND", "fast")
+    with pytest.raises(ValueError, match="LXMERT_FAST_BACKEND='fast'"):
+        lxmert_fast.LxmertModel(small_config())
 
 
 def test_wrong_shapes_give_clear_errors():

@@ -142,24 +142,47 @@ def test_corrupt_files_name_the_file(pretrained, tmp_path):
 
 
 def test_checkpoints_that_do_not_fit_name_the_keys(pretrained, tmp_path):
+    """transformers' loader reports what does not fit (output_loading_info); missing_heads="error" turns the report
+    into an error naming the keys."""
     pretrained.save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match=r"missing encoder weights: lxmert\.encoder\.layer\.3\."):
-        lxmert_fast.LxmertForPreTraining.from_pretrained(tmp_path, config=small_config(l_layers=4))
+    model, info = lxmert_fast.LxmertForPreTraining.from_pretrained(
+        tmp_path, config=small_config(l_layers=4), output_loading_info=True
+    )
+    assert any(key.startswith("lxmert.encoder.layer.3.") for key in info["missing_keys"])
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint: lxmert\.encoder\.layer\.3\."):
+        lxmert_fast.LxmertForPreTraining.from_pretrained(
+            tmp_path, config=small_config(l_layers=4), missing_heads="error"
+        )
     with pytest.raises(CheckpointError, match=r"does not have: lxmert\.encoder\.layer\.2\."):
-        lxmert_fast.LxmertForPreTraining.from_pretrained(tmp_path, config=small_config(l_layers=2))
+        lxmert_fast.LxmertForPreTraining.from_pretrained(
+            tmp_path, config=small_config(l_layers=2), missing_heads="error"
+        )
     with pytest.raises(
         CheckpointError, match=r"answer_head\.logit_fc\.3\.weight: checkpoint \(11, 128\) vs model \(5, 128\)"
     ):
-        lxmert_fast.LxmertForPreTraining.from_pretrained(tmp_path, config=small_config(num_qa_labels=5))
+        lxmert_fast.LxmertForPreTraining.from_pretrained(
+            tmp_path, config=small_config(num_qa_labels=5), missing_heads="error", ignore_mismatched_sizes=True
+        )
 
 
-def test_missing_heads_are_an_error_unless_asked_for(tmp_path, caplog):
+def test_missing_heads_start_from_random_as_in_transformers_unless_strict(tmp_path):
     encoder = lxmert_fast.LxmertModel(small_config())
     encoder.save_pretrained(tmp_path)
+    model, info = lxmert_fast.LxmertForQuestionAnswering.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] and all(key.startswith("answer_head.") for key in info["missing_keys"])
+    torch.testing.assert_close(model.lxmert.pooler.dense.weight, encoder.pooler.dense.weight)
+    assert model.answer_head.logit_fc[0].weight.std() > 0  # initialised, not left empty
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint: .*cls\.predictions"):
+        lxmert_fast.LxmertForPreTraining.from_pretrained(tmp_path, missing_heads="error")
+
+
+def test_original_checkpoint_lacking_heads_is_an_error_only_when_asked(tmp_path, caplog):
+    encoder = lxmert_fast.LxmertModel(small_config())
+    save_original(encoder.state_dict(), tmp_path / "encoder.pth")
     with pytest.raises(CheckpointError, match=r"lacks these head weights .*cls\.predictions"):
-        lxmert_fast.LxmertForPreTraining.from_pretrained(tmp_path)
+        lxmert_fast.LxmertForPreTraining.from_pretrained(tmp_path / "encoder.pth", missing_heads="error")
     with caplog.at_level(logging.WARNING):
-        model = lxmert_fast.LxmertForPreTraining.from_pretrained(tmp_path, missing_heads="init")
+        model = lxmert_fast.LxmertForPreTraining.from_pretrained(tmp_path / "encoder.pth")
     assert "start from random" in caplog.text and "answer_head" in caplog.text
     torch.testing.assert_close(model.lxmert.pooler.dense.weight, encoder.pooler.dense.weight)
 
