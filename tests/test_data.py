@@ -426,7 +426,7 @@ def test_long_sentences_are_truncated_and_padding_is_masked(tmp_path, sample, ta
 
 
 def test_text_length_stats_are_those_of_the_items(tmp_path, sample, table):
-    """The statistics behind modeling.text_token_capacity: the lengths the items have ([CLS] and [SEP] included,
+    """The statistics behind StaticShapes.from_statistics: the lengths the items have ([CLS] and [SEP] included,
     long sentences cut to max_seq_length)."""
     tsv = tmp_path / "feats.tsv"
     write_feature_tsv(tsv, [_record("img")])

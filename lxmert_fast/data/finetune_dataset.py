@@ -241,7 +241,7 @@ class _FinetuneDataset(torch.utils.data.Dataset):
 
     def text_length_stats(self) -> tuple[float, float]:
         """Mean and standard deviation of the text length in tokens ([CLS] and [SEP] included) over the data set:
-        what modeling.text_token_capacity needs."""
+        what StaticShapes.from_statistics needs."""
         lengths = (self._input_ids != self.tokenizer.pad_token_id).sum(axis=1).astype(np.float64)
         return float(lengths.mean()), float(lengths.std())
 

@@ -244,7 +244,7 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     def text_length_stats(self, samples: int = 4096) -> tuple[float, float]:
         """Mean and standard deviation of the text length in tokens ([CLS] and [SEP] included, truncated as the
-        items are) over up to ``samples`` evenly spaced sentences: what modeling.text_token_capacity needs."""
+        items are) over up to ``samples`` evenly spaced sentences: what StaticShapes.from_statistics needs."""
         indices = np.linspace(0, len(self) - 1, num=min(samples, len(self))).astype(np.int64)
         pieces = self.tokenizer([self.sentence(int(i)) for i in indices], add_special_tokens=False)["input_ids"]
         lengths = np.array([min(len(p), self.max_seq_length - 2) + 2 for p in pieces], dtype=np.float64)
