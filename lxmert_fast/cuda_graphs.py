@@ -1,8 +1,7 @@
 """Whole-step CUDA graphs: record a training step (forward, backward, optimiser) once, replay it for every batch.
 
 At LXMERT's sizes a step is about two thousand small kernels. Launched one by one from Python, the CPU cannot keep
-the GPU busy: on an H100 an eager step at batch 64 takes as long as one at batch 256. A replayed graph launches the
-whole step in one call, so the GPU runs back to back.
+the GPU busy. A replayed graph launches the whole step in one call, so the GPU runs back to back.
 
 What a graphed step needs, all of which lxmert_fast's models and the usage below provide:
 
