@@ -19,9 +19,8 @@ import numbers
 from pathlib import Path
 from types import SimpleNamespace
 
-from lxmert_fast.errors import InputError
+from lxmert_fast.errors import ConfigError, InputError
 from lxmert_fast.jsonfile import read_json
-from lxmert_fast.run_config import ConfigError
 
 # LxmertConfig fields that size a tensor: must be positive integers (layer counts may be 0).
 _POSITIVE_FIELDS = (

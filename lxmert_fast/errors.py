@@ -6,4 +6,8 @@ class InputError(ValueError):
     """An input that cannot be used; the message names the file and the record (or the flag and its value)."""
 
 
-__all__ = ["InputError"]
+class ConfigError(InputError):
+    """A flag, a config file or a value in one that cannot be used; the message names it."""
+
+
+__all__ = ["ConfigError", "InputError"]

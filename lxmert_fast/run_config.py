@@ -20,12 +20,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+from lxmert_fast.errors import ConfigError
+
 RUN_CONFIG_FILE = "run_config.json"
 MICRO, ACCUM, TOTAL = "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"
-
-
-class ConfigError(ValueError):
-    """A flag, a config file or a value in one that cannot be used; the message names it."""
 
 
 class RunError(RuntimeError):
