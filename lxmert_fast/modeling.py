@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.lxmert.modeling_lxmert import (
     LxmertForPreTrainingOutput,
     LxmertForQuestionAnsweringOutput,
@@ -376,7 +377,7 @@ class LxmertIntermediate(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class LxmertLayer(nn.Module):
+class LxmertLayer(GradientCheckpointingLayer):
     """A BERT layer (self-attention + FFN, post-norm): the language and object-relationship encoders."""
 
     def __init__(self, config):
@@ -390,7 +391,7 @@ class LxmertLayer(nn.Module):
         return self.output(self.intermediate(attention_output), attention_output), probs
 
 
-class LxmertXLayer(nn.Module):
+class LxmertXLayer(GradientCheckpointingLayer):
     """Cross-modality layer: bidirectional cross-attention (one shared module, both directions), then
     self-attention and FFN per stream."""
 
@@ -413,19 +414,12 @@ class LxmertXLayer(nn.Module):
         return lang, visn, cross_probs
 
 
-def _call(layer, *args):
-    return layer(*args)
-
-
 class LxmertEncoder(nn.Module):
     """Object embedding, then N_L language layers, N_R relationship layers, N_X cross-modality layers.
 
-    With gradient checkpointing on (``model.gradient_checkpointing_enable()``, transformers' switch, which sets
-    ``gradient_checkpointing`` and ``_gradient_checkpointing_func`` here) each layer's activations are recomputed in
-    the backward pass instead of kept; the RNG state is restored for the recomputation, so dropout masks and
-    gradients are the same."""
-
-    gradient_checkpointing = False
+    The layers are transformers' GradientCheckpointingLayers: with ``model.gradient_checkpointing_enable()`` each
+    layer's activations are recomputed in the backward pass instead of kept; the RNG state is restored for the
+    recomputation, so dropout masks and gradients are the same."""
 
     def __init__(self, config):
         super().__init__()
@@ -439,19 +433,17 @@ class LxmertEncoder(nn.Module):
         cross_encoder_attentions); the hidden states are each layer's output, as transformers reports them, and
         are packed (N, C) when the language stream is."""
         visn = self.visn_fc(visual_feats, visual_pos)
-        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        run = self._gradient_checkpointing_func if checkpointed else _call
         lang_states, visn_states, lang_atts, visn_atts, cross_atts = [], [], [], [], []
         for layer in self.layer:
-            lang, probs = run(layer, lang, lang_stream, output_attentions)
+            lang, probs = layer(lang, lang_stream, output_attentions)
             lang_states.append(lang)
             lang_atts.append(probs)
         for layer in self.r_layers:
-            visn, probs = run(layer, visn, visn_stream, output_attentions)
+            visn, probs = layer(visn, visn_stream, output_attentions)
             visn_states.append(visn)
             visn_atts.append(probs)
         for layer in self.x_layers:
-            lang, visn, probs = run(layer, lang, lang_stream, visn, visn_stream, output_attentions)
+            lang, visn, probs = layer(lang, lang_stream, visn, visn_stream, output_attentions)
             lang_states.append(lang)
             visn_states.append(visn)
             cross_atts.append(probs)

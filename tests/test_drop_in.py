@@ -187,16 +187,19 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
     plain = gradients()
     model.activation_checkpointing_enable()  # transformers 5's name of gradient_checkpointing_enable
-    assert model.is_activation_checkpointing and model.lxmert.encoder.gradient_checkpointing
+    layers = [*model.lxmert.encoder.layer, *model.lxmert.encoder.r_layers, *model.lxmert.encoder.x_layers]
+    assert model.is_activation_checkpointing and all(layer.gradient_checkpointing for layer in layers)
     calls = []
-    checkpoint = model.lxmert.encoder._gradient_checkpointing_func
-    model.lxmert.encoder._gradient_checkpointing_func = lambda *args: calls.append(1) or checkpoint(*args)
+    for layer in layers:
+        layer._gradient_checkpointing_func = lambda *args, run=layer._gradient_checkpointing_func: (
+            calls.append(1) or run(*args)
+        )
     checkpointed = gradients()
-    assert len(calls) == config.l_layers + config.r_layers + config.x_layers
+    assert len(calls) == len(layers)
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
     model.activation_checkpointing_disable()
-    assert not model.lxmert.encoder.gradient_checkpointing
+    assert not any(layer.gradient_checkpointing for layer in layers)
 
 
 OTHER_PADDING = (9, 2, 5)  # make_batch's rows have 9, 6 and 3 real tokens
