@@ -698,16 +698,9 @@ class LxmertModel(LxmertPreTrainedModel):
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = config.return_dict if return_dict is None else return_dict
 
-        if input_ids is not None and inputs_embeds is not None:
-            raise ValueError("You cannot specify both input_ids and inputs_embeds at the same time")
-        if input_ids is None and inputs_embeds is None:
-            raise ValueError("You have to specify either input_ids or inputs_embeds")
-        if visual_feats is None:
-            raise ValueError("`visual_feats` cannot be `None`")
-        if visual_pos is None:
-            raise ValueError("`visual_pos` cannot be `None`")
-        device = input_ids.device if input_ids is not None else inputs_embeds.device
-        input_shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        text = input_ids if input_ids is not None else inputs_embeds
+        _check_inputs(input_ids, inputs_embeds, visual_feats, visual_pos)
+        device, input_shape = text.device, (input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1])
         _check_shapes(config, input_shape, visual_feats, visual_pos, attention_mask, visual_attention_mask)
 
         if attention_mask is None:
@@ -730,20 +723,41 @@ class LxmertModel(LxmertPreTrainedModel):
             lang_states = tuple(lang_stream.unpack(state) for state in lang_states)
         pooled_output = self.pooler(lang_output)
 
-        if not return_dict:
-            hidden = (lang_states, visn_states) if output_hidden_states else ()
-            attentions = (lang_atts, visn_atts, cross_atts) if output_attentions else ()
-            return (lang_output, visual_output, pooled_output) + hidden + attentions
-        return LxmertModelOutput(
-            pooled_output=pooled_output,
-            language_output=lang_output,
-            vision_output=visual_output,
-            language_hidden_states=lang_states if output_hidden_states else None,
-            vision_hidden_states=visn_states if output_hidden_states else None,
-            language_attentions=lang_atts if output_attentions else None,
-            vision_attentions=visn_atts if output_attentions else None,
-            cross_encoder_attentions=cross_atts if output_attentions else None,
-        )
+        hidden = (lang_states, visn_states) if output_hidden_states else None
+        attentions = (lang_atts, visn_atts, cross_atts) if output_attentions else None
+        return _model_output((lang_output, visual_output, pooled_output), hidden, attentions, return_dict)
+
+
+def _model_output(outputs, hidden, attentions, return_dict):
+    """LxmertModel's result: the tuple (language, vision, pooled, [hidden states], [attentions]) or the named
+    output class, with None for what was not asked for."""
+    if not return_dict:
+        return outputs + (hidden or ()) + (attentions or ())
+    lang_output, visual_output, pooled_output = outputs
+    lang_states, visn_states = hidden or (None, None)
+    lang_atts, visn_atts, cross_atts = attentions or (None, None, None)
+    return LxmertModelOutput(
+        pooled_output=pooled_output,
+        language_output=lang_output,
+        vision_output=visual_output,
+        language_hidden_states=lang_states,
+        vision_hidden_states=visn_states,
+        language_attentions=lang_atts,
+        vision_attentions=visn_atts,
+        cross_encoder_attentions=cross_atts,
+    )
+
+
+def _check_inputs(input_ids, inputs_embeds, visual_feats, visual_pos):
+    """transformers' checks of which inputs were given, with its messages."""
+    if input_ids is not None and inputs_embeds is not None:
+        raise ValueError("You cannot specify both input_ids and inputs_embeds at the same time")
+    if input_ids is None and inputs_embeds is None:
+        raise ValueError("You have to specify either input_ids or inputs_embeds")
+    if visual_feats is None:
+        raise ValueError("`visual_feats` cannot be `None`")
+    if visual_pos is None:
+        raise ValueError("`visual_pos` cannot be `None`")
 
 
 def _check_shapes(config, input_shape, visual_feats, visual_pos, attention_mask, visual_attention_mask):
@@ -827,81 +841,62 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
     ):
         """transformers' forward, plus these lxmert_fast options:
 
-        - ``return_task_losses``: also give each task's loss, as the attribute ``out.task_losses`` (a dict: mlm,
-          matched, obj, attr, feat, qa) of the returned ``LxmertForPreTrainingOutput`` (not one of its fields, so
-          the output stays transformers' class and its tuple form is unchanged); only with ``return_dict``.
+        - ``return_task_losses``: also give each task's loss as ``out.task_losses`` (mlm, matched, obj, attr, feat, qa),
+          an attribute of transformers' output class, not a field (its tuple form is unchanged); with ``return_dict``.
         - ``lm_logits_at_labels_only``: evaluate the LM head only at labelled positions (the same loss, 85% less
           head work); ``prediction_logits`` is then None. Under torch.jit.trace the head runs on every token (a
           trace cannot depend on where the labels are).
         - ``static_shapes``: see LxmertModel.forward; with it the LM head at the labelled positions runs on
           ``static_shapes.lm_label_rows`` rows, the labelled ones first (None: on every token).
-        - ``masked_lm_labels``: the old name of ``labels`` (transformers 4 accepted it with a warning; 5 ignores it
-          silently, dropping the masked-LM loss). Here it still means ``labels``, with a FutureWarning.
+        - ``masked_lm_labels``: transformers 4's name of ``labels``; it still means ``labels``, with a FutureWarning.
         """
-        if masked_lm_labels is not None:
-            if labels is not None:
-                raise ValueError("pass the masked-LM targets as labels= only (masked_lm_labels is its old name)")
-            warnings.warn("masked_lm_labels is deprecated: pass labels= instead", FutureWarning, stacklevel=2)
-            labels = masked_lm_labels
+        labels = _labels_from_old_name(labels, masked_lm_labels)
         config = self.config
         return_dict = config.return_dict if return_dict is None else return_dict
-        out = self.lxmert(
-            input_ids=input_ids,
-            visual_feats=visual_feats,
-            visual_pos=visual_pos,
-            attention_mask=attention_mask,
-            visual_attention_mask=visual_attention_mask,
-            token_type_ids=token_type_ids,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=False,
-            static_shapes=static_shapes,
-        )
+        encoder_inputs = dict(input_ids=input_ids, visual_feats=visual_feats, visual_pos=visual_pos,
+                              attention_mask=attention_mask, visual_attention_mask=visual_attention_mask,
+                              token_type_ids=token_type_ids, inputs_embeds=inputs_embeds)
+        out = self.lxmert(**encoder_inputs, output_attentions=output_attentions,
+                          output_hidden_states=output_hidden_states, return_dict=False, static_shapes=static_shapes)
         lang_output, visual_output, pooled_output = out[:3]
-        device = lang_output.device
-
-        sparse_lm = lm_logits_at_labels_only and labels is not None and not torch.jit.is_tracing()
-        if sparse_lm and static_shapes is not None and static_shapes.lm_label_rows is None:
-            sparse_lm = False  # static shapes without a row count: the head runs on every token
-        lang_prediction_scores = None if sparse_lm else self.cls.predictions(lang_output)
-        cross_relationship_score = self.cls.seq_relationship(pooled_output)
-        # transformers returns this odd scalar when the QA head is disabled; kept for drop-in compatibility
-        answer_score = self.answer_head(pooled_output) if config.task_qa else pooled_output[0][0]
-
+        rows = None if static_shapes is None else static_shapes.lm_label_rows  # static shapes: rows of the LM head
+        sparse_lm = (lm_logits_at_labels_only and labels is not None and not torch.jit.is_tracing()
+                     and (static_shapes is None or rows is not None))
+        scores = self.head_scores(lang_output, pooled_output, lm_head=not sparse_lm)
         losses = {}
         if labels is not None and config.task_mask_lm:
-            if sparse_lm:
-                rows = None if static_shapes is None else static_shapes.lm_label_rows
-                losses["mlm"] = self.masked_lm_loss_at_labels(lang_output, labels, rows)
-            else:
-                losses["mlm"] = classification_loss(lang_prediction_scores, labels)
+            losses["mlm"] = (self.masked_lm_loss_at_labels(lang_output, labels, rows) if sparse_lm
+                             else classification_loss(scores[0], labels))
+        losses.update(self.head_losses(scores[1], scores[2], visual_output, matched_label, ans, obj_labels))
+        no_targets = labels is None and matched_label is None and obj_labels is None and ans is None
+        total_loss = None if no_targets else sum(losses.values(), torch.zeros((), device=lang_output.device))
+        if not return_dict:
+            return ((total_loss,) if total_loss is not None else ()) + scores + tuple(out[3:])
+        hidden = _hidden_and_attentions(out[3:], output_hidden_states, output_attentions, config)
+        output = LxmertForPreTrainingOutput(total_loss, *scores, **hidden)
+        if return_task_losses:
+            output.task_losses = losses  # an attribute, not a field: see the docstring
+        return output
+
+    def head_scores(self, lang_output, pooled_output, lm_head: bool) -> tuple:
+        """(LM logits, or None without the LM head; matching logits; answer logits)."""
+        return (
+            self.cls.predictions(lang_output) if lm_head else None,
+            self.cls.seq_relationship(pooled_output),
+            # transformers returns this odd scalar when the QA head is disabled; kept for drop-in compatibility
+            self.answer_head(pooled_output) if self.config.task_qa else pooled_output[0][0],
+        )
+
+    def head_losses(self, matched_score, answer_score, visual_output, matched_label, ans, obj_labels) -> dict:
+        """The losses of the heads other than the LM head, for the targets given and the tasks the config has."""
+        config, losses = self.config, {}
         if matched_label is not None and config.task_matched:
-            losses["matched"] = classification_loss(cross_relationship_score, matched_label)
+            losses["matched"] = classification_loss(matched_score, matched_label)
         if obj_labels is not None and config.task_obj_predict:
             losses.update(self.masked_object_losses(visual_output, obj_labels))
         if ans is not None and config.task_qa:
             losses["qa"] = classification_loss(answer_score, ans)
-
-        no_targets = labels is None and matched_label is None and obj_labels is None and ans is None
-        total_loss = None if no_targets else torch.zeros((), device=device)
-        for value in losses.values():
-            total_loss = total_loss + value
-
-        if not return_dict:
-            output = (lang_prediction_scores, cross_relationship_score, answer_score) + tuple(out[3:])
-            return ((total_loss,) + output) if total_loss is not None else output
-        hidden = _hidden_and_attentions(out[3:], output_hidden_states, output_attentions, config)
-        output = LxmertForPreTrainingOutput(
-            loss=total_loss,
-            prediction_logits=lang_prediction_scores,
-            cross_relationship_score=cross_relationship_score,
-            question_answering_score=answer_score,
-            **hidden,
-        )
-        if return_task_losses:
-            output.task_losses = losses  # an attribute, not a field: see the docstring
-        return output
+        return losses
 
     def masked_lm_loss_at_labels(self, lang_output, labels, static_rows=None):
         """The masked-LM loss with the LM head evaluated at the labelled tokens only (see ``forward``).
@@ -932,6 +927,17 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
                 loss = F.cross_entropy(prediction, label.reshape(-1), reduction="none")
             losses[key] = (loss * weight.reshape(-1).float()).mean() * self.config.visual_loss_normalizer
         return losses
+
+
+def _labels_from_old_name(labels, masked_lm_labels):
+    """``labels``, or transformers 4's old name for them, ``masked_lm_labels``, with a FutureWarning (transformers 5
+    ignores it silently, dropping the masked-LM loss)."""
+    if masked_lm_labels is None:
+        return labels
+    if labels is not None:
+        raise ValueError("pass the masked-LM targets as labels= only (masked_lm_labels is its old name)")
+    warnings.warn("masked_lm_labels is deprecated: pass labels= instead", FutureWarning, stacklevel=3)
+    return masked_lm_labels
 
 
 def classification_loss(logits, labels):
