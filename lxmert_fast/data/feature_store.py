@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .formats import FeatureFormatError, iter_feature_tsv
+from .formats import FeatureFormatError, ImageFeatures, iter_feature_tsv
 from .fsutil import build_lock, publish_dir, remove_stale_staging, staging_dir
 
 FORMAT = "lxmert_fast.feature_store"
@@ -157,45 +157,10 @@ def _write_store(
     try:
         for line_no, nbytes, r in iter_feature_tsv(tsv_path, feat_dim, box_tolerance):
             feat_dim = r.features.shape[1]
-            n = r.num_boxes
-            if r.img_id in first_line:
-                raise FeatureFormatError(
-                    f"{tsv_path}:{line_no} (img_id {r.img_id!r}): duplicate img_id, already on line "
-                    f"{first_line[r.img_id]}"
-                )
-            if n > max_boxes:
-                raise FeatureFormatError(
-                    f"{tsv_path}:{line_no} (img_id {r.img_id!r}): num_boxes={n} exceeds the store's max_boxes="
-                    f"{max_boxes} (pass a larger max_boxes)"
-                )
-            feats16 = r.features.astype(np.float16)
-            if not np.isfinite(feats16).all():
-                raise FeatureFormatError(
-                    f"{tsv_path}:{line_no} (img_id {r.img_id!r}): feature values overflow float16 "
-                    f"(max |x| = {float(np.abs(r.features).max()):.4g} > 65504)"
-                )
-            scale = np.array([r.img_w, r.img_h, r.img_w, r.img_h], dtype=np.float32)
-            rows = {
-                "features": feats16,
-                "boxes": r.boxes / scale,
-                "obj_ids": r.objects_id,
-                "obj_conf": r.objects_conf,
-                "attr_ids": r.attrs_id,
-                "attr_conf": r.attrs_conf,
-            }
-            specs = _array_specs(1, max_boxes, feat_dim)
-            for name, arr in rows.items():
-                dtype, shape = specs[name]
-                padded = np.zeros(shape[1:], dtype=dtype)  # pad to max_boxes rows with zeros
-                padded[:n] = arr
-                files[name].write(padded.tobytes())
-            files["num_boxes"].write(np.array([n], dtype="<i4").tobytes())
-            files["img_hw"].write(np.array([r.img_h, r.img_w], dtype="<i4").tobytes())
+            feats16 = _checked_features(tsv_path, line_no, r, first_line, max_boxes)
+            _write_row(files, r, feats16, max_boxes, feat_dim)
             first_line[r.img_id] = line_no
-            for kind, ids in (("object", r.objects_id), ("attribute", r.attrs_id)):
-                largest = int(ids.max())
-                if max_label[kind] is None or largest > max_label[kind]["id"]:
-                    max_label[kind] = {"id": largest, "line": line_no, "img_id": r.img_id}
+            _track_max_label(max_label, r, line_no)
             bar.update(nbytes)
     finally:
         bar.close()
@@ -205,11 +170,70 @@ def _write_store(
         raise FeatureFormatError(f"{tsv_path}: no image rows")
     with open(out / "img_ids.json", "w", encoding="utf-8") as f:
         json.dump(list(first_line), f)
-    specs = _array_specs(len(first_line), max_boxes, feat_dim)
+    return _store_meta(len(first_line), max_boxes, feat_dim, max_label)
+
+
+def _checked_features(
+    tsv_path: Path, line_no: int, r: ImageFeatures, first_line: dict[str, int], max_boxes: int
+) -> np.ndarray:
+    """Reject a row the store cannot hold (repeated img_id, too many boxes, float16 overflow); returns its
+    features as float16."""
+    n = r.num_boxes
+    if r.img_id in first_line:
+        raise FeatureFormatError(
+            f"{tsv_path}:{line_no} (img_id {r.img_id!r}): duplicate img_id, already on line {first_line[r.img_id]}"
+        )
+    if n > max_boxes:
+        raise FeatureFormatError(
+            f"{tsv_path}:{line_no} (img_id {r.img_id!r}): num_boxes={n} exceeds the store's max_boxes="
+            f"{max_boxes} (pass a larger max_boxes)"
+        )
+    feats16 = r.features.astype(np.float16)
+    if not np.isfinite(feats16).all():
+        raise FeatureFormatError(
+            f"{tsv_path}:{line_no} (img_id {r.img_id!r}): feature values overflow float16 "
+            f"(max |x| = {float(np.abs(r.features).max()):.4g} > 65504)"
+        )
+    return feats16
+
+
+def _write_row(files: dict, r: ImageFeatures, feats16: np.ndarray, max_boxes: int, feat_dim: int) -> None:
+    """Append one image's arrays to the open .bin files, each padded with zeros to max_boxes rows."""
+    n = r.num_boxes
+    scale = np.array([r.img_w, r.img_h, r.img_w, r.img_h], dtype=np.float32)
+    rows = {
+        "features": feats16,
+        "boxes": r.boxes / scale,
+        "obj_ids": r.objects_id,
+        "obj_conf": r.objects_conf,
+        "attr_ids": r.attrs_id,
+        "attr_conf": r.attrs_conf,
+    }
+    specs = _array_specs(1, max_boxes, feat_dim)
+    for name, arr in rows.items():
+        dtype, shape = specs[name]
+        padded = np.zeros(shape[1:], dtype=dtype)  # pad to max_boxes rows with zeros
+        padded[:n] = arr
+        files[name].write(padded.tobytes())
+    files["num_boxes"].write(np.array([n], dtype="<i4").tobytes())
+    files["img_hw"].write(np.array([r.img_h, r.img_w], dtype="<i4").tobytes())
+
+
+def _track_max_label(max_label: dict, r: ImageFeatures, line_no: int) -> None:
+    """Remember the largest object and attribute id seen so far, with the line and img_id it came from."""
+    for kind, ids in (("object", r.objects_id), ("attribute", r.attrs_id)):
+        largest = int(ids.max())
+        if max_label[kind] is None or largest > max_label[kind]["id"]:
+            max_label[kind] = {"id": largest, "line": line_no, "img_id": r.img_id}
+
+
+def _store_meta(num_images: int, max_boxes: int, feat_dim: int, max_label: dict) -> dict:
+    """The meta dict of a finished store (without "source")."""
+    specs = _array_specs(num_images, max_boxes, feat_dim)
     return {
         "format": FORMAT,
         "version": VERSION,
-        "num_images": len(first_line),
+        "num_images": num_images,
         "max_boxes": max_boxes,
         "feat_dim": feat_dim,
         "max_label": max_label,

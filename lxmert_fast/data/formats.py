@@ -111,6 +111,25 @@ def decode_tsv_row(
         raise FeatureFormatError(f"{where}: expected {len(TSV_FIELDS)} tab-separated columns, found {len(cols)}")
     if img_id is None:
         raise FeatureFormatError(f"{where}: empty img_id")
+    img_h, img_w, n = _decode_sizes(cols, where)
+
+    def col(name):
+        return cols[TSV_FIELDS.index(name)]
+
+    objects_id = _decode_array(col("objects_id"), "<i8", None, n, "objects_id", where)
+    objects_conf = _decode_array(col("objects_conf"), "<f4", None, n, "objects_conf", where)
+    attrs_id = _decode_array(col("attrs_id"), "<i8", None, n, "attrs_id", where)
+    attrs_conf = _decode_array(col("attrs_conf"), "<f4", None, n, "attrs_conf", where)
+    boxes = _decode_array(col("boxes"), "<f4", 4, n, "boxes", where)
+    features = _decode_array(col("features"), "<f4", -1 if feat_dim is None else feat_dim, n, "features", where)
+
+    _check_labels_and_features(where, objects_id, objects_conf, attrs_id, attrs_conf, features)
+    _check_boxes(where, boxes, img_h, img_w, box_tolerance)
+    return ImageFeatures(img_id, img_h, img_w, objects_id, objects_conf, attrs_id, attrs_conf, boxes, features)
+
+
+def _decode_sizes(cols: list[str], where: str) -> tuple[int, int, int]:
+    """The row's (img_h, img_w, num_boxes): integers, all positive."""
     ints = {}
     for name in ("img_h", "img_w", "num_boxes"):
         text = cols[TSV_FIELDS.index(name)]
@@ -123,17 +142,18 @@ def decode_tsv_row(
         raise FeatureFormatError(f"{where}: image size must be positive, got img_h={img_h} img_w={img_w}")
     if n <= 0:
         raise FeatureFormatError(f"{where}: num_boxes must be positive, got {n}")
+    return img_h, img_w, n
 
-    def col(name):
-        return cols[TSV_FIELDS.index(name)]
 
-    objects_id = _decode_array(col("objects_id"), "<i8", None, n, "objects_id", where)
-    objects_conf = _decode_array(col("objects_conf"), "<f4", None, n, "objects_conf", where)
-    attrs_id = _decode_array(col("attrs_id"), "<i8", None, n, "attrs_id", where)
-    attrs_conf = _decode_array(col("attrs_conf"), "<f4", None, n, "attrs_conf", where)
-    boxes = _decode_array(col("boxes"), "<f4", 4, n, "boxes", where)
-    features = _decode_array(col("features"), "<f4", -1 if feat_dim is None else feat_dim, n, "features", where)
-
+def _check_labels_and_features(
+    where: str,
+    objects_id: np.ndarray,
+    objects_conf: np.ndarray,
+    attrs_id: np.ndarray,
+    attrs_conf: np.ndarray,
+    features: np.ndarray,
+) -> None:
+    """Label ids not negative; confidences and features finite; confidences not negative."""
     for name, ids in (("objects_id", objects_id), ("attrs_id", attrs_id)):
         if (ids < 0).any():
             raise FeatureFormatError(f"{where}: negative label id in {name!r}: {ids[ids < 0][:5].tolist()}")
@@ -147,6 +167,10 @@ def decode_tsv_row(
                 f"{where}: {int((conf < 0).sum())} negative confidence(s) in {name!r}, first: box {i} = "
                 f"{float(conf[i])}"
             )
+
+
+def _check_boxes(where: str, boxes: np.ndarray, img_h: int, img_w: int, box_tolerance: float) -> None:
+    """Every box has x1 <= x2 and y1 <= y2 and lies inside the image (up to box_tolerance of its size)."""
     flipped = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     if flipped.any():
         i = int(np.flatnonzero(flipped)[0])
@@ -163,7 +187,6 @@ def decode_tsv_row(
             f"{where}: {int(bad.sum())} box(es) outside the {img_w}x{img_h} image, first: box {i} = "
             f"{boxes[i].tolist()} (x1, y1, x2, y2 pixels)"
         )
-    return ImageFeatures(img_id, img_h, img_w, objects_id, objects_conf, attrs_id, attrs_conf, boxes, features)
 
 
 def iter_feature_tsv(

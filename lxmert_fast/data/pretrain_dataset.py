@@ -76,6 +76,21 @@ def missing_images_message(missing: dict, stores) -> str:
     return f"annotation records whose image is in none of the feature files ({files}): {'; '.join(parts)}"
 
 
+class _SentenceColumns:
+    """The sentences read so far as flat columns; packed into numpy arrays once all files are read."""
+
+    def __init__(self):
+        self.text = bytearray()  # the UTF-8 sentences back to back; sentence k ends at text_end[k]
+        self.text_end: list[int] = []
+        self.img: list[int] = []  # index into the global image index
+        self.src: list[int] = []  # source id
+        self.idx: list[int] = []  # position of the sentence within its record's source
+        self.is_question: list[bool] = []
+        self.ans: list[int] = []  # answer labels of all questions back to back; sentence k's end at lab_end[k]
+        self.score: list[float] = []
+        self.lab_end: list[int] = []
+
+
 class PretrainDataset(torch.utils.data.Dataset):
     """Items of LXMERT pre-training (see the module docstring).
 
@@ -153,64 +168,28 @@ class PretrainDataset(torch.utils.data.Dataset):
         # Global image index over all stores (an img_id in several must have the same contents in each).
         located = index_images(self.stores)
         image_of = {img_id: i for i, img_id in enumerate(located)}
-        img_ids = list(located)
-        img_store = [k for k, _ in located.values()]
-        img_row = [row for _, row in located.values()]
-
-        source_ids: dict[str, int] = {}
-        text = bytearray()
-        text_end, d_img, d_src, d_idx, lab_end = [], [], [], [], []
-        flat_ans, flat_score = [], []
-        is_question = []
-        dropped_sents = 0
-        missing: dict[str, list[str]] = {}  # annotation file -> img_id of each record without features
-        for path in paths:
-            for datum in read_pretrain_json(path):
-                img = image_of.get(datum["img_id"])
-                labelf = datum.get("labelf", {})
-                for src, sents in datum["sentf"].items():
-                    if sources is not None and src not in sources:
-                        continue
-                    if img is None:
-                        dropped_sents += len(sents)
-                        continue
-                    labels = labelf.get(src)
-                    s = source_ids.setdefault(src, len(source_ids))
-                    for i, sent in enumerate(sents):
-                        text += sent.strip().encode("utf-8")
-                        text_end.append(len(text))
-                        d_img.append(img)
-                        d_src.append(s)
-                        d_idx.append(i)
-                        is_question.append(labels is not None)
-                        if labels is not None:
-                            known = self.answer_table.label_scores(labels[i])
-                            flat_ans.extend(known)
-                            flat_score.extend(known.values())
-                        lab_end.append(len(flat_ans))
-                if img is None:
-                    missing.setdefault(str(path), []).append(datum["img_id"])
+        cols, source_ids, dropped_sents, missing = self._read_sentences(paths, sources, image_of)
         message = missing_images_message(missing, self.stores) if missing else "none of the sources asked for"
         if missing:
             if self.strict:
                 raise AnnotationFormatError(f"{message} (refused: strict)")
             logger.warning("left out %d sentences of %s (--strict makes this an error)", dropped_sents, message)
         self.num_dropped = dropped_sents
-        if not text_end:
+        if not cols.text_end:
             raise ValueError(f"no usable sentences in {', '.join(str(p) for p in paths)}: {message}")
 
-        self._text = np.frombuffer(bytes(text), dtype=np.uint8)
-        self._text_end = np.asarray(text_end, dtype=np.int64)
-        self._img = np.asarray(d_img, dtype=np.int64)
-        self._src = np.asarray(d_src, dtype=np.int16)
-        self._sent_idx = np.asarray(d_idx, dtype=np.int32)
-        self._is_question = np.asarray(is_question, dtype=bool)
-        self._lab_end = np.asarray(lab_end, dtype=np.int64)
-        self._ans = np.asarray(flat_ans, dtype=np.int64)
-        self._score = np.asarray(flat_score, dtype=np.float64)
-        self._img_store = np.asarray(img_store, dtype=np.int16)
-        self._img_row = np.asarray(img_row, dtype=np.int64)
-        self._img_ids = img_ids
+        self._text = np.frombuffer(bytes(cols.text), dtype=np.uint8)
+        self._text_end = np.asarray(cols.text_end, dtype=np.int64)
+        self._img = np.asarray(cols.img, dtype=np.int64)
+        self._src = np.asarray(cols.src, dtype=np.int16)
+        self._sent_idx = np.asarray(cols.idx, dtype=np.int32)
+        self._is_question = np.asarray(cols.is_question, dtype=bool)
+        self._lab_end = np.asarray(cols.lab_end, dtype=np.int64)
+        self._ans = np.asarray(cols.ans, dtype=np.int64)
+        self._score = np.asarray(cols.score, dtype=np.float64)
+        self._img_store = np.asarray([k for k, _ in located.values()], dtype=np.int16)
+        self._img_row = np.asarray([row for _, row in located.values()], dtype=np.int64)
+        self._img_ids = list(located)
         self._source_names = list(source_ids)
         logger.info(
             "pre-training data: %d sentences (%d questions) of %d images from %s",
@@ -221,6 +200,47 @@ class PretrainDataset(torch.utils.data.Dataset):
         )
         if self.task_matched and len(np.unique(self._img)) < 2:
             raise ValueError("the matching task needs sentences of at least two images")
+
+    def _read_sentences(
+        self, paths: list, sources: set | None, image_of: dict[str, int]
+    ) -> tuple[_SentenceColumns, dict[str, int], int, dict[str, list[str]]]:
+        """Read the sentences of the asked-for sources whose image a store holds. Returns (their columns,
+        {source: id}, the number of sentences left out for lack of features, {annotation file: [img_id of each
+        record without features]})."""
+        cols = _SentenceColumns()
+        source_ids: dict[str, int] = {}
+        dropped_sents = 0
+        missing: dict[str, list[str]] = {}
+        for path in paths:
+            for datum in read_pretrain_json(path):
+                img = image_of.get(datum["img_id"])
+                labelf = datum.get("labelf", {})
+                for src, sents in datum["sentf"].items():
+                    if sources is not None and src not in sources:
+                        continue
+                    if img is None:
+                        dropped_sents += len(sents)
+                        continue
+                    self._add_sentences(cols, sents, labelf.get(src), img, source_ids.setdefault(src, len(source_ids)))
+                if img is None:
+                    missing.setdefault(str(path), []).append(datum["img_id"])
+        return cols, source_ids, dropped_sents, missing
+
+    def _add_sentences(self, cols: _SentenceColumns, sents: list, labels: list | None, img: int, src: int) -> None:
+        """Append one record's sentences of one source; `labels` (questions only): one answer dict per sentence,
+        mapped through the answer table (unknown answers dropped)."""
+        for i, sent in enumerate(sents):
+            cols.text += sent.strip().encode("utf-8")
+            cols.text_end.append(len(cols.text))
+            cols.img.append(img)
+            cols.src.append(src)
+            cols.idx.append(i)
+            cols.is_question.append(labels is not None)
+            if labels is not None:
+                known = self.answer_table.label_scores(labels[i])
+                cols.ans.extend(known)
+                cols.score.extend(known.values())
+            cols.lab_end.append(len(cols.ans))
 
     # -- accessors ------------------------------------------------------------------------------------------------
 
