@@ -25,6 +25,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -40,7 +41,7 @@ from transformers.models.lxmert.modeling_lxmert import (
 )
 from transformers.utils import ModelOutput
 
-from lxmert_fast.checks import check_model_sizes
+from lxmert_fast.checks import check_model_folder, check_model_sizes
 from lxmert_fast.configuration import LxmertConfig
 from lxmert_fast.static_shapes import StaticShapes
 
@@ -645,6 +646,8 @@ class LxmertPreTrainedModel(PreTrainedModel):
 
         if missing_heads not in ("error", "init"):
             raise ValueError(f"missing_heads={missing_heads!r}: expected 'error' or 'init'")
+        if pretrained_model_name_or_path is not None:  # a local folder's config.json: broken JSON named with its place
+            check_model_folder(Path(pretrained_model_name_or_path) / kwargs.get("subfolder", ""))
         if weights.is_lxmert_fast_checkpoint(pretrained_model_name_or_path, kwargs.get("subfolder", "")):
             return weights.load_pretrained(cls, pretrained_model_name_or_path, missing_heads=missing_heads, **kwargs)
         if missing_heads == "init":
