@@ -80,6 +80,15 @@ def _kernels():
     return kernels
 
 
+def shapes_may_follow_data() -> bool:
+    """False while torch.jit.trace, torch.compile / torch.export or a CUDA-graph capture records the model: a shape
+    that depends on the data (packing the padded text away, the LM head at labelled tokens only) cannot be recorded
+    then. Without ``static_shapes`` the model then runs the text padded and the LM head on every token: the same
+    values at every real token and the same losses, only computed on more rows."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or capturing)
+
+
 def true_first(flags: torch.Tensor, count: int) -> torch.Tensor:
     """The first ``count`` positions of a flat bool tensor when those holding True come first, each group in its
     order (what a stable argsort of ~flags gives). Built from running counts and one scatter instead of a sort:
@@ -712,7 +721,8 @@ class LxmertModel(LxmertPreTrainedModel):
             token_type_ids = torch.zeros(input_shape, dtype=torch.long, device=device)
         # masks in the parameters' dtype, as transformers builds them (finfo.min, not the original's -10000);
         # padded text is packed away unless attention maps (which cover the padding too) are requested
-        pack = self.pack_text and not output_attentions and not torch.jit.is_tracing()
+        pack = (self.pack_text and not output_attentions and not torch.jit.is_tracing()
+                and (static_shapes is not None or shapes_may_follow_data()))
         lang_stream = Stream.make(attention_mask, *input_shape, self.dtype, pack=pack, static=static_shapes is not None,
                                   rows=None if static_shapes is None else static_shapes.text_rows)
         visn_stream = Stream.make(visual_attention_mask, *visual_feats.shape[:2], self.dtype)
@@ -864,7 +874,7 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         lang_output, visual_output, pooled_output = out[:3]
         rows = None if static_shapes is None else static_shapes.lm_label_rows  # static shapes: rows of the LM head
         sparse_lm = (lm_logits_at_labels_only and labels is not None and not torch.jit.is_tracing()
-                     and (static_shapes is None or rows is not None))
+                     and (rows is not None if static_shapes is not None else shapes_may_follow_data()))
         scores = self.head_scores(lang_output, pooled_output, lm_head=not sparse_lm)
         losses = {}
         if labels is not None and config.task_mask_lm:
