@@ -80,6 +80,7 @@ def prepare_output_dir(config: RunConfig) -> None:
             f"--output-dir {out} holds another run ({', '.join(found)}): continue it with --resume, replace it "
             "with --overwrite, or choose another --output-dir"
         )
+    training.barrier()  # every rank has looked (and refused alike) before the main rank writes
     if training.is_main():
         if config.overwrite and not config.resume:
             for name in found:
