@@ -33,7 +33,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "matplotlib"],  # matplotlib: attention maps
         "xformers": ["xformers"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
