@@ -57,6 +57,10 @@ def build_parser():
                        help="sample mode: steps of the sample pre-training")
     model.add_argument("--loss", choices=("bce", "ce"), default="bce", help="VQA / GQA loss (NLVR2: always CE)")
     p.add_argument("--test", action="store_true", help="predict --test-json and write the submission file")
+    p.add_argument("--images-shuffled-score", action="store_true",
+                   help="also score --valid with every image swapped for another one of the set, printed beside the "
+                   "score: a model that does as well without its own images does not use them (default with the "
+                   "sample data)")
     run_config.add_training_arguments(p, output_dir=None, save_every=None, workers="min(4, cores/2)")
     return p
 
@@ -113,6 +117,7 @@ def use_sample_data(flags, is_qa):
                  features=flags["features"] or str(paths.features_tsv),
                  tokenizer=flags["tokenizer"] or str(paths.tokenizer_dir),
                  answer_table=flags["answer_table"] or str(paths.answer_table))
+    flags["images_shuffled_score"] = True  # the sample is there to show that the model uses the image
     if is_qa:
         flags["ans2label"] = flags["ans2label"] or str(paths.ans2label(task))
     if not (flags["load"] or flags["load_lxmert_qa"] or flags["from_scratch"]):

@@ -86,7 +86,9 @@ def finetune(config):
     # printed beside each validation score: a model that does no better than this does not use the image
     records = [d.records if d is not None else None for d in (train_set, valid_set)]
     baseline = question_only_note(config.task, *records, label2ans)
-    hooks = TaskEvaluation(config.task, valid_set, finetune_collate, label2ans, baseline)
+    check_images = valid_set is not None and config.flags.get("images_shuffled_score")
+    shuffled = valid_set.with_images_shuffled() if check_images else None
+    hooks = TaskEvaluation(config.task, valid_set, finetune_collate, label2ans, baseline, shuffled)
     labels = list(label2ans) if label2ans is not None else nlvr2_labels()
     trainer = Trainer(config, engine, objective, scheduler, train_set, finetune_collate,
                       epochs=config.epochs if train_set is not None else 0, hooks=hooks,

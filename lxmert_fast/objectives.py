@@ -147,9 +147,11 @@ class TaskEvaluation(Hooks):
     ``eval_score``, the main metric), and the best model so far in OUTPUT_DIR/best_model; the best score goes into
     each checkpoint."""
 
-    def __init__(self, task, valid_set, collate, label2ans=None, baseline=""):
+    def __init__(self, task, valid_set, collate, label2ans=None, baseline="", shuffled_set=None):
         self.task, self.valid_set, self.collate, self.label2ans = task, valid_set, collate, label2ans
         self.baseline = baseline  # printed beside each validation score (evaluation.question_only_note)
+        # the validation set with other images (its with_images_shuffled()): scored too, and printed beside
+        self.shuffled_set = shuffled_set
         self.best, self.scores = None, None
 
     def client_state(self):
@@ -173,7 +175,9 @@ class TaskEvaluation(Hooks):
             predictions = {k: v for part in gathered for k, v in part.items()}
         return {dataset.qid(i): predictions[dataset.qid(i)] for i in range(len(dataset))}  # in file order
 
-    def run(self, trainer, dataset, split):
+    def run(self, trainer, dataset, split, note="", show=True):
+        """Predict and score ``dataset``, log the scores as an ``eval`` record of ``split``, print them (with
+        ``note``) unless not ``show``; returns (predictions, scores)."""
         from lxmert_fast.evaluation import evaluate
 
         t0 = time.perf_counter()
@@ -182,15 +186,19 @@ class TaskEvaluation(Hooks):
         p = trainer.position
         trainer.log({"event": "eval", "split": split, "step": p.step, "epoch": p.epoch, **scores,
                      "eval_time_s": time.perf_counter() - t0})
-        if scores:
+        if scores and show:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-            training.print0(f"{split} after step {p.step}: {shown}{self.baseline if split == 'valid' else ''}")
+            training.print0(f"{split} after step {p.step}: {shown}{note}")
         return preds, scores
 
     def on_epoch_end(self, trainer):
         if self.valid_set is None:
             return
-        _, self.scores = self.run(trainer, self.valid_set, "valid")
+        note = self.baseline
+        if self.shuffled_set is not None:
+            _, shuffled = self.run(trainer, self.shuffled_set, "valid_images_shuffled", show=False)
+            note += f" (images shuffled between questions: {shuffled['eval_score']:.4f})"
+        _, self.scores = self.run(trainer, self.valid_set, "valid", note)
         if trainer.total_steps and (self.best is None or self.scores["eval_score"] > self.best):
             self.best = self.scores["eval_score"]
             trainer.save_model(os.path.join(trainer.config.output_dir, "best_model"))

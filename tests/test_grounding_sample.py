@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from lxmert_fast.data import FeatureStore, ensure_sample_data
@@ -99,11 +100,40 @@ def test_short_run_prints_the_question_only_score_beside_its_own(sample, tmp_pat
          "--features", str(paths.features_tsv), "--tokenizer", str(paths.tokenizer_dir),
          "--ans2label", str(ft.ans2label("vqa")), "--from-scratch", "--model-config", str(config),
          "--deepspeed_config", str(ds), "--max-steps", "1", "--output-dir", str(tmp_path / "out"),
-         "--num-workers", "0"]
+         "--num-workers", "0", "--images-shuffled-score"]
     )  # fmt: skip
     train, valid = (json.load(open(ft.split("vqa", s))) for s in ("train", "valid"))
     expected, key = question_only_score("vqa", train, valid, json.load(open(ft.label2ans("vqa"))))
     out = capsys.readouterr().out
-    note = f"(question only: {expected:.4f}, the best training answer per {key})"
+    evals = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl") if '"eval"' in line]
+    shuffled = next(r["eval_score"] for r in evals if r["split"] == "valid_images_shuffled")
+    note = (f"(question only: {expected:.4f}, the best training answer per {key}) "
+            f"(images shuffled between questions: {shuffled:.4f})")
     lines = [line for line in out.splitlines() if line.startswith("valid after step 1: eval_score")]
     assert len(lines) == 1 and lines[0].endswith(note), out
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr2"])
+def test_images_shuffled_copy_gives_every_record_another_image_of_the_set(sample, task):
+    from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADataset
+
+    paths, ft = sample
+    store = FeatureStore.from_tsv(paths.features_tsv, progress=False)
+    if task == "vqa":
+        data = QADataset(ft.split("vqa", "valid"), [store], AnswerVocab.load(ft.ans2label("vqa")), paths.tokenizer_dir)
+        images = {(0, store.row(r["img_id"])) for r in data.records}
+        own = [((0, store.row(r["img_id"])),) for r in data.records]
+    else:
+        data = NLVR2Dataset(ft.split("nlvr2", "valid"), [store], paths.tokenizer_dir)
+        images = {(0, store.row(r[k])) for r in data.records for k in ("img0", "img1")}
+        own = [((0, store.row(r["img0"])), (0, store.row(r["img1"]))) for r in data.records]
+    shuffled = data.with_images_shuffled()
+    assert len(shuffled) == len(data) and shuffled.labels == data.labels
+    swapped = [entry if task == "nlvr2" else (entry,) for entry in shuffled._images]
+    for mine, theirs in zip(own, swapped, strict=True):
+        assert all(a != b and b in images for a, b in zip(mine, theirs, strict=True))
+    k = 3
+    feats = shuffled[k]["visual_feats"]  # (V, F), NLVR2 (2, V, F): the left image first
+    assert np.array_equal(feats if task == "vqa" else feats[0], store.features[swapped[k][0][1]].astype(np.float32))
+    assert np.array_equal(shuffled[k]["input_ids"], data[k]["input_ids"])
+    assert data._images[k] == (own[k] if task == "nlvr2" else own[k][0])  # the original is left as it was

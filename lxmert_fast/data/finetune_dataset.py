@@ -27,11 +27,13 @@ Public API
                  strict=True)
         items: text inputs, visual_* with a leading pair axis of 2, label, index; .qid(i) is the identifier
     both: .text_length_stats() -> (mean, std) of the text lengths in tokens
+          .with_images_shuffled(seed=0) -> a copy whose records see other images of the set (None with one image)
     finetune_collate(items) -> dict of tensors (the model's keyword arguments plus target / label, index)
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -256,6 +258,20 @@ class _FinetuneDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self._input_ids)
+
+    def with_images_shuffled(self, seed: int = 0):
+        """A copy in which every image of the set is replaced by another one of the set (one fixed random cycle
+        through all of them, so no record keeps its own image); the questions and labels stay. A model that scores
+        as well on it as on the real images does not use the images. None when the set holds a single image."""
+        pairs = bool(self._images) and isinstance(self._images[0][0], tuple)  # NLVR2: ((store, row), (store, row))
+        images = sorted({image for entry in self._images for image in (entry if pairs else (entry,))})
+        if len(images) < 2:
+            return None
+        cycle = [images[k] for k in np.random.default_rng(seed).permutation(len(images))]
+        other = {image: cycle[(k + 1) % len(cycle)] for k, image in enumerate(cycle)}
+        shuffled = copy.copy(self)
+        shuffled._images = [tuple(other[i] for i in entry) if pairs else other[entry] for entry in self._images]
+        return shuffled
 
 
 class QADataset(_FinetuneDataset):
