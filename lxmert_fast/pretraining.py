@@ -1,7 +1,6 @@
 """Pre-training as a library: the command line, the resolved run, the data, the model and the loop.
 
-lxmert_fast/pretrain.py is the command; fine-tuning's sample mode uses ``resolve`` and ``pretrain`` here to make
-the sample pre-trained model it starts from.
+lxmert_fast/pretrain.py is the command.
 """
 
 import os

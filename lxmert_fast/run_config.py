@@ -90,8 +90,9 @@ def add_training_arguments(parser, *, output_dir, save_every, log_every=10, work
                      help="start afresh in an OUTPUT_DIR that holds another run (its metrics and checkpoints go)")
     run.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
     opt = parser.add_argument_group("optimiser")
-    opt.add_argument("--optimizer", choices=("bertadam", "adamw"), default="bertadam",
-                     help="bertadam: the original's Adam without bias correction")
+    opt.add_argument("--optimizer", choices=("bertadam", "adamw"), default=DEFAULT_OPTIMIZER,
+                     help="bertadam: the original's Adam without bias correction (fine-tuning on the sample data "
+                     "without a starting point: adamw, unless given)")
     opt.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the task's)")
     opt.add_argument("--weight-decay", type=float, default=0.01, help="decoupled, on every parameter")
     opt.add_argument("--warmup", type=float, default=None, help="warm-up fraction of the steps (default: the task's)")
@@ -113,6 +114,14 @@ def add_training_arguments(parser, *, output_dir, save_every, log_every=10, work
                         help="with --engine torch on a GPU: launch every step eagerly instead of replaying a graph")
     engine.add_argument("--compile", action="store_true",
                         help="torch.compile the model (with the Triton kernels on a GPU)")
+
+
+class FlagDefault(str):
+    """A flag's default value that a script can tell apart from the same value given by the user: argparse keeps
+    this very object when the flag is not given (``flags[name] is DEFAULT_OPTIMIZER``)."""
+
+
+DEFAULT_OPTIMIZER = FlagDefault("bertadam")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -234,18 +243,19 @@ def _identity(saved: dict) -> dict:
 
 
 def resolve(script: str, flags: dict, *, default_deepspeed: str, model: dict | None = None,
-            world_size: int | None = None) -> RunConfig:
+            world_size: int | None = None, notes: tuple[str, ...] = ()) -> RunConfig:
     """The RunConfig of ``flags`` (the parsed flags, data paths filled in). World size from the launcher's
-    WORLD_SIZE (1 for a plain process)."""
+    WORLD_SIZE (1 for a plain process). ``notes``: the script's own adjustments, printed with the others."""
     import torch
 
+    flags = {**flags, "optimizer": str(flags.get("optimizer") or DEFAULT_OPTIMIZER)}
     cuda = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     ds_file = find_config(flags.get("deepspeed_config") or default_deepspeed)
     raw = read_json(ds_file, "a DeepSpeed config (a JSON object)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{ds_file}: expected a DeepSpeed config (a JSON object), got {type(raw).__name__}")
-    notes = []
+    notes = list(notes)
     ds = resolve_deepspeed(raw, ds_file, flags, world, cuda, model, notes)
     precision = "fp16" if ds.get("fp16", {}).get("enabled") else "bf16" if ds.get("bf16", {}).get("enabled") else "fp32"
     engine, graphs = flags["engine"], False
