@@ -1,7 +1,7 @@
 """LXMERT fine-tuning and evaluation on VQA v2, GQA and NLVR2 (DeepSpeed; plain python runs as one process).
 
     deepspeed lxmert_fast/finetune.py --task vqa          # sample data, from scratch with the sample schedule
-                                                          # (SAMPLE_SCHEDULE), about 7 minutes on 2 CPU cores (estimated)
+                                                          # (SAMPLE_SCHEDULE), about 7 minutes on 2 CPU cores (est.)
     deepspeed --num_gpus 4 lxmert_fast/finetune.py --task vqa --load-lxmert-qa snap/pretrained/model_LXRT.pth \
         --train data/vqa/train.json,data/vqa/nominival.json --valid data/vqa/minival.json \
         --features data/mscoco_imgfeat/train2014_obj36.tsv,data/mscoco_imgfeat/val2014_obj36.tsv \
