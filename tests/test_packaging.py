@@ -1,5 +1,6 @@
 """Packaging: the shipped configs resolve by name from any install."""
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -72,26 +73,85 @@ def test_non_editable_install_ships_the_configs_and_kernels(tmp_path):
                                       installed / "configs" / "ds_zero2_fp16.json", installed / "kernels" / "ops.py"]
 
 
-@pytest.mark.slow
-def test_our_kernels_folder_never_passes_for_the_pypi_kernels_package(tmp_path):
-    """From the repository root, transformers probes for the PyPI package ``kernels`` (its Hub kernels). Our
-    top-level ``kernels/`` is a namespace folder, so the probe neither runs it nor takes it for that package, and a
-    real ``kernels`` package anywhere on the path wins over it; ``lxmert_fast.kernels`` still imports."""
-    fake = tmp_path / "site" / "kernels"  # stands in for an installed PyPI `kernels`
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("def get_kernel(name):\n    return name\n")
-    script = (
-        "import importlib, sys\n"
-        "from transformers.utils.import_utils import is_kernels_available\n"
-        "available = is_kernels_available()\n"
-        "ran = [m.__file__ for n, m in sys.modules.items() if n.split('.')[0] == 'kernels' and m.__file__]\n"
-        "from lxmert_fast.kernels.ops import add_layernorm\n"
-        "print(available, ran, add_layernorm.__module__)\n"
-        "sys.modules.pop('kernels', None); sys.path.append(sys.argv[1]); importlib.invalidate_caches()\n"
-        "import kernels; print(kernels.__file__)\n"
-    )
+# Two worlds for the PyPI package `kernels` (transformers >= 5.25 requires it; older releases do not), made
+# explicitly, so that the checks below hold whatever the resolver installed:
+# - "installed": a stand-in `kernels` distribution (package + dist-info) first on the path;
+# - "absent": sys.path's finder is replaced by one blind to any installed `kernels` (its modules and its metadata).
+HIDE_INSTALLED_KERNELS = """
+import importlib.machinery, importlib.metadata, sys
+_hidden = {str(d.locate_file("")) for d in importlib.metadata.distributions(name="kernels")}
+
+class _PathFinderWithoutKernels(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.split(".")[0] == "kernels" and path is None:
+            path = [entry for entry in sys.path if entry not in _hidden]
+        return super().find_spec(name, path, target)
+
+    @classmethod
+    def find_distributions(cls, *args, **kwargs):
+        return [d for d in super().find_distributions(*args, **kwargs)
+                if (d.metadata["Name"] or "").lower() != "kernels"]
+
+sys.meta_path[sys.meta_path.index(importlib.machinery.PathFinder)] = _PathFinderWithoutKernels
+"""
+
+PROBE_KERNELS = """
+import sys
+from pathlib import Path
+from transformers.utils.import_utils import is_kernels_available
+available = is_kernels_available()  # transformers' own probe, which may import `kernels`
+import kernels  # as `import kernels` from the repository root
+from lxmert_fast.kernels.ops import add_layernorm
+ours = Path(sys.argv[1]).resolve()
+ran = [name for name, module in sys.modules.items() if name.split(".")[0] == "kernels"
+       and ours in Path(getattr(module, "__file__", None) or "/").resolve().parents]
+print(available, ran, getattr(kernels, "__file__", None), add_layernorm.__module__)
+print(Path(sys.modules[add_layernorm.__module__].__file__).resolve())
+"""
+
+
+def stand_in_kernels(site):
+    """An installed PyPI `kernels` as pip lays it out: the package and its dist-info (a version transformers
+    accepts: the installed one's where there is one)."""
+    try:
+        version = importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0.19.1"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("def get_kernel(name):\n    return name\n")
+    dist_info = site / f"kernels-{version}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kernels\nVersion: {version}\n")
+    return site / "kernels" / "__init__.py"
+
+
+def probe_kernels_from_the_repository_root(prelude="", pythonpath=None):
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "TRITON_INTERPRET")}
-    out = subprocess.run([sys.executable, "-c", script, str(fake.parent)], cwd=REPO, env=env, check=True,
-                         capture_output=True, text=True).stdout.splitlines()
-    assert out[0] == "False [] lxmert_fast.kernels.add_layernorm"  # [] : no file of our kernels/ folder ran
-    assert out[1] == str(fake / "__init__.py")
+    if pythonpath:
+        env["PYTHONPATH"] = str(pythonpath)
+    out = subprocess.run([sys.executable, "-c", prelude + PROBE_KERNELS, str(REPO / "kernels")], cwd=REPO, env=env,
+                         check=True, capture_output=True, text=True).stdout.splitlines()
+    available, rest = out[0].split(" ", 1)
+    ran, kernels_file, ops_module = rest.rsplit(" ", 2)
+    return available == "True", ran, kernels_file, ops_module, Path(out[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", ["absent", "installed"])
+def test_our_kernels_folder_never_passes_for_the_pypi_kernels_package(world, tmp_path):
+    """From the repository root, transformers probes for the PyPI package ``kernels`` (its Hub kernels). Our
+    top-level ``kernels/`` is a namespace folder: no file of it runs as ``kernels``; the probe never takes it for
+    that package; a real ``kernels`` wherever it is installed wins over it; ``lxmert_fast.kernels`` imports ours."""
+    if world == "installed":
+        fake = stand_in_kernels(tmp_path / "site")
+        available, ran, kernels_file, ops_module, ops_file = probe_kernels_from_the_repository_root(
+            pythonpath=tmp_path / "site")
+        assert available and kernels_file == str(fake)  # the installed package, not our folder
+    else:
+        available, ran, kernels_file, ops_module, ops_file = probe_kernels_from_the_repository_root(
+            prelude=HIDE_INSTALLED_KERNELS)
+        assert not available and kernels_file == "None"  # our folder: a namespace, never a package
+    assert ran == "[]"  # no file of our kernels/ folder ran under the name `kernels`
+    assert ops_module == "lxmert_fast.kernels.add_layernorm"
+    assert ops_file.parent == (REPO / "kernels").resolve()
