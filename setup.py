@@ -1,13 +1,13 @@
 """Packaging for lxmert_fast.
 
 The Triton kernels (top-level ``kernels/``) and the shipped configs (top-level ``configs/``) belong to the package
-as ``lxmert_fast.kernels`` and ``lxmert_fast.configs``: ``lxmert_fast/kernels`` and ``lxmert_fast/configs`` are
-symbolic links to them, so a checkout, an editable install and a wheel all import them under those names.
+as ``lxmert_fast.kernels`` and ``lxmert_fast.configs``: ``package_dir`` maps those names to the top-level folders, so
+an editable install and a wheel both import them under those names (no symbolic links).
 ``kernels/`` has no ``__init__.py`` on purpose: from the repository root, ``kernels`` would otherwise be a regular
 package that shadows the PyPI package of that name (transformers probes for it); as a namespace folder it never does.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # Triton ships wheels for Linux x86-64 and aarch64 only; elsewhere the torch backend still works.
 TRITON = "triton>=3.0; platform_system == 'Linux'"
@@ -19,7 +19,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lxmert_fast", "lxmert_fast.data", "lxmert_fast.kernels", "lxmert_fast.configs"],
+    packages=[*find_packages(include=["lxmert_fast", "lxmert_fast.*"]), "lxmert_fast.kernels", "lxmert_fast.configs"],
+    package_dir={"lxmert_fast.kernels": "kernels", "lxmert_fast.configs": "configs"},
     # The model presets, DeepSpeed JSONs and recipes ship with the package (found by lxmert_fast.resources).
     package_data={"lxmert_fast.configs": ["*.json"]},
     install_requires=[

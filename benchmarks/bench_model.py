@@ -6,12 +6,12 @@
   size; fp32 on CPU, fp16 (with a GradScaler) and bf16 under autocast on a GPU; peak GPU memory of each (one
   model on the device at a time);
 - the same steps without launch overhead, bf16 at one batch size on a GPU: captured in a CUDA graph
-  (lxmert_fast.cuda_graphs.GraphedStep) and/or ``torch.compile``'d, ours and transformers' (graphed) alike;
+  (lxmert_fast.train.cuda_graphs.GraphedStep) and/or ``torch.compile``'d, ours and transformers' (graphed) alike;
 - the CPU target (1.3x transformers' speed): ``LxmertModel`` forward + backward in training mode on padded caption
   batches (lengths 8-20 padded to 20, 36 objects), torch path vs transformers, full-size config, on the CPU in every
   run.
 
-TFLOP/s use the model FLOPs of lxmert_fast/flops.py at 20 tokens and 36 objects: a training sample counts its
+TFLOP/s use the model FLOPs of lxmert_fast/model/flops.py at 20 tokens and 36 objects: a training sample counts its
 LM head at the masked tokens only (the work the task needs, whatever an implementation spends), an inference
 sample its LM head at every token (both implementations return all logits). The text counts as 20 tokens, padding
 included, as the CPU target defines the count, although ours skips most of the padding: the captions here average 14.
@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from lxmert_fast.data import to_device
-from lxmert_fast.flops import count_flops, pretraining_flops_per_sample
+from lxmert_fast.model.flops import count_flops, pretraining_flops_per_sample
 
 SUITE = "model"
 MODES = ("", "eager", "compiled", "graphed", "compiled+graphed")
@@ -143,8 +143,8 @@ def split_impl(impl):
 
 
 def _graph(step, optimizer, batch):
-    """A CUDA-graphed ``step`` (lxmert_fast.cuda_graphs.GraphedStep), warmed up and captured before it is timed."""
-    from lxmert_fast.cuda_graphs import GraphedStep
+    """A CUDA-graphed ``step`` (lxmert_fast.train.cuda_graphs.GraphedStep), warmed up and captured before timing."""
+    from lxmert_fast.train.cuda_graphs import GraphedStep
 
     graphed = GraphedStep(step, optimizer)
     for _ in range(graphed.warmup + 1):
@@ -157,7 +157,7 @@ def our_extras(batch, train, static=False):
     transformers': the LM head at the masked tokens only, and for a compiled or graphed step (``static``) the
     static shapes that let it skip most of the text padding and LM-head rows too (the text statistics are the
     batch's own; pretrain.py takes them from the data set)."""
-    from lxmert_fast.static_shapes import StaticShapes
+    from lxmert_fast.model.static_shapes import StaticShapes
 
     extra = {"lm_logits_at_labels_only": True} if train else {}
     if static:

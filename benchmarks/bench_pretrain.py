@@ -7,7 +7,7 @@ file is listed several times so that one epoch outlasts the run and the data loa
 base config and micro-batch 256 in full mode. Throughput is the median of the loop's own ``samples_per_s`` log
 windows (OUTPUT_DIR/metrics.jsonl) after the first, which holds start-up, autotuning and compilation.
 
-From it: MFU = samples/s x FLOPs per sample (lxmert_fast/flops.py, the run's own config, 20 tokens, 36 objects,
+From it: MFU = samples/s x FLOPs per sample (lxmert_fast/model/flops.py, the run's own config, 20 tokens, 36 objects,
 LM head at the masked tokens) / the device's datasheet peak; and the hours the paper's schedule (670K steps x 256
 samples) would take on this device, next to the paper's 10 days on 4 Titan Xp (198.5 samples/s, a reference
 figure from the paper, not measured here).
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from lxmert_fast.flops import PAPER_SAMPLES_PER_S, mfu, paper_schedule_hours, pretraining_flops_per_sample
+from lxmert_fast.model.flops import PAPER_SAMPLES_PER_S, mfu, paper_schedule_hours, pretraining_flops_per_sample
 
 SUITE = "pretrain"
 REPO = Path(__file__).resolve().parent.parent

@@ -31,8 +31,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from lxmert_fast import LxmertConfig
+    from lxmert_fast.model.static_shapes import StaticShapes
     from lxmert_fast.resources import find_config
-    from lxmert_fast.static_shapes import StaticShapes
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

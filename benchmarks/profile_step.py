@@ -8,7 +8,7 @@ A variant is IMPL:MODE. IMPL: ``torch`` or ``triton`` (lxmert_fast's backends) o
 - ``eager``: forward, backward, fused AdamW step, launched op by op (the way bench_model.py times a step; ours
   as pretrain.py trains, with bench_model.our_extras: the LM head at the masked tokens only and the text padding
   skipped, also when compiled or graphed; the same loss);
-- ``graphed``: the same step captured once in a CUDA graph and replayed (lxmert_fast.cuda_graphs.GraphedStep);
+- ``graphed``: the same step captured once in a CUDA graph and replayed (lxmert_fast.train.cuda_graphs.GraphedStep);
 - ``compiled``: ``torch.compile(model)``, launched eagerly; ``compiled+graphed``: both.
 
 Every variant loads the same weights and trains on the same batch (bench_model.make_batch: captions of 8-20 tokens
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_model  # noqa: E402 - benchmarks/ is not a package
 
-from lxmert_fast.flops import pretraining_flops_per_sample  # noqa: E402
+from lxmert_fast.model.flops import pretraining_flops_per_sample  # noqa: E402
 
 DEFAULT_VARIANTS = (
     "transformers:eager,torch:eager,triton:eager,torch:graphed,triton:graphed,transformers:graphed,"

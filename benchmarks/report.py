@@ -187,7 +187,7 @@ def _pretrain_section(recs):
         out.append("")
         out.append(f"Paper: 670K steps x 256 in 10 days on 4 Titan Xp = {ref['paper_samples_per_s']:.1f} "
                    f"samples/s (240 h); FLOPs per sample {ref['flops_per_sample'] / 1e9:.1f} G "
-                   "(lxmert_fast/flops.py).")
+                   "(lxmert_fast/model/flops.py).")
     return out
 
 

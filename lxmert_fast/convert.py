@@ -16,10 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from lxmert_fast.checks import load_model_config
-from lxmert_fast.configuration import LxmertConfig
-from lxmert_fast.modeling import LxmertForPreTraining
-from lxmert_fast.weights import CheckpointError, load_into, read_state_dict, save_original, to_hf_layout
+from lxmert_fast.model.checks import load_model_config
+from lxmert_fast.model.configuration import LxmertConfig
+from lxmert_fast.model.modeling import LxmertForPreTraining
+from lxmert_fast.model.weights import CheckpointError, load_into, read_state_dict, save_original, to_hf_layout
 
 
 def original_to_hf(source: Path, target: Path, config: LxmertConfig | None = None, missing_heads: str = "error"):

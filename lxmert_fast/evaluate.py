@@ -6,7 +6,7 @@
         --submission test_predict.json          # a test split has no labels: the submission file only
 
 Predictions come from lxmert_fast.predict's Predictor (the same code path as `python -m lxmert_fast.predict`),
-the metrics and submission formats from lxmert_fast.evaluation, as after each fine-tuning epoch: VQA score, GQA
+the metrics and submission formats from lxmert_fast.tasks.scoring, as after each fine-tuning epoch: VQA score, GQA
 accuracy, NLVR2 accuracy and consistency; VQA and GQA submissions as JSON, NLVR2 as "identifier,True|False" lines.
 Records without a label are predicted (and submitted) but not scored.
 """
@@ -18,7 +18,7 @@ import json
 import sys
 
 from lxmert_fast.data.formats import AnnotationFormatError
-from lxmert_fast.evaluation import evaluate, write_submission
+from lxmert_fast.model.weights import CheckpointError
 from lxmert_fast.predict import (
     PredictionError,
     Predictor,
@@ -27,7 +27,7 @@ from lxmert_fast.predict import (
     submission_predictions,
     write_json,
 )
-from lxmert_fast.weights import CheckpointError
+from lxmert_fast.tasks.scoring import evaluate, write_submission
 
 
 def guess_qa_task(records) -> str:

@@ -46,7 +46,7 @@ def save_model_folder(model, folder, tokenizer, labels=None, weights=True):
         config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if labels is not None and type(model).__name__ == "LxmertForQuestionAnswering":
-        from lxmert_fast.tasks import LABEL2ANS_FILE
+        from lxmert_fast.tasks.task_models import LABEL2ANS_FILE
 
         with open(os.path.join(folder, LABEL2ANS_FILE), "w") as f:
             json.dump(list(labels), f)
@@ -54,8 +54,8 @@ def save_model_folder(model, folder, tokenizer, labels=None, weights=True):
 
 def checkpoint_weights(folder) -> dict:
     """The model's weights in a training checkpoint of either engine, as the model's own state dict."""
-    from lxmert_fast.engines import safe_load
-    from lxmert_fast.single_device import CHECKPOINT_FILE
+    from lxmert_fast.train.engines import safe_load
+    from lxmert_fast.train.single_device import CHECKPOINT_FILE
 
     torch_engine = os.path.join(folder, CHECKPOINT_FILE)
     deepspeed_engine = os.path.join(folder, "mp_rank_00_model_states.pt")
@@ -75,8 +75,8 @@ def checkpoint_weights(folder) -> dict:
 def export_checkpoint(folder, out_dir):
     """Write the model of checkpoint ``folder`` as a self-contained model folder ``out_dir``."""
     import lxmert_fast
-    from lxmert_fast.configuration import LxmertConfig
     from lxmert_fast.data.pretrain_dataset import load_tokenizer
+    from lxmert_fast.model.configuration import LxmertConfig
 
     spec = os.path.join(folder, MODEL_SPEC)
     if not os.path.isfile(os.path.join(spec, "config.json")):

@@ -23,8 +23,8 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lxmert_fast import pretraining, run_config  # noqa: E402  (light: --help answers before torch is imported)
-from lxmert_fast.checks import check_model_fields  # noqa: E402
+from lxmert_fast.model.checks import check_model_fields  # noqa: E402
+from lxmert_fast.train import pretrain_run, run_config  # noqa: E402  (light: --help answers before torch is imported)
 
 TASK_NAMES = ("gqa", "nlvr2", "vqa")
 # Fine-tuning on the sample data without a starting point or schedule given: the model learns to use the image only
@@ -70,7 +70,7 @@ def resolve(argv=None):
     starting point or schedule is given, when no data is given."""
     parser = build_parser()
     flags = vars(run_config.parse_args_with_config(parser, argv))
-    from lxmert_fast.tasks import TASKS
+    from lxmert_fast.tasks.task_models import TASKS
 
     spec = TASKS[flags["task"]]
     flags["output_dir"] = flags["output_dir"] or os.path.join("output", f"finetune_{flags['task']}")
@@ -140,10 +140,10 @@ def main(argv=None):
     except run_config.ConfigError as error:
         print(f"finetune.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    from lxmert_fast.finetuning import finetune
+    from lxmert_fast.train.finetune_run import finetune
 
     return finetune(config)
 
 
 if __name__ == "__main__":
-    pretraining.run_as_command(main)
+    pretrain_run.run_as_command(main)

@@ -45,13 +45,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from lxmert_fast.configuration import LxmertConfig
 from lxmert_fast.data.finetune_dataset import read_annotations
 from lxmert_fast.data.formats import AnnotationFormatError
 from lxmert_fast.data.pretrain_dataset import as_feature_store, load_tokenizer
-from lxmert_fast.modeling import LxmertForNLVR2, LxmertForQuestionAnswering
-from lxmert_fast.tasks import LABEL2ANS_FILE
-from lxmert_fast.weights import CheckpointError, read_state_dict, to_hf_layout
+from lxmert_fast.model.configuration import LxmertConfig
+from lxmert_fast.model.modeling import LxmertForNLVR2, LxmertForQuestionAnswering
+from lxmert_fast.model.weights import CheckpointError, read_state_dict, to_hf_layout
+from lxmert_fast.tasks.task_models import LABEL2ANS_FILE
 
 QA_TASKS = ("vqa", "gqa")
 TASK_CHOICES = (*QA_TASKS, "nlvr2")
@@ -505,7 +505,7 @@ class Predictor:
 
 
 def submission_predictions(task: str, results: Sequence[dict]) -> dict:
-    """Predictions keyed by question_id / identifier as lxmert_fast.evaluation takes them: answer strings for VQA /
+    """Predictions keyed by question_id / identifier as lxmert_fast.tasks.scoring takes them: answer strings for VQA /
     GQA, 0 / 1 for NLVR2."""
     if task == "nlvr2":
         return {r["identifier"]: int(r["prediction"]) for r in results}

@@ -18,20 +18,20 @@ import sys
 if __package__ in (None, ""):  # run as a script (deepspeed lxmert_fast/pretrain.py): make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lxmert_fast import pretraining, run_config  # noqa: E402  (light: --help answers before torch is imported)
+from lxmert_fast.train import pretrain_run, run_config  # noqa: E402  (light: --help answers before torch is imported)
 
-TASKS = pretraining.TASKS
+TASKS = pretrain_run.TASKS
 
 
 def main(argv=None):
     """Pre-train; returns the final model's folder."""
     try:
-        config = pretraining.resolve(argv)
+        config = pretrain_run.resolve(argv)
     except run_config.ConfigError as error:
         print(f"pretrain.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    return pretraining.pretrain(config)
+    return pretrain_run.pretrain(config)
 
 
 if __name__ == "__main__":
-    pretraining.run_as_command(main)
+    pretrain_run.run_as_command(main)

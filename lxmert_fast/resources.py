@@ -1,11 +1,11 @@
 """The configs shipped with the package: model presets, DeepSpeed JSONs and training recipes.
 
-The top-level ``configs/`` folder of a checkout is the package data ``lxmert_fast.configs`` (``lxmert_fast/configs``
-links to it, and a wheel holds a copy), so a bare name such as ``lxmert_base`` or ``ds_zero2_fp16.json`` resolves
-the same way from a checkout, an editable install and a normal install.
+The top-level ``configs/`` folder of a checkout is the package data ``lxmert_fast.configs`` (see
+``lxmert_fast/__init__.py``; a wheel holds a copy), so a bare name such as ``lxmert_base`` or ``ds_zero2_fp16.json``
+resolves the same way from a checkout, an editable install and a normal install.
 """
 
-import importlib.resources
+import importlib
 import pathlib
 
 CONFIG_PACKAGE = "lxmert_fast.configs"
@@ -13,13 +13,8 @@ CONFIG_PACKAGE = "lxmert_fast.configs"
 
 def shipped_configs() -> dict[str, pathlib.Path]:
     """Every shipped config, by file name (``ds_zero2_fp16.json``)."""
-    try:
-        folder = importlib.resources.files(CONFIG_PACKAGE)
-    except ModuleNotFoundError as exc:  # a checkout made without symbolic links (git's core.symlinks false)
-        raise ModuleNotFoundError(
-            f"{CONFIG_PACKAGE} is missing: in a checkout, lxmert_fast/configs must be a symbolic link to ../configs"
-        ) from exc
-    return {entry.name: pathlib.Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".json")}
+    folders = importlib.import_module(CONFIG_PACKAGE).__path__  # a folder of JSON files, no __init__.py
+    return {entry.name: entry for folder in folders for entry in pathlib.Path(folder).glob("*.json")}
 
 
 def find_config(name_or_path) -> pathlib.Path:

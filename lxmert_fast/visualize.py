@@ -275,7 +275,7 @@ def main(argv=None) -> list[Path]:
     _pyplot()  # fail early, before loading anything, when matplotlib is missing
 
     from lxmert_fast.data.pretrain_dataset import load_tokenizer
-    from lxmert_fast.modeling import LxmertModel
+    from lxmert_fast.model.modeling import LxmertModel
 
     model = LxmertModel.from_pretrained(args.model, backend="torch").eval()
     tokenizer = load_tokenizer(args.tokenizer or _default_tokenizer(args.model))

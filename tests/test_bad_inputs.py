@@ -15,13 +15,6 @@ import numpy as np
 import pytest
 
 from lxmert_fast import LxmertConfig, LxmertForPreTraining
-from lxmert_fast.checks import (
-    ConfigError,
-    check_features,
-    check_model_folder,
-    check_model_sizes,
-    load_model_config,
-)
 from lxmert_fast.data import (
     AnnotationFormatError,
     AnswerTable,
@@ -39,7 +32,14 @@ from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADatas
 from lxmert_fast.data.finetune_sample import ensure_finetune_sample
 from lxmert_fast.data.tokenizer import TokenizerError, check_tokenizer, load_tokenizer
 from lxmert_fast.jsonfile import JSONFileError
-from lxmert_fast.tasks import build_task_model
+from lxmert_fast.model.checks import (
+    ConfigError,
+    check_features,
+    check_model_folder,
+    check_model_sizes,
+    load_model_config,
+)
+from lxmert_fast.tasks.task_models import build_task_model
 
 FEAT_DIM = 32
 TASKS = ("pretrain", "vqa", "gqa", "nlvr2")

@@ -6,8 +6,8 @@ import torch
 from helpers import make_batch, small_config
 
 import lxmert_fast
-from lxmert_fast.cuda_graphs import GraphedStep, _copy_into
 from lxmert_fast.data import to_device
+from lxmert_fast.train.cuda_graphs import GraphedStep, _copy_into
 
 CUDA = torch.cuda.is_available()
 gpu_only = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU")
@@ -97,10 +97,10 @@ def test_graphed_step_refuses_a_batch_of_another_shape():
 def _engine_losses(config, backend, graphs, steps=6, seed_each_step=False, static=None):
     """Losses and final weights of ``steps`` steps; ``static[s]``, when given, says whether step s's batch fits
     the objective's static shapes (text packed to 24 rows, the LM head on 8 rows)."""
-    from lxmert_fast.objectives import PretrainingObjective
-    from lxmert_fast.optimization import BertAdam, build_scheduler
-    from lxmert_fast.single_device import SingleDeviceEngine
-    from lxmert_fast.static_shapes import StaticShapes
+    from lxmert_fast.model.static_shapes import StaticShapes
+    from lxmert_fast.train.objectives import PretrainingObjective
+    from lxmert_fast.train.optimization import BertAdam, build_scheduler
+    from lxmert_fast.train.single_device import SingleDeviceEngine
 
     torch.manual_seed(0)
     model = lxmert_fast.LxmertForPreTraining(config, backend=backend)
@@ -166,10 +166,10 @@ def test_torch_engine_graph_replays_follow_the_per_step_seed():
 def test_torch_engine_checkpoint_round_trip_on_the_gpu(tmp_path):
     """A checkpoint written on the GPU loads back into a fresh engine: weights and optimiser state on the GPU, the
     RNG states of the client state on the CPU, where torch.set_rng_state needs them."""
-    from lxmert_fast import training
-    from lxmert_fast.objectives import PretrainingObjective
-    from lxmert_fast.optimization import BertAdam, build_scheduler
-    from lxmert_fast.single_device import SingleDeviceEngine
+    from lxmert_fast.train import training
+    from lxmert_fast.train.objectives import PretrainingObjective
+    from lxmert_fast.train.optimization import BertAdam, build_scheduler
+    from lxmert_fast.train.single_device import SingleDeviceEngine
 
     config = small_config("tiny")
 

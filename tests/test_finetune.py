@@ -17,7 +17,8 @@ from lxmert_fast.data import FeatureStore, ensure_sample_data
 from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADataset, finetune_collate
 from lxmert_fast.data.finetune_sample import ensure_finetune_sample
 from lxmert_fast.data.formats import AnnotationFormatError
-from lxmert_fast.evaluation import (
+from lxmert_fast.model.weights import CheckpointError, save_original
+from lxmert_fast.tasks.scoring import (
     evaluate,
     gqa_accuracy,
     nlvr2_accuracy,
@@ -26,8 +27,7 @@ from lxmert_fast.evaluation import (
     vqa_score,
     write_submission,
 )
-from lxmert_fast.tasks import LABEL2ANS_FILE, build_task_model
-from lxmert_fast.weights import CheckpointError, save_original
+from lxmert_fast.tasks.task_models import LABEL2ANS_FILE, build_task_model
 
 TINY = dict(
     hidden_size=32,

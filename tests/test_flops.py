@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from lxmert_fast.configuration import LxmertConfig
-from lxmert_fast.flops import (
+from lxmert_fast.model.configuration import LxmertConfig
+from lxmert_fast.model.flops import (
     PAPER_SAMPLES_PER_S,
     count_flops,
     mfu,

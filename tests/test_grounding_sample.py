@@ -8,7 +8,7 @@ import pytest
 from lxmert_fast.data import FeatureStore, ensure_sample_data
 from lxmert_fast.data.finetune_sample import _image_contents, ensure_finetune_sample
 from lxmert_fast.data.sample import ATTRIBUTE_NAMES, OBJECT_NAMES, OBJECTS
-from lxmert_fast.evaluation import question_only_note, question_only_score
+from lxmert_fast.tasks.scoring import question_only_note, question_only_score
 
 
 def vqa(qid, sent, label, question_type):

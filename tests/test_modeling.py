@@ -6,7 +6,7 @@ import transformers
 from helpers import SMALL_CONFIGS, make_batch, model_inputs, small_config
 
 import lxmert_fast
-from lxmert_fast.modeling import FusedOps, resolve_backend
+from lxmert_fast.model.modeling import FusedOps, resolve_backend
 
 ATOL = 1e-5
 
@@ -116,7 +116,7 @@ def test_lm_head_at_labels_only_gives_the_same_loss_and_gradients():
 
 
 def test_true_first_is_a_stable_partition():
-    from lxmert_fast.modeling import true_first
+    from lxmert_fast.model.modeling import true_first
 
     g = torch.Generator().manual_seed(0)
     for n in (1, 7, 5120):
@@ -295,7 +295,7 @@ def test_a_batch_without_masked_words_or_questions_gives_zero_not_nan():
 def test_cpu_dropout_drops_p_scales_the_rest_and_follows_the_seed():
     """The model's CPU dropout (uniform floats, not bernoulli_) is still dropout: a fraction p zeroed, the rest
     scaled by 1/(1-p) forward and backward, fixed by torch.manual_seed, identity in eval mode."""
-    from lxmert_fast.modeling import Dropout
+    from lxmert_fast.model.modeling import Dropout
 
     p, n = 0.1, 400_000
     dropout = Dropout(p).train()

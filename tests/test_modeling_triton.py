@@ -10,7 +10,7 @@ from helpers import make_batch, small_config
 
 import lxmert_fast
 from lxmert_fast.data import to_device
-from lxmert_fast.static_shapes import StaticShapes
+from lxmert_fast.model.static_shapes import StaticShapes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

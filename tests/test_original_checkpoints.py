@@ -19,8 +19,8 @@ from helpers import small_config as _small_config
 import lxmert_fast
 from lxmert_fast.convert import main as convert_main
 from lxmert_fast.data.formats import AnswerTable
-from lxmert_fast.tasks import build_task_model
-from lxmert_fast.weights import config_file_next_to, infer_config, save_original, to_hf_layout
+from lxmert_fast.model.weights import config_file_next_to, infer_config, save_original, to_hf_layout
+from lxmert_fast.tasks.task_models import build_task_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 H = 64  # head size 64 as in the original, so that the head count inferred from the shapes is right

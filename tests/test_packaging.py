@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -43,34 +44,72 @@ def test_find_config_unknown_name_lists_the_shipped_ones(name):
     assert name in str(info.value) and "lxmert_base" in str(info.value) and "ds_zero2_fp16" in str(info.value)
 
 
+def copy_sources(source):
+    """The files a build reads, copied, so that a build leaves nothing in the checkout."""
+    source.mkdir()
+    for name in SOURCES:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / name, source / name)
+    return source
+
+
+def shipped_paths_seen_from_elsewhere(site, cwd):
+    """Where the presets, a DeepSpeed JSON and the kernels resolve for a Python whose only site is ``site``
+    (``-S``: not this environment's own install of lxmert_fast)."""
+    script = (
+        f"import site; site.addsitedir({str(site)!r})\n"
+        "from lxmert_fast.resources import find_config\n"
+        "print(find_config('lxmert_small')); print(find_config('ds_zero2_fp16'))\n"
+        "import importlib.util; print(importlib.util.find_spec('lxmert_fast.kernels.ops').origin)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-S", "-c", script], cwd=cwd, env=env, check=True, capture_output=True,
+                         text=True).stdout.split()
+    return [Path(p) for p in out]
+
+
 @pytest.mark.slow
 def test_non_editable_install_ships_the_configs_and_kernels(tmp_path):
     """pip install (not -e) into a folder; from outside the checkout the presets and DeepSpeed JSONs resolve to
     files inside the installed package."""
-    source, target, elsewhere = tmp_path / "src", tmp_path / "site", tmp_path / "elsewhere"
-    source.mkdir()
+    source, target, elsewhere = copy_sources(tmp_path / "src"), tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()
-    for name in SOURCES:  # build from a copy, so that the build leaves nothing in the checkout
-        if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(REPO / name, source / name)
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
          "--target", str(target), str(source)],
         check=True, capture_output=True, text=True,
     )
-    script = (
-        "import sys; from lxmert_fast.resources import find_config\n"
-        "print(find_config('lxmert_small')); print(find_config('ds_zero2_fp16'))\n"
-        "import importlib.util; print(importlib.util.find_spec('lxmert_fast.kernels.ops').origin)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(target)}
-    out = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, check=True, capture_output=True,
-                         text=True).stdout.split()
     installed = target / "lxmert_fast"
-    assert [Path(p) for p in out] == [installed / "configs" / "lxmert_small.json",
-                                      installed / "configs" / "ds_zero2_fp16.json", installed / "kernels" / "ops.py"]
+    assert shipped_paths_seen_from_elsewhere(target, elsewhere) == [
+        installed / "configs" / "lxmert_small.json", installed / "configs" / "ds_zero2_fp16.json",
+        installed / "kernels" / "ops.py"]
+
+
+@pytest.mark.slow
+def test_editable_install_imports_the_top_level_configs_and_kernels(tmp_path):
+    """An editable install (pip install -e, PEP 660: the wheel setuptools builds for it, unpacked into a site
+    folder): lxmert_fast.kernels and lxmert_fast.configs are the checkout's top-level folders, seen from anywhere."""
+    source, wheels, target, elsewhere = (copy_sources(tmp_path / "src"), tmp_path / "wheels", tmp_path / "site",
+                                         tmp_path / "elsewhere")
+    for folder in (wheels, target, elsewhere):
+        folder.mkdir()
+    build = f"from setuptools import build_meta; print(build_meta.build_editable({str(wheels)!r}))"
+    name = subprocess.run([sys.executable, "-c", build], cwd=source, check=True, capture_output=True,
+                          text=True).stdout.split()[-1]
+    with zipfile.ZipFile(wheels / name) as wheel:
+        wheel.extractall(target)
+    assert not (target / "lxmert_fast").exists()  # nothing copied: the install points at the checkout
+    assert shipped_paths_seen_from_elsewhere(target, elsewhere) == [
+        source / "configs" / "lxmert_small.json", source / "configs" / "ds_zero2_fp16.json",
+        source / "kernels" / "ops.py"]
+
+
+def test_the_repository_holds_no_symbolic_link():
+    """A symbolic link is lost on checkouts without them (Windows, core.symlinks false) and hides a second path."""
+    files = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert [line.split("\t")[-1] for line in files.splitlines() if line.startswith("120000")] == []
 
 
 # Two worlds for the PyPI package `kernels` (transformers >= 5.25 requires it; older releases do not), made

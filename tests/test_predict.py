@@ -16,10 +16,10 @@ from lxmert_fast import LxmertConfig
 from lxmert_fast.data import FeatureStore, ensure_sample_data
 from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADataset, finetune_collate
 from lxmert_fast.data.finetune_sample import ensure_finetune_sample
-from lxmert_fast.evaluation import evaluate, read_submission
-from lxmert_fast.objectives import MODEL_INPUTS, task_loss
 from lxmert_fast.predict import PredictionError, Predictor, submission_predictions
-from lxmert_fast.tasks import LABEL2ANS_FILE, TASKS
+from lxmert_fast.tasks.scoring import evaluate, read_submission
+from lxmert_fast.tasks.task_models import LABEL2ANS_FILE, TASKS
+from lxmert_fast.train.objectives import MODEL_INPUTS, task_loss
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TINY = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, l_layers=1, x_layers=1, r_layers=1,

@@ -21,9 +21,9 @@ from helpers import make_batch, small_config
 from safetensors.torch import load_file
 
 from lxmert_fast import LxmertForPreTraining
-from lxmert_fast.objectives import apply_task_switches, pretraining_losses
-from lxmert_fast.optimization import BertAdam, build_scheduler, warmup_linear
-from lxmert_fast.pretraining import TASKS
+from lxmert_fast.train.objectives import apply_task_switches, pretraining_losses
+from lxmert_fast.train.optimization import BertAdam, build_scheduler, warmup_linear
+from lxmert_fast.train.pretrain_run import TASKS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "lxmert_fast", "pretrain.py")
@@ -323,7 +323,8 @@ def test_resuming_with_the_other_engine_says_which_one_wrote_the_checkpoint(unin
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(workdir, engine, monkeypatch):
     """The third training forward returns a NaN loss (injected in-process): the run stops at step 3 before the
     update, names the last good checkpoint, and writes no final model."""
-    from lxmert_fast import objectives, pretrain, training
+    from lxmert_fast import pretrain
+    from lxmert_fast.train import objectives, training
 
     original, calls = objectives.PretrainingObjective.forward, []
 
@@ -379,7 +380,7 @@ def test_resume_never_executes_code_from_a_checkpoint(tmp_path):
 
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
-    from lxmert_fast import engines, training
+    from lxmert_fast.train import engines, training
 
     marker = tmp_path / "pwned"
 
@@ -402,8 +403,8 @@ def test_resume_never_executes_code_from_a_checkpoint(tmp_path):
 
 
 def _single_device_engine(tmp_seed=0, accumulation=1, clip=1.0):
-    from lxmert_fast.objectives import PretrainingObjective
-    from lxmert_fast.single_device import SingleDeviceEngine
+    from lxmert_fast.train.objectives import PretrainingObjective
+    from lxmert_fast.train.single_device import SingleDeviceEngine
 
     torch.manual_seed(tmp_seed)
     objective = PretrainingObjective(LxmertForPreTraining(small_config("tiny"), backend="torch"))
@@ -450,7 +451,7 @@ def test_torch_engine_checkpoint_never_executes_code_and_names_a_bad_file(tmp_pa
 
 
 def training_rng_state():
-    from lxmert_fast import training
+    from lxmert_fast.train import training
 
     return training.rng_state()
 
@@ -484,7 +485,7 @@ def test_bertadam_multi_tensor_step_equals_the_per_parameter_formulas(monkeypatc
     """BertAdam updates chunks of parameters with one multi-tensor operation per formula (on a GPU; one parameter
     per chunk on a CPU); whatever the chunking, that is bit for bit the per-parameter arithmetic of its docstring,
     with parameters of several shapes and one without a gradient."""
-    import lxmert_fast.optimization as optimization
+    import lxmert_fast.train.optimization as optimization
 
     monkeypatch.setattr(optimization, "chunk_elements", lambda device: chunk)
     assert [len(c) for c in optimization._chunks([torch.zeros(35), torch.zeros(5), torch.zeros(8)], 40)] == [2, 1]
@@ -515,7 +516,7 @@ def test_bertadam_multi_tensor_step_equals_the_per_parameter_formulas(monkeypatc
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(REPO, "configs")) if f.startswith("ds_")))
 def test_every_deepspeed_config_resolves_to_a_batch_geometry(name):
-    from lxmert_fast import run_config
+    from lxmert_fast.train import run_config
 
     flags = {"engine": "deepspeed", "seed": 1}
     config = run_config.resolve("pretrain", flags, default_deepspeed=name, world_size=1)

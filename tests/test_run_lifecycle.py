@@ -15,8 +15,8 @@ import pytest
 import torch
 from helpers import small_config
 
-from lxmert_fast import training
-from lxmert_fast.run_config import ConfigError, resolve
+from lxmert_fast.train import training
+from lxmert_fast.train.run_config import ConfigError, resolve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")  # a file that exists, for the flags not under test
@@ -179,7 +179,7 @@ def test_malformed_config_json_names_file_line_and_column(tmp_path):
 
 
 def test_importing_training_code_sets_no_environment():
-    code = ("import os; import lxmert_fast.trainer, lxmert_fast.engines, lxmert_fast.training; "
+    code = ("import os; import lxmert_fast.train.loop, lxmert_fast.train.engines, lxmert_fast.train.training; "
             "print(os.environ.get('DS_ACCELERATOR'))")
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
@@ -194,7 +194,7 @@ def _config(tmp_path, **flags):
 
 
 def test_a_second_run_refuses_a_folder_holding_another_run(tmp_path):
-    from lxmert_fast.trainer import prepare_output_dir
+    from lxmert_fast.train.loop import prepare_output_dir
 
     prepare_output_dir(_config(tmp_path))  # a new folder: claimed
     assert (tmp_path / "out" / "run_config.json").is_file()
@@ -211,9 +211,9 @@ def test_a_second_run_refuses_a_folder_holding_another_run(tmp_path):
 
 def _engine():
     from lxmert_fast import LxmertForPreTraining
-    from lxmert_fast.objectives import PretrainingObjective
-    from lxmert_fast.optimization import BertAdam, build_scheduler
-    from lxmert_fast.single_device import SingleDeviceEngine
+    from lxmert_fast.train.objectives import PretrainingObjective
+    from lxmert_fast.train.optimization import BertAdam, build_scheduler
+    from lxmert_fast.train.single_device import SingleDeviceEngine
 
     torch.manual_seed(0)
     objective = PretrainingObjective(LxmertForPreTraining(small_config("tiny"), backend="torch"))

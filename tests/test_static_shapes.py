@@ -1,4 +1,4 @@
-"""Static shapes (lxmert_fast.static_shapes): the row counts of a compiled or graphed step, passed explicitly.
+"""Static shapes (lxmert_fast.model.static_shapes): the row counts of a compiled or graphed step, passed explicitly.
 
 For every batch that fits, the model gives the same outputs, losses and gradients with static shapes as without
 (the exact, data-dependent path), eagerly and under torch.compile; whether a batch fits is asked on the host.
@@ -9,7 +9,7 @@ import transformers
 from helpers import make_batch, small_config
 
 import lxmert_fast
-from lxmert_fast.static_shapes import StaticShapes
+from lxmert_fast.model.static_shapes import StaticShapes
 
 ATOL = 1e-5
 

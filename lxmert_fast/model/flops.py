@@ -9,7 +9,7 @@ At the paper's shapes (20 tokens, 36 objects, base config) this gives 35.4 GFLOP
 language-model head at all 20 tokens (as transformers evaluates it) and 32.9 GFLOP with it only at the 15% masked
 tokens (3 of 20), often quoted as "about 32".
 
-    python -m lxmert_fast.flops     prints the breakdown
+    python -m lxmert_fast.model.flops     prints the breakdown
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def pretraining_flops_per_sample(
     "all": at every token, as transformers does.
     """
     if config is None:
-        from lxmert_fast.configuration import LxmertConfig
+        from lxmert_fast.model.configuration import LxmertConfig
 
         config = LxmertConfig()
     if lm_head not in ("masked", "all"):
@@ -134,7 +134,7 @@ def paper_schedule_hours(samples_per_s: float) -> float:
 
 
 def _main() -> None:
-    from lxmert_fast.configuration import LxmertConfig
+    from lxmert_fast.model.configuration import LxmertConfig
 
     config = LxmertConfig()
     for name, lm_head in (("LM head at masked tokens", "masked"), ("LM head at all 20 tokens", "all")):

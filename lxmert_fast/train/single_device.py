@@ -5,13 +5,13 @@ from Python the CPU cannot keep a GPU busy; DeepSpeed cannot replay its step as 
 scaling run on the host). For several GPUs, or ZeRO's memory savings, use the DeepSpeed engine.
 
 Per micro-batch (``train_step``): the losses and gradients, on a GPU under bf16 autocast and, from the fourth call
-on, as a CUDA graph replay (lxmert_fast.cuda_graphs.GraphedStep) of the objective with its static shapes; a batch
+on, as a CUDA graph replay (lxmert_fast.train.cuda_graphs.GraphedStep) of the objective with its static shapes; a batch
 that does not fit them runs eagerly, into the graph's gradient buffers. Then the loop's check of the losses, and at
 an accumulation boundary gradient clipping (the DeepSpeed JSON's ``gradient_clipping``), the optimiser and the
 schedule, launched eagerly: a non-finite loss never updates the weights.
 
-It speaks the loop's engine protocol (lxmert_fast.engines.Engine). A checkpoint is one ``state.pt`` per tag: model,
-optimiser and schedule state and the loop's client state, read back with ``torch.load(weights_only=True)``.
+It speaks the loop's engine protocol (lxmert_fast.train.engines.Engine). A checkpoint is one ``state.pt`` per tag:
+model, optimiser and schedule state and the loop's client state, read back with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import warnings
 
 import torch
 
-from lxmert_fast.cuda_graphs import GraphedStep
-from lxmert_fast.training import CheckpointError
+from lxmert_fast.train.cuda_graphs import GraphedStep
+from lxmert_fast.train.training import CheckpointError
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -31,7 +31,7 @@ CHECKPOINT_FILE = "state.pt"
 class SingleDeviceEngine:
     def __init__(self, module, optimizer, scheduler, *, device, precision, gradient_clipping=0.0,
                  accumulation=1, cuda_graphs=True, compile_model=False):
-        """``module(batch, static=...)`` returns a dict with the total loss under "loss" (lxmert_fast.objectives).
+        """``module(batch, static=...)`` returns a dict with the total loss under "loss" (lxmert_fast.train.objectives).
         ``precision``: "bf16" (autocast; the weights stay fp32) or "fp32"."""
         if precision not in ("bf16", "fp32"):
             raise ValueError(f"--engine torch trains in bf16 or fp32, not {precision}")

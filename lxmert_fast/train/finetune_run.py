@@ -9,19 +9,19 @@ import os
 
 import torch
 
-from lxmert_fast import training
-from lxmert_fast.checks import check_features
 from lxmert_fast.data import FeatureStore
 from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADataset, finetune_collate
 from lxmert_fast.data.tokenizer import check_tokenizer
-from lxmert_fast.engines import build_engine
-from lxmert_fast.evaluation import SUBMISSION_NAME, question_only_note, write_submission
 from lxmert_fast.export import nlvr2_labels
-from lxmert_fast.objectives import FinetuneObjective, TaskEvaluation, model_saver
-from lxmert_fast.optimization import build_optimizer, build_scheduler
-from lxmert_fast.static_shapes import StaticShapes
-from lxmert_fast.tasks import TASKS, build_task_model
-from lxmert_fast.trainer import Trainer, plan_steps, start
+from lxmert_fast.model.checks import check_features
+from lxmert_fast.model.static_shapes import StaticShapes
+from lxmert_fast.tasks.scoring import SUBMISSION_NAME, question_only_note, write_submission
+from lxmert_fast.tasks.task_models import TASKS, build_task_model
+from lxmert_fast.train import training
+from lxmert_fast.train.engines import build_engine
+from lxmert_fast.train.loop import Trainer, plan_steps, start
+from lxmert_fast.train.objectives import FinetuneObjective, TaskEvaluation, model_saver
+from lxmert_fast.train.optimization import build_optimizer, build_scheduler
 
 
 def _split(value):

@@ -6,9 +6,9 @@ lxmert_fast/pretrain.py is the command.
 import os
 import sys
 
-from lxmert_fast import run_config
-from lxmert_fast.checks import check_model_fields
 from lxmert_fast.errors import InputError
+from lxmert_fast.model.checks import check_model_fields
+from lxmert_fast.train import run_config
 
 TASKS = ("mlm", "matched", "obj", "attr", "feat", "qa")
 TASK_NAMES = {"mlm": "masked language model", "matched": "cross-modality matching",
@@ -76,7 +76,7 @@ def model_with_tasks(fields, tasks):
 def build_data(config, model_config):
     """(train, valid or None, collate); fills ``model_config``'s vocabulary and answer-table sizes from the data."""
     from lxmert_fast import data as lxdata
-    from lxmert_fast.checks import check_features
+    from lxmert_fast.model.checks import check_features
 
     stores = [lxdata.FeatureStore.from_tsv(path) for path in _split(config.features)]  # converted once, mapped
     # features travel as stored (float16, half the bytes); training.to_device casts them to the model's dtype
@@ -104,12 +104,13 @@ def pretrain(config):
     """Run the pre-training ``config`` (a resolved RunConfig) describes; returns the final model's folder."""
     import torch
 
-    from lxmert_fast import LxmertConfig, LxmertForPreTraining, training
-    from lxmert_fast.engines import build_engine
-    from lxmert_fast.objectives import PretrainingObjective, ValidationLoss, model_saver
-    from lxmert_fast.optimization import build_optimizer, build_scheduler
-    from lxmert_fast.static_shapes import StaticShapes
-    from lxmert_fast.trainer import Trainer, plan_steps, start
+    from lxmert_fast import LxmertConfig, LxmertForPreTraining
+    from lxmert_fast.model.static_shapes import StaticShapes
+    from lxmert_fast.train import training
+    from lxmert_fast.train.engines import build_engine
+    from lxmert_fast.train.loop import Trainer, plan_steps, start
+    from lxmert_fast.train.objectives import PretrainingObjective, ValidationLoss, model_saver
+    from lxmert_fast.train.optimization import build_optimizer, build_scheduler
 
     training.init_distributed()  # the data is read and checked before start() claims the output folder
     model_config = LxmertConfig(**config.model)
@@ -149,6 +150,6 @@ def run_as_command(main):
     except (run_config.RunError, run_config.ConfigError, InputError) as error:
         print(f"ERROR: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
-    from lxmert_fast import training
+    from lxmert_fast.train import training
 
     training.shutdown()

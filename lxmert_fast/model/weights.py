@@ -24,8 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from lxmert_fast.checks import load_model_config
-from lxmert_fast.configuration import LxmertConfig
+from lxmert_fast.model.checks import load_model_config
+from lxmert_fast.model.configuration import LxmertConfig
 
 logger = logging.getLogger(__name__)
 

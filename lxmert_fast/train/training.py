@@ -1,4 +1,4 @@
-"""The machinery under the training loop (lxmert_fast.trainer), the same for every task and engine.
+"""The machinery under the training loop (lxmert_fast.train.loop), the same for every task and engine.
 
 Distributed set-up that also works as a plain single process, deterministic data sharding with a resumable
 position, per-step seeding (so a resumed run is bit-for-bit the same as an uninterrupted one), the checkpoint
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from lxmert_fast.data import to_device  # noqa: F401  (the loop calls training.to_device)
-from lxmert_fast.run_config import RunError
+from lxmert_fast.train.run_config import RunError
 
 CKPT_LATEST = "latest"
 METRICS_FILE = "metrics.jsonl"

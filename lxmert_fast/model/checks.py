@@ -69,7 +69,7 @@ def check_model_sizes(config, source=None) -> None:
 def check_model_fields(fields: dict, source) -> None:
     """check_model_sizes for a config file's fields, LxmertConfig's defaults filling the others. Checked before
     LxmertConfig sees them: transformers refuses some values itself, without naming the file."""
-    from lxmert_fast.configuration import LxmertConfig
+    from lxmert_fast.model.configuration import LxmertConfig
 
     if not isinstance(fields, dict):
         raise ConfigError(f"model config {source}: expected a JSON object of LxmertConfig fields, got a "
@@ -79,7 +79,7 @@ def check_model_fields(fields: dict, source) -> None:
 
 def load_model_config(path):
     """An LxmertConfig from a config.json, checked by check_model_sizes; broken JSON is reported with its place."""
-    from lxmert_fast.configuration import LxmertConfig
+    from lxmert_fast.model.configuration import LxmertConfig
 
     fields = read_json(path, "a model config (config.json): a JSON object of LxmertConfig fields")
     check_model_fields(fields, path)

@@ -1,7 +1,7 @@
 """One training loop for pre-training and fine-tuning.
 
 The loop knows a run's life cycle and nothing of the model: it is given a resolved RunConfig, an engine (protocol
-in lxmert_fast.engines), an objective (lxmert_fast.objectives: the model and its losses, the host-side batch
+in lxmert_fast.train.engines), an objective (lxmert_fast.train.objectives: the model and its losses, the host-side batch
 preparation and the static shapes) and hooks for the task's own parts (evaluation at an epoch's end, what goes
 into a checkpoint's client state). Per micro-batch: seed every RNG from (seed, micro-step, rank), prepare the batch
 on the host, ask whether it fits the static shapes, move it, train it, check the losses for NaN on every rank
@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from lxmert_fast import training
 from lxmert_fast.export import MODEL_SPEC
-from lxmert_fast.run_config import RUN_CONFIG_FILE, ConfigError, RunConfig
+from lxmert_fast.train import training
+from lxmert_fast.train.run_config import RUN_CONFIG_FILE, ConfigError, RunConfig
 
 RUN_OUTPUTS = (training.METRICS_FILE, "checkpoints", "tensorboard", RUN_CONFIG_FILE, "final_model", "best_model")
 

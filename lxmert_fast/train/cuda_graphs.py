@@ -7,8 +7,8 @@ What a graphed step needs, all of which lxmert_fast's models and the usage below
 
 - the same shapes for every batch (pre-training batches are padded to a fixed length; use ``drop_last``);
 - no host synchronisation inside the step: lxmert_fast's models take fixed row counts for their data-dependent
-  parts (``static_shapes=``, lxmert_fast.static_shapes), and its kernels draw dropout seeds on the device, so every
-  replay gets new masks;
+  parts (``static_shapes=``, lxmert_fast.model.static_shapes), and its kernels draw dropout seeds on the device, so
+  every replay gets new masks;
 - a capturable optimiser, e.g. ``torch.optim.AdamW(..., fused=True, capturable=True)``; a learning rate that changes
   must be a tensor that the schedule updates in place;
 - bf16 or fp32: fp16's GradScaler reads the overflow flag on the host at every step;

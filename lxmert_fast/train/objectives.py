@@ -2,8 +2,8 @@
 
 An objective is the module the engine wraps. ``forward(batch, static=False)`` returns a dict with the total loss
 under "loss" (and what else the task reports); ``static=True`` runs the model with the objective's
-``static_shapes`` (lxmert_fast.static_shapes), which the loop asks for only for a batch that ``fits`` them (checked
-on the host). ``prepare(batch)`` turns a collated host batch into the model's inputs.
+``static_shapes`` (lxmert_fast.model.static_shapes), which the loop asks for only for a batch that ``fits`` them
+(checked on the host). ``prepare(batch)`` turns a collated host batch into the model's inputs.
 
 The task's hooks into the loop (evaluation at an epoch's end, the best model, the checkpoint's client state) live
 here too: ``ValidationLoss`` for pre-training, ``TaskEvaluation`` for fine-tuning.
@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lxmert_fast import training
 from lxmert_fast.export import save_model_folder
-from lxmert_fast.static_shapes import StaticShapes
-from lxmert_fast.trainer import Hooks
+from lxmert_fast.model.static_shapes import StaticShapes
+from lxmert_fast.train import training
+from lxmert_fast.train.loop import Hooks
 
 PRETRAINING_TASKS = ("mlm", "matched", "obj", "attr", "feat", "qa")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos",
@@ -162,7 +162,7 @@ class TaskEvaluation(Hooks):
 
     def predict(self, trainer, dataset):
         """{id: prediction} over the whole dataset, the work split over ranks and gathered on every rank."""
-        from lxmert_fast.tasks import predict
+        from lxmert_fast.tasks.task_models import predict
 
         predictions = {}
         for host_batch, out in trainer.evaluate(dataset, self.collate):
@@ -178,7 +178,7 @@ class TaskEvaluation(Hooks):
     def run(self, trainer, dataset, split, note="", show=True):
         """Predict and score ``dataset``, log the scores as an ``eval`` record of ``split``, print them (with
         ``note``) unless not ``show``; returns (predictions, scores)."""
-        from lxmert_fast.evaluation import evaluate
+        from lxmert_fast.tasks.scoring import evaluate
 
         t0 = time.perf_counter()
         preds = self.predict(trainer, dataset)

@@ -41,9 +41,9 @@ from transformers.models.lxmert.modeling_lxmert import (
 )
 from transformers.utils import ModelOutput
 
-from lxmert_fast.checks import check_model_folder, check_model_sizes
-from lxmert_fast.configuration import LxmertConfig
-from lxmert_fast.static_shapes import StaticShapes
+from lxmert_fast.model.checks import check_model_folder, check_model_sizes
+from lxmert_fast.model.configuration import LxmertConfig
+from lxmert_fast.model.static_shapes import StaticShapes
 
 BACKENDS = ("auto", "torch", "triton")
 IGNORE_INDEX = -100  # transformers' ignore index; the original code used -1
@@ -63,7 +63,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         # The fused kernels win only without Python launch overhead. Measured on an H100 (bf16, batch 256, training
         # step, benchmarks/profile_step.py): eager, torch 107 ms vs triton 154 ms; torch.compile + CUDA graph,
         # torch 42.7 ms vs triton 40.7 ms. So: triton on CUDA while torch.compile traces, torch otherwise. For a
-        # CUDA-graphed eager step (lxmert_fast.cuda_graphs) pass backend="triton": 48 ms vs 58 ms.
+        # CUDA-graphed eager step (lxmert_fast.train.cuda_graphs) pass backend="triton": 48 ms vs 58 ms.
         return "triton" if device.type == "cuda" and torch.compiler.is_compiling() else "torch"
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
@@ -651,7 +651,7 @@ class LxmertPreTrainedModel(PreTrainedModel):
         - ``missing_heads="error"`` raises a CheckpointError naming every weight the checkpoint lacks, has extra or
           has in another shape, instead of transformers' warning and random initialisation (the default, "init").
         """
-        from lxmert_fast import weights
+        from lxmert_fast.model import weights
 
         if missing_heads not in ("error", "init"):
             raise ValueError(f"missing_heads={missing_heads!r}: expected 'error' or 'init'")

@@ -1,13 +1,13 @@
 """The engines the training loop runs on, behind one small protocol (``Engine``).
 
 - ``DeepSpeedEngine``: DeepSpeed's engine (any ZeRO stage, fp16 loss scaling, many ranks and nodes);
-- ``lxmert_fast.single_device.SingleDeviceEngine``: one process on one device, plain PyTorch, bf16 autocast and
+- ``lxmert_fast.train.single_device.SingleDeviceEngine``: one process on one device, plain PyTorch, bf16 autocast and
   the step replayed as a CUDA graph on a GPU.
 
 Both wrap an objective: a module whose ``forward(batch, static=False)`` returns a dict with the total loss under
-"loss" (lxmert_fast.objectives). ``static`` asks for the objective's static shapes (lxmert_fast.static_shapes);
-the loop sets it for a batch that fits them when the engine ``needs_static_shapes`` (compiled or graphed), and
-the engine runs a batch without them eagerly.
+"loss" (lxmert_fast.train.objectives). ``static`` asks for the objective's static shapes
+(lxmert_fast.model.static_shapes); the loop sets it for a batch that fits them when the engine
+``needs_static_shapes`` (compiled or graphed), and the engine runs a batch without them eagerly.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Protocol
 
 import torch
 
-from lxmert_fast.single_device import CHECKPOINT_FILE, SingleDeviceEngine
-from lxmert_fast.training import CheckpointError, local_device
+from lxmert_fast.train.single_device import CHECKPOINT_FILE, SingleDeviceEngine
+from lxmert_fast.train.training import CheckpointError, local_device
 
 
 class Engine(Protocol):
