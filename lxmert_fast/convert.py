@@ -13,13 +13,13 @@ ignores and the way back reads: the number of attention heads cannot be told fro
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from lxmert_fast.cli import run
 from lxmert_fast.model.checks import load_model_config
 from lxmert_fast.model.configuration import LxmertConfig
 from lxmert_fast.model.modeling import LxmertForPreTraining
-from lxmert_fast.model.weights import CheckpointError, load_into, read_state_dict, save_original, to_hf_layout
+from lxmert_fast.model.weights import load_into, read_state_dict, save_original, to_hf_layout
 
 
 def original_to_hf(source: Path, target: Path, config: LxmertConfig | None = None, missing_heads: str = "error"):
@@ -46,19 +46,15 @@ def main(argv=None):
         "--allow-missing-heads", action="store_true", help="start heads the file lacks from random instead of failing"
     )
     args = parser.parse_args(argv)
-    try:
-        if args.source.is_dir():
-            hf_to_original(args.source, args.target)
-        else:
-            config = load_model_config(args.config) if args.config else None
-            missing = "init" if args.allow_missing_heads else "error"
-            original_to_hf(args.source, args.target, config=config, missing_heads=missing)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    if args.source.is_dir():
+        hf_to_original(args.source, args.target)
+    else:
+        config = load_model_config(args.config) if args.config else None
+        missing = "init" if args.allow_missing_heads else "error"
+        original_to_hf(args.source, args.target, config=config, missing_heads=missing)
     print(f"wrote {args.target}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -1,8 +1,29 @@
-"""InputError: the base of the errors that refuse a bad input (a data file, a tokenizer, a model config), so that
-the commands can report any of them as one line, like a bad flag."""
+"""Every error class of lxmert_fast, in one tree, so that a command reports any of them the same way
+(``lxmert_fast.cli.run``: one line naming the file, record or flag at fault; exit status 2) and only a bug of ours
+shows a traceback.
+
+    LxmertFastError
+    ├── InputError (ValueError): an input that cannot be used: a flag, a file, a record, a model folder
+    │   ├── ConfigError          a flag, a config file or a value in one
+    │   ├── JSONFileError        a JSON file that is not valid JSON (path:line:column)
+    │   ├── TokenizerError       a tokenizer that is missing or did not really load
+    │   ├── FeatureFormatError   a feature TSV row that cannot be trusted
+    │   ├── AnnotationFormatError  an annotation record that cannot be used
+    │   ├── CheckpointError      a checkpoint that cannot be read, written, or does not fit the model
+    │   ├── PredictionError      input that prediction cannot use (model folder, question file, img_id)
+    │   └── MissingDependencyError  an optional package a command needs is not installed (says how to get it)
+    └── RunError (RuntimeError): a run that cannot go on; the message says why and what is kept
+        ├── NonFiniteLossError   the loss became NaN or inf (not an fp16 overflow)
+        ├── StoreError           a feature store that is missing, incomplete or does not match its TSV
+        └── DownloadError        a download that failed (the file and the cause)
+"""
 
 
-class InputError(ValueError):
+class LxmertFastError(Exception):
+    """The base of every error lxmert_fast raises on purpose."""
+
+
+class InputError(LxmertFastError, ValueError):
     """An input that cannot be used; the message names the file and the record (or the flag and its value)."""
 
 
@@ -10,4 +31,51 @@ class ConfigError(InputError):
     """A flag, a config file or a value in one that cannot be used; the message names it."""
 
 
-__all__ = ["ConfigError", "InputError"]
+class JSONFileError(InputError):
+    """A JSON file that cannot be read or parsed; the message names the file, the place and the expected content."""
+
+
+class TokenizerError(InputError):
+    """A tokenizer that is missing or did not really load."""
+
+
+class FeatureFormatError(InputError):
+    """A feature TSV row that cannot be trusted."""
+
+
+class AnnotationFormatError(InputError):
+    """A pre-training or fine-tuning annotation record that cannot be used."""
+
+
+class PredictionError(InputError):
+    """Input prediction cannot use; the message names the model folder, file, record, img_id or flag."""
+
+
+class MissingDependencyError(InputError, ImportError):
+    """An optional package (matplotlib, Pillow) that a command needs is not installed; the message says how to
+    install it."""
+
+
+class RunError(LxmertFastError, RuntimeError):
+    """A run that cannot go on (a non-finite loss, a checkpoint that cannot be written); the message says why and
+    what is kept."""
+
+
+class CheckpointError(InputError, RunError):
+    """A checkpoint that cannot be read or written, or does not fit the model; the message names the file or folder
+    and the cause (the keys, for weights that do not fit)."""
+
+
+class NonFiniteLossError(RunError):
+    """The loss became NaN or inf without being an fp16 overflow: training cannot go on meaningfully."""
+
+
+class StoreError(RunError):
+    """A feature store that is missing, incomplete or does not match its TSV."""
+
+
+class DownloadError(RunError):
+    """A file of the release that could not be fetched; the message names it and the cause."""
+
+
+__all__ = [name for name, value in dict(globals()).items() if isinstance(value, type)]

@@ -17,8 +17,7 @@ import argparse
 import json
 import sys
 
-from lxmert_fast.data.formats import AnnotationFormatError
-from lxmert_fast.model.weights import CheckpointError
+from lxmert_fast.cli import run
 from lxmert_fast.predict import (
     PredictionError,
     Predictor,
@@ -82,12 +81,7 @@ def main(argv=None) -> dict:
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     paths = [p for p in args.annotations.split(",") if p]
-    try:
-        predictor = load_predictor(args)
-        result = evaluate_files(predictor, paths, args.task)
-    except (PredictionError, AnnotationFormatError, CheckpointError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    result = evaluate_files(load_predictor(args), paths, args.task)
     summary = {"task": result["task"], "records": result["total"], "labelled": result["labelled"],
                **(result["metrics"] or {})}
     if result["metrics"] is None:
@@ -102,4 +96,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

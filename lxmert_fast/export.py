@@ -17,7 +17,9 @@ import argparse
 import copy
 import json
 import os
-import sys
+
+from lxmert_fast.cli import run
+from lxmert_fast.errors import CheckpointError
 
 MODEL_SPEC = "model"  # the folder, without weights, inside each checkpoint
 
@@ -65,10 +67,11 @@ def checkpoint_weights(folder) -> dict:
         saved = safe_load(deepspeed_engine, map_location="cpu")
         state = saved["module"]
         if any(v.numel() == 0 for v in state.values()):
-            raise SystemExit(f"{folder}: a ZeRO-3 checkpoint holds shards only; gather them first with DeepSpeed's "
-                             "zero_to_fp32.py")
+            raise CheckpointError(f"{folder}: a ZeRO-3 checkpoint holds shards only; gather them first with "
+                                  "DeepSpeed's zero_to_fp32.py")
     else:
-        raise SystemExit(f"{folder}: not a training checkpoint (no {CHECKPOINT_FILE} or mp_rank_00_model_states.pt)")
+        raise CheckpointError(f"{folder}: not a training checkpoint (no {CHECKPOINT_FILE} or "
+                              "mp_rank_00_model_states.pt)")
     return {k.removeprefix("model."): v.float() for k, v in state.items()}
 
 
@@ -80,7 +83,7 @@ def export_checkpoint(folder, out_dir):
 
     spec = os.path.join(folder, MODEL_SPEC)
     if not os.path.isfile(os.path.join(spec, "config.json")):
-        raise SystemExit(f"{folder}: no {MODEL_SPEC}/config.json (a checkpoint of an older lxmert_fast?)")
+        raise CheckpointError(f"{folder}: no {MODEL_SPEC}/config.json (a checkpoint of an older lxmert_fast?)")
     config = LxmertConfig.from_json_file(os.path.join(spec, "config.json"))
     model_class = getattr(lxmert_fast, config.architectures[0])
     model = model_class(config, backend="torch")
@@ -100,10 +103,10 @@ def main(argv=None):
     parser.add_argument("out_dir", help="the model folder to write")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.checkpoint):
-        sys.exit(f"{args.checkpoint}: no such checkpoint folder")
+        raise CheckpointError(f"{args.checkpoint}: no such checkpoint folder")
     export_checkpoint(args.checkpoint, args.out_dir)
     print(f"wrote {args.out_dir}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -23,8 +23,10 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from lxmert_fast.cli import run  # noqa: E402
+from lxmert_fast.errors import ConfigError
 from lxmert_fast.model.checks import check_model_fields  # noqa: E402
-from lxmert_fast.train import pretrain_run, run_config  # noqa: E402  (light: --help answers before torch is imported)
+from lxmert_fast.train import run_config  # noqa: E402  (light: --help answers before torch is imported)
 
 TASK_NAMES = ("gqa", "nlvr2", "vqa")
 # Fine-tuning on the sample data without a starting point or schedule given: the model learns to use the image only
@@ -137,7 +139,7 @@ def main(argv=None):
     """Fine-tune and / or evaluate; returns {"valid": metrics, "best_score", "test": metrics, "submission"}."""
     try:
         config = resolve(argv)
-    except run_config.ConfigError as error:
+    except ConfigError as error:
         print(f"finetune.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     from lxmert_fast.train.finetune_run import finetune
@@ -146,4 +148,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    pretrain_run.run_as_command(main)
+    run(main)

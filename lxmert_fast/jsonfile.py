@@ -12,11 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lxmert_fast.errors import InputError
-
-
-class JSONFileError(InputError):
-    """A JSON file that cannot be read or parsed; the message names the file, the place and the expected content."""
+from lxmert_fast.errors import JSONFileError
 
 
 def read_json(path, what: str):

@@ -10,6 +10,9 @@ import argparse
 import json
 import sys
 
+from lxmert_fast.cli import run
+from lxmert_fast.errors import InputError, MissingDependencyError
+
 
 def read_metrics(path, event="train"):
     """The records of one ``event`` (train: per step; eval: each evaluation) of a metrics.jsonl."""
@@ -78,14 +81,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     records = read_metrics(args.metrics)
     if not records:
-        sys.exit(f"{args.metrics}: no per-step records to plot")
+        raise InputError(f"{args.metrics}: no per-step records to plot")
     evaluations = read_metrics(args.metrics, "eval")
     try:
         plot(records, args.out, title=args.metrics, evaluations=evaluations)
     except ImportError:
-        sys.exit("plot_metrics needs matplotlib: pip install matplotlib")
+        raise MissingDependencyError("plot_metrics needs matplotlib: pip install matplotlib") from None
     print(f"wrote {args.out} ({len(records)} steps, {len(evaluations)} evaluations)")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -45,12 +45,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from lxmert_fast.cli import run
 from lxmert_fast.data.finetune_dataset import read_annotations
-from lxmert_fast.data.formats import AnnotationFormatError
 from lxmert_fast.data.pretrain_dataset import as_feature_store, load_tokenizer
+from lxmert_fast.errors import PredictionError
 from lxmert_fast.model.configuration import LxmertConfig
 from lxmert_fast.model.modeling import LxmertForNLVR2, LxmertForQuestionAnswering
-from lxmert_fast.model.weights import CheckpointError, read_state_dict, to_hf_layout
+from lxmert_fast.model.weights import read_state_dict, to_hf_layout
 from lxmert_fast.tasks.task_models import LABEL2ANS_FILE
 
 QA_TASKS = ("vqa", "gqa")
@@ -59,10 +60,6 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 # Pack the padded text away only from this fraction of padding on: below it the gather and scatter around every
 # token-wise layer cost more than the padded rows they save (benchmarks/bench_predict.py, full size, CPU).
 PACK_MIN_PADDING = 0.2
-
-
-class PredictionError(ValueError):
-    """Input prediction cannot use; the message names the model folder, file, record, img_id or flag."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -596,22 +593,18 @@ def parse_args(argv=None):
 def main(argv=None):
     """Run the command line; returns the results (a list, or one dict for a typed question or statement)."""
     args = parse_args(argv)
-    try:
-        predictor = load_predictor(args)
-        if args.questions is not None:
-            results = predictor.predict_file(args.questions, top_k=args.top_k)
-        elif args.question is not None:
-            if not predictor.is_qa:
-                raise PredictionError(f"--question: {args.model} is {predictor.kind}; give it --statement and "
-                                      "--img-ids LEFT RIGHT")
-            results = predictor.ask(args.question, args.img_id, top_k=args.top_k)
-        else:
-            if predictor.is_qa:
-                raise PredictionError(f"--statement: {args.model} is {predictor.kind}; give it --question and --img-id")
-            results = predictor.judge(args.statement, *args.img_ids)
-    except (PredictionError, AnnotationFormatError, CheckpointError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    predictor = load_predictor(args)
+    if args.questions is not None:
+        results = predictor.predict_file(args.questions, top_k=args.top_k)
+    elif args.question is not None:
+        if not predictor.is_qa:
+            raise PredictionError(f"--question: {args.model} is {predictor.kind}; give it --statement and "
+                                  "--img-ids LEFT RIGHT")
+        results = predictor.ask(args.question, args.img_id, top_k=args.top_k)
+    else:
+        if predictor.is_qa:
+            raise PredictionError(f"--statement: {args.model} is {predictor.kind}; give it --question and --img-id")
+        results = predictor.judge(args.statement, *args.img_ids)
     if args.out:
         print(f"predictions written to {write_json(args.out, results)}", file=sys.stderr)
     else:
@@ -620,4 +613,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

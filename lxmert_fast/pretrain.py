@@ -18,20 +18,16 @@ import sys
 if __package__ in (None, ""):  # run as a script (deepspeed lxmert_fast/pretrain.py): make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lxmert_fast.train import pretrain_run, run_config  # noqa: E402  (light: --help answers before torch is imported)
+from lxmert_fast.cli import run  # noqa: E402
+from lxmert_fast.train import pretrain_run  # noqa: E402  (light: --help answers before torch is imported)
 
 TASKS = pretrain_run.TASKS
 
 
 def main(argv=None):
     """Pre-train; returns the final model's folder."""
-    try:
-        config = pretrain_run.resolve(argv)
-    except run_config.ConfigError as error:
-        print(f"pretrain.py: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return pretrain_run.pretrain(config)
+    return pretrain_run.pretrain(pretrain_run.resolve(argv))
 
 
 if __name__ == "__main__":
-    pretrain_run.run_as_command(main)
+    run(main)

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from lxmert_fast.cli import run
+from lxmert_fast.errors import InputError, MissingDependencyError
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
@@ -135,7 +137,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit(
+        raise MissingDependencyError(
             'lxmert_fast.visualize needs matplotlib: pip install -e ".[plot]" (or pip install matplotlib)'
         ) from None
     matplotlib.use("Agg")
@@ -177,7 +179,7 @@ def plot_boxes(image_path, boxes, weights, labels, title: str, path, labelled: i
     try:
         from PIL import Image
     except ImportError:
-        raise SystemExit("--image needs Pillow: pip install pillow") from None
+        raise MissingDependencyError("--image needs Pillow: pip install pillow") from None
     image = np.asarray(Image.open(image_path).convert("RGB"))
     h, w = image.shape[:2]
     fig, ax = plt.subplots(figsize=(8, 8 * h / w + 0.5))
@@ -282,9 +284,9 @@ def main(argv=None) -> list[Path]:
     try:
         feats, boxes, class_ids, _ = _load_inputs(args.features, args.img_id)
     except KeyError as e:
-        raise SystemExit(f"--img-id {args.img_id}: {e.args[0]}") from None
+        raise InputError(f"--img-id {args.img_id}: {e.args[0]}") from None
     if feats.shape[-1] != model.config.visual_feat_dim:
-        raise SystemExit(
+        raise InputError(
             f"--features {args.features}: {feats.shape[-1]}-d features, the model expects "
             f"{model.config.visual_feat_dim}"
         )
@@ -292,7 +294,7 @@ def main(argv=None) -> list[Path]:
     try:
         maps = attention_maps(model, tokenizer, args.sentence, feats, boxes, args.head)
     except ValueError as e:
-        raise SystemExit(str(e)) from None
+        raise InputError(str(e)) from None
     labels = object_labels(class_ids, vocab)
     paths = draw(maps, labels, args.out_dir, args.sentence, args.head, args.image, boxes[0].numpy())
     for p in paths:
@@ -301,4 +303,4 @@ def main(argv=None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main)

@@ -30,8 +30,8 @@ from lxmert_fast.data import (
 )
 from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADataset, read_annotations
 from lxmert_fast.data.finetune_sample import ensure_finetune_sample
-from lxmert_fast.data.tokenizer import TokenizerError, check_tokenizer, load_tokenizer
-from lxmert_fast.jsonfile import JSONFileError
+from lxmert_fast.data.tokenizer import check_tokenizer, load_tokenizer
+from lxmert_fast.errors import JSONFileError, TokenizerError
 from lxmert_fast.model.checks import (
     ConfigError,
     check_features,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lxmert_fast.data import download
+from lxmert_fast.errors import DownloadError
 
 
 class ReleaseHandler(http.server.BaseHTTPRequestHandler):
@@ -120,7 +121,7 @@ def test_resumes_a_truncated_download_with_a_range_request(server, tmp_path):
     server.cut["model_LXRT.pth"] = 3000
     dest = tmp_path / "model_LXRT.pth"
     url = f"{server.url}/model_LXRT.pth"
-    with pytest.raises(download.DownloadError, match="received 3000 bytes of 10240; run the command again"):
+    with pytest.raises(DownloadError, match="received 3000 bytes of 10240; run the command again"):
         download.download_file(url, dest, progress=False)
     assert not dest.exists() and (tmp_path / "model_LXRT.pth.part").stat().st_size == 3000
 
@@ -144,7 +145,7 @@ def test_size_mismatch_with_the_manifest_is_an_error(server, tmp_path):
     path = download.RELEASE["pretrain"][0]
     (root / path.dest).unlink()  # lost locally, and meanwhile the file on the server changed size
     server.files[path.path] += b" "
-    with pytest.raises(SystemExit, match=rf"{path.path}: the server has \d+ bytes, \d+ were expected"):
+    with pytest.raises(DownloadError, match=rf"{path.path}: the server has \d+ bytes, \d+ were expected"):
         download.main(["pretrain", "--dir", str(root), "--base-url", server.url, "--no-progress"])
     assert not (root / path.dest).exists()
 
@@ -166,7 +167,7 @@ def test_nlvr2_statements_are_converted_to_the_original_records(server, tmp_path
 
 
 def test_unknown_file_on_the_server_names_the_url(server, tmp_path):
-    with pytest.raises(download.DownloadError, match=r"/missing.json: HTTP 404"):
+    with pytest.raises(DownloadError, match=r"/missing.json: HTTP 404"):
         download.download_file(f"{server.url}/missing.json", tmp_path / "m.json", progress=False)
 
 

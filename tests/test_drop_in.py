@@ -15,7 +15,7 @@ import transformers
 from helpers import make_batch, model_inputs, small_config
 
 import lxmert_fast
-from lxmert_fast.model.weights import CheckpointError
+from lxmert_fast.errors import CheckpointError
 
 ATOL = 1e-5
 

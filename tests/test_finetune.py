@@ -16,8 +16,8 @@ from lxmert_fast import LxmertConfig, LxmertForNLVR2, LxmertForPreTraining
 from lxmert_fast.data import FeatureStore, ensure_sample_data
 from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADataset, finetune_collate
 from lxmert_fast.data.finetune_sample import ensure_finetune_sample
-from lxmert_fast.data.formats import AnnotationFormatError
-from lxmert_fast.model.weights import CheckpointError, save_original
+from lxmert_fast.errors import AnnotationFormatError, CheckpointError
+from lxmert_fast.model.weights import save_original
 from lxmert_fast.tasks.scoring import (
     evaluate,
     gqa_accuracy,

@@ -16,7 +16,8 @@ from lxmert_fast import LxmertConfig
 from lxmert_fast.data import FeatureStore, ensure_sample_data
 from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADataset, finetune_collate
 from lxmert_fast.data.finetune_sample import ensure_finetune_sample
-from lxmert_fast.predict import PredictionError, Predictor, submission_predictions
+from lxmert_fast.errors import PredictionError
+from lxmert_fast.predict import Predictor, submission_predictions
 from lxmert_fast.tasks.scoring import evaluate, read_submission
 from lxmert_fast.tasks.task_models import LABEL2ANS_FILE, TASKS
 from lxmert_fast.train.objectives import MODEL_INPUTS, task_loss
@@ -178,12 +179,13 @@ def test_cli_writes_json_for_a_file_and_prints_a_typed_question(sample, tmp_path
     ],
 )
 def test_cli_errors_name_what_is_wrong(sample, argv, message, capsys):
+    from lxmert_fast.cli import run
     from lxmert_fast.predict import main
 
     files = {"NLVR2": str(sample["ft"].split("nlvr2", "valid")), "VQA": str(sample["ft"].split("vqa", "valid"))}
     argv = [files.get(a, a) for a in argv]
-    with pytest.raises(SystemExit):
-        main(["--model", str(sample["models"]["vqa"]), "--features", sample["tsv"], "--device", "cpu", *argv])
+    with pytest.raises(SystemExit):  # as the command runs it: one line on stderr, exit status 2
+        run(main, ["--model", str(sample["models"]["vqa"]), "--features", sample["tsv"], "--device", "cpu", *argv])
     err = capsys.readouterr().err
     assert re.search(message, err), err
     if "sample_nope" in argv:

@@ -21,6 +21,7 @@ from helpers import make_batch, small_config
 from safetensors.torch import load_file
 
 from lxmert_fast import LxmertForPreTraining
+from lxmert_fast.errors import NonFiniteLossError
 from lxmert_fast.train.objectives import apply_task_switches, pretraining_losses
 from lxmert_fast.train.optimization import BertAdam, build_scheduler, warmup_linear
 from lxmert_fast.train.pretrain_run import TASKS
@@ -324,7 +325,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(workdir, engine, 
     """The third training forward returns a NaN loss (injected in-process): the run stops at step 3 before the
     update, names the last good checkpoint, and writes no final model."""
     from lxmert_fast import pretrain
-    from lxmert_fast.train import objectives, training
+    from lxmert_fast.train import objectives
 
     original, calls = objectives.PretrainingObjective.forward, []
 
@@ -341,7 +342,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(workdir, engine, 
     out = workdir / f"nan_{engine}"
     argv = ["--max-steps", "6", "--save-every", "2", "--log-every", "1", "--num-workers", "0", "--output-dir",
             str(out), "--engine", engine]
-    with pytest.raises(training.NonFiniteLossError) as error:
+    with pytest.raises(NonFiniteLossError) as error:
         pretrain.main(argv)
     message = str(error.value)
     assert "non-finite loss at step 3" in message and "weights were not updated" in message

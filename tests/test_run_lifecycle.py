@@ -15,8 +15,9 @@ import pytest
 import torch
 from helpers import small_config
 
+from lxmert_fast.errors import CheckpointError, ConfigError
 from lxmert_fast.train import training
-from lxmert_fast.train.run_config import ConfigError, resolve
+from lxmert_fast.train.run_config import resolve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")  # a file that exists, for the flags not under test
@@ -229,7 +230,7 @@ def test_a_failed_checkpoint_write_names_the_path_and_cause_and_keeps_the_last_g
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(training.CheckpointError, match=r"could not write checkpoint .*step000000004: No space left "
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step000000004: No space left "
                                                        r"on device; the last good checkpoint .*step000000002 is kept"):
         training.save_checkpoint(engine, str(ckpt), 4, {"step": 4})
     assert (ckpt / "latest").read_text() == "step000000002" and not (ckpt / "step000000004").exists()
@@ -250,7 +251,7 @@ def test_latest_pointing_to_a_missing_folder_is_an_error_and_deletes_nothing(tmp
     engine, ckpt = _engine(), tmp_path / "checkpoints"
     training.save_checkpoint(engine, str(ckpt), 2, {}, keep=2)
     (ckpt / "latest").write_text("step000000004")
-    with pytest.raises(training.CheckpointError, match=r"points to 'step000000004', which is not in .* \(it holds "
+    with pytest.raises(CheckpointError, match=r"points to 'step000000004', which is not in .* \(it holds "
                                                        r"\['step000000002'\]\)"):
         training.load_checkpoint(engine, str(ckpt))
     assert (ckpt / "step000000002").is_dir()

@@ -12,6 +12,7 @@ from helpers import make_batch, model_inputs, small_config
 from lxmert_fast import LxmertConfig, LxmertModel, visualize
 from lxmert_fast.data import FeatureStore, ensure_sample_data
 from lxmert_fast.data.pretrain_dataset import load_tokenizer
+from lxmert_fast.errors import InputError, MissingDependencyError
 
 pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is not installed")
 
@@ -130,13 +131,13 @@ def test_one_head_and_labels(sample, model_dir):
 def test_bad_head_and_image_id_are_clear_errors(sample, model_dir, tmp_path):
     common = ["--model", str(model_dir), "--features", str(sample.features_tsv), "--sentence", "a dog",
               "--out-dir", str(tmp_path), "--tokenizer", str(sample.tokenizer_dir)]  # fmt: skip
-    with pytest.raises(SystemExit, match=r"--head 7: the model has heads 0..3"):
+    with pytest.raises(InputError, match=r"--head 7: the model has heads 0..3"):
         visualize.main([*common, "--img-id", "sample_000000", "--head", "7"])
-    with pytest.raises(SystemExit, match=r"--img-id nope: img_id 'nope' is not in the feature store"):
+    with pytest.raises(InputError, match=r"--img-id nope: img_id 'nope' is not in the feature store"):
         visualize.main([*common, "--img-id", "nope"])
 
 
 def test_missing_matplotlib_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(SystemExit, match=r'pip install -e "\.\[plot\]"'):
+    with pytest.raises(MissingDependencyError, match=r'pip install -e "\.\[plot\]"'):
         visualize.main(["--model", "m", "--features", "f.tsv", "--img-id", "i", "--sentence", "s"])

@@ -12,7 +12,8 @@ from helpers import small_config as _small_config
 
 import lxmert_fast
 from lxmert_fast.convert import main as convert_main
-from lxmert_fast.model.weights import CheckpointError, read_state_dict, save_original, to_hf_layout
+from lxmert_fast.errors import CheckpointError
+from lxmert_fast.model.weights import read_state_dict, save_original, to_hf_layout
 
 
 def small_config(**overrides):

@@ -31,12 +31,13 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from lxmert_fast.errors import DownloadError
 
 HOSTS = {"unc": "https://nlp.cs.unc.edu/data", "github": "https://raw.githubusercontent.com"}
 BASE_URL_ENV = "LXMERT_DATA_BASE_URL"
@@ -112,10 +113,6 @@ RELEASE = {
         MODEL,
     ],
 }
-
-
-class DownloadError(RuntimeError):
-    pass
 
 
 # --------------------------------------------------------------------------------------------------- one file
@@ -329,10 +326,7 @@ def main(argv=None) -> list[Path]:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    try:
-        paths = fetch(args.parts, args.dir, args.base_url, progress=not args.no_progress)
-    except DownloadError as e:
-        raise SystemExit(f"error: {e}") from e
+    paths = fetch(args.parts, args.dir, args.base_url, progress=not args.no_progress)
     print(f"\n{len(paths)} files in place under {args.dir}. Train on them with:\n")
     for command in commands(args.parts, args.dir):
         print(command + "\n")
@@ -340,4 +334,6 @@ def main(argv=None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from lxmert_fast.cli import run
+
+    run(main)

@@ -37,15 +37,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from lxmert_fast.errors import StoreError
+
 from .formats import FeatureFormatError, ImageFeatures, iter_feature_tsv
 from .fsutil import build_lock, publish_dir, remove_stale_staging, staging_dir
 
 FORMAT = "lxmert_fast.feature_store"
 VERSION = 2  # 2: boxes ordered, confidences >= 0, largest label ids recorded
-
-
-class StoreError(RuntimeError):
-    """A feature store that is missing, incomplete or does not match its TSV."""
 
 
 def _array_specs(n: int, max_boxes: int, feat_dim: int) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lxmert_fast.jsonfile import JSONFileError, read_json
+from lxmert_fast.errors import JSONFileError
+from lxmert_fast.jsonfile import read_json
 
 from .feature_store import FeatureStore, index_images
 from .formats import AnnotationFormatError

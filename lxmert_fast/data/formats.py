@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lxmert_fast.errors import InputError
-from lxmert_fast.jsonfile import JSONFileError, read_json
+from lxmert_fast.errors import AnnotationFormatError, FeatureFormatError, JSONFileError
+from lxmert_fast.jsonfile import read_json
 
 TSV_FIELDS = (
     "img_id",
@@ -66,10 +66,6 @@ class ImageFeatures:
     @property
     def num_boxes(self) -> int:
         return len(self.boxes)
-
-
-class FeatureFormatError(InputError):
-    """A feature TSV row that cannot be trusted."""
 
 
 def _where(path, line_no: int, img_id: str | None) -> str:
@@ -260,10 +256,6 @@ def write_feature_tsv(path, records: Iterable[ImageFeatures]) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pre-training annotations
-
-
-class AnnotationFormatError(InputError):
-    """A pre-training JSON record that cannot be used."""
 
 
 def make_uid(img_id: str, source: str, index: int) -> str:

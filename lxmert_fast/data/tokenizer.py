@@ -21,7 +21,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from lxmert_fast.errors import InputError
+from lxmert_fast.errors import TokenizerError
 
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
@@ -31,10 +31,6 @@ GET_BERT_BASE = (
     "--tokenizer tokenizers/bert-base-uncased"
 )
 _HUB_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)?$")
-
-
-class TokenizerError(InputError):
-    """A tokenizer that is missing or did not really load."""
 
 
 def _offline() -> bool:

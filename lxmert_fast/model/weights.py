@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from lxmert_fast.errors import CheckpointError
 from lxmert_fast.model.checks import load_model_config
 from lxmert_fast.model.configuration import LxmertConfig
 
@@ -39,10 +40,6 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file and the keys."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from lxmert_fast.data.formats import AnswerTable
+from lxmert_fast.errors import CheckpointError
 from lxmert_fast.jsonfile import read_json
 from lxmert_fast.model.configuration import LxmertConfig
 from lxmert_fast.model.modeling import LxmertForNLVR2, LxmertForQuestionAnswering
-from lxmert_fast.model.weights import CheckpointError, checkpoint_config, load_into, read_state_dict, to_hf_layout
+from lxmert_fast.model.weights import checkpoint_config, load_into, read_state_dict, to_hf_layout
 
 LABEL2ANS_FILE = "label2ans.json"  # saved next to a fine-tuned QA model: the meaning of its output rows
 

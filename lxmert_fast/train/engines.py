@@ -18,8 +18,9 @@ from typing import Protocol
 
 import torch
 
+from lxmert_fast.errors import CheckpointError
 from lxmert_fast.train.single_device import CHECKPOINT_FILE, SingleDeviceEngine
-from lxmert_fast.train.training import CheckpointError, local_device
+from lxmert_fast.train.training import local_device
 
 
 class Engine(Protocol):

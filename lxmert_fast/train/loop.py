@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from lxmert_fast.errors import ConfigError, NonFiniteLossError
 from lxmert_fast.export import MODEL_SPEC
 from lxmert_fast.train import training
-from lxmert_fast.train.run_config import RUN_CONFIG_FILE, ConfigError, RunConfig
+from lxmert_fast.train.run_config import RUN_CONFIG_FILE, RunConfig
 
 RUN_OUTPUTS = (training.METRICS_FILE, "checkpoints", "tensorboard", RUN_CONFIG_FILE, "final_model", "best_model")
 
@@ -215,7 +216,7 @@ class Trainer:
             p = self.position
             where = (f"the last good checkpoint is {os.path.join(self.ckpt_dir, self.last_checkpoint)}"
                      if self.last_checkpoint else "no checkpoint was written yet")
-            raise training.NonFiniteLossError(
+            raise NonFiniteLossError(
                 f"non-finite loss at step {p.step + 1} (epoch {p.epoch}, micro-batch {p.pos}): "
                 f"{ {k: scalars[k].item() for k in sorted(scalars)} }; weights were not updated; {where}"
             )

@@ -4,9 +4,7 @@ lxmert_fast/pretrain.py is the command.
 """
 
 import os
-import sys
 
-from lxmert_fast.errors import InputError
 from lxmert_fast.model.checks import check_model_fields
 from lxmert_fast.train import run_config
 
@@ -140,16 +138,3 @@ def pretrain(config):
     training.print0(f"done: {trainer.position.step} steps in {total_time:.1f} s, loss {trainer.first_loss} -> "
                     f"{trainer.last_loss}; model in {final_dir}, metrics in {trainer.metrics.path}")
     return final_dir
-
-
-def run_as_command(main):
-    """Run ``main`` as a command: a known failure is one line on stderr and exit status 2, not a traceback; the
-    process group is torn down at the end."""
-    try:
-        main()
-    except (run_config.RunError, run_config.ConfigError, InputError) as error:
-        print(f"ERROR: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    from lxmert_fast.train import training
-
-    training.shutdown()

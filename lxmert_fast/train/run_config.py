@@ -20,15 +20,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from lxmert_fast.errors import ConfigError
+from lxmert_fast.errors import ConfigError, JSONFileError
 
 RUN_CONFIG_FILE = "run_config.json"
 MICRO, ACCUM, TOTAL = "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"
-
-
-class RunError(RuntimeError):
-    """A run that cannot go on (a non-finite loss, a checkpoint that cannot be written or read); the message says
-    why and what is kept."""
 
 
 # ----------------------------------------------------------------------------------------------------- files
@@ -58,7 +53,7 @@ def read_json(path: str, what: str):
         raise ConfigError(str(error)) from error
     except OSError as error:
         raise ConfigError(f"{path}: cannot read {what} ({error.strerror})") from error
-    except jsonfile.JSONFileError as error:
+    except JSONFileError as error:
         raise ConfigError(str(error)) from error
 
 

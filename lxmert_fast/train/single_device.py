@@ -22,8 +22,8 @@ import warnings
 
 import torch
 
+from lxmert_fast.errors import CheckpointError
 from lxmert_fast.train.cuda_graphs import GraphedStep
-from lxmert_fast.train.training import CheckpointError
 
 CHECKPOINT_FILE = "state.pt"
 

@@ -20,14 +20,10 @@ import torch
 import torch.distributed as dist
 
 from lxmert_fast.data import to_device  # noqa: F401  (the loop calls training.to_device)
-from lxmert_fast.train.run_config import RunError
+from lxmert_fast.errors import CheckpointError
 
 CKPT_LATEST = "latest"
 METRICS_FILE = "metrics.jsonl"
-
-
-class NonFiniteLossError(RunError):
-    """The loss became NaN or inf without being an fp16 overflow: training cannot go on meaningfully."""
 
 
 # --------------------------------------------------------------------------------------------------- distributed
@@ -163,8 +159,6 @@ def set_rng_state(state):
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-class CheckpointError(RunError):
-    """A checkpoint that cannot be written or read; the message names the folder and the cause."""
 
 
 def eval_batches(num_samples, micro_batch, rank_, world, limit=None, seed=None):
