@@ -51,10 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    import dataclasses
-
     from lxmert_fast.detector import (
-        DetectorConfig,
         FeatureExtractor,
         Selection,
         extract_to_tsv,
@@ -72,8 +69,8 @@ def run(args) -> dict:
     except ValueError as err:
         raise InputError(f"--min-boxes / --max-boxes: {err}") from None
     paths = list_images(args.images)
-    cfg = dataclasses.replace(DetectorConfig(), min_size=args.min_size, max_size=args.max_size)
-    extractor = FeatureExtractor(load_detector(args.weights, cfg), selection, args.device)
+    detector = load_detector(args.weights, min_size=args.min_size, max_size=args.max_size)
+    extractor = FeatureExtractor(detector, selection, args.device)
     counts = extract_to_tsv(
         paths, args.out, extractor, args.batch_size, args.workers, args.skip_bad, progress=not args.no_progress
     )

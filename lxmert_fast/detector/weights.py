@@ -11,6 +11,8 @@ batch-norm names are renamed, the stored anchors (recomputed from the config) an
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pickle
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from lxmert_fast.errors import InputError
 
 HUB_ID = "unc-nlp/frcnn-vg-finetuned"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model_final.pkl")
+CONFIG_FILE = "detector_config.json"
 IGNORED = ("num_batches_tracked", "anchor_generator.cell_anchors")
 
 # The only globals a weight pickle may name: what numpy needs to rebuild an array, and plain containers.
@@ -123,10 +126,25 @@ def convert(state: dict) -> dict:
     return out
 
 
-def load_detector(source=HUB_ID, cfg: DetectorConfig | None = None, device="cpu") -> FasterRCNN:
-    """The detector with the weights of `source` (hub id, folder or file), in eval mode on `device`."""
+def config_beside(path: Path) -> DetectorConfig | None:
+    """A DetectorConfig saved as CONFIG_FILE (JSON of its fields) beside the weights: a detector of other sizes."""
+    file = path.parent / CONFIG_FILE
+    if not file.is_file():
+        return None
+    fields = {f.name for f in dataclasses.fields(DetectorConfig)}
+    data = json.loads(file.read_text())
+    if not isinstance(data, dict) or set(data) - fields:
+        raise WeightsError(f"{file}: expected an object with fields among {sorted(fields)}")
+    return DetectorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def load_detector(source=HUB_ID, cfg: DetectorConfig | None = None, device="cpu", **overrides) -> FasterRCNN:
+    """The detector with the weights of `source` (hub id, folder or file), in eval mode on `device`. The config is
+    `cfg`, else the CONFIG_FILE beside the weights, else the released detector's; `overrides` replace fields
+    (e.g. min_size=800)."""
     path = resolve(source)
     state = convert(load_state_dict(path))
+    cfg = dataclasses.replace(cfg or config_beside(path) or DetectorConfig(), **overrides)
     model = FasterRCNN(cfg)
     own = model.state_dict()
     wrong = [
