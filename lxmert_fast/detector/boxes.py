@@ -14,9 +14,11 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # detectron2's clamp of the predicted log-scale: a 16 px box may grow to at most 1000 px
 SCALE_CLAMP = math.log(1000.0 / 16)
+NMS_BLOCK = 512
 
 
 def pairwise_iou(a: torch.Tensor, b: torch.Tensor, plus_one: bool = False) -> torch.Tensor:
@@ -39,16 +41,18 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, max_kee
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
-    over = (pairwise_iou(boxes[order], boxes[order]) > iou_threshold).cpu().numpy()  # (n, n) in score order
+    ranked = boxes[order]
     suppressed = np.zeros(len(order), dtype=bool)
-    kept = []
-    for i in range(len(order)):  # the greedy pass is sequential; numpy rows keep each step at a few microseconds
-        if suppressed[i]:
-            continue
-        kept.append(i)
-        if max_keep is not None and len(kept) == max_keep:
-            break
-        suppressed |= over[i]
+    kept: list[int] = []
+    for start in range(0, len(order), NMS_BLOCK):  # IoU rows a block at a time: a stop at max_keep skips the rest
+        over = (pairwise_iou(ranked[start : start + NMS_BLOCK], ranked) > iou_threshold).cpu().numpy()
+        for i in range(start, min(start + NMS_BLOCK, len(order))):  # the greedy pass is sequential
+            if suppressed[i]:
+                continue
+            kept.append(i)
+            if max_keep is not None and len(kept) == max_keep:
+                return order[torch.as_tensor(kept, dtype=torch.long, device=boxes.device)]
+            suppressed |= over[i - start]
     return order[torch.as_tensor(kept, dtype=torch.long, device=boxes.device)]
 
 
@@ -107,40 +111,61 @@ def _round_half_away(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
-def _bin_masks(start: torch.Tensor, end: torch.Tensor, bins: int, size: int) -> torch.Tensor:
-    """Caffe RoIPool's bins along one axis for k RoIs: (k, bins, size) bool, True where a cell lies in a bin."""
-    length = torch.clamp(end - start + 1, min=1).to(torch.float32)
-    bin_size = length / bins  # float32, as the C++ kernel computes it
+def _bins(start: torch.Tensor, end: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Caffe RoIPool's bins along one axis for k RoIs, relative to each RoI's first cell: (lo, hi) of shape
+    (k, bins), computed in float32 as the C++ kernel does, and each RoI's length in cells."""
+    length = torch.clamp(end - start + 1, min=1)
+    bin_size = length.to(torch.float32) / bins
     steps = torch.arange(bins, dtype=torch.float32, device=start.device)
-    lo = torch.floor(steps[None] * bin_size[:, None]).long() + start[:, None]
-    hi = torch.ceil((steps[None] + 1) * bin_size[:, None]).long() + start[:, None]
-    lo, hi = lo.clamp(0, size), hi.clamp(0, size)
-    cells = torch.arange(size, device=start.device)
-    return (cells[None, None] >= lo[..., None]) & (cells[None, None] < hi[..., None])
+    lo = torch.floor(steps[None] * bin_size[:, None]).long()
+    hi = torch.ceil((steps[None] + 1) * bin_size[:, None]).long()
+    return lo, hi, length
+
+
+def _pool_one(crop: torch.Tensor, lo_h, hi_h, lo_w, hi_w, size: int) -> torch.Tensor:
+    """Max of every bin of one RoI's crop (C, h + 1, w + 1) given its bins' cell ranges; an empty bin is 0."""
+    h, w = crop.shape[1] - 1, crop.shape[2] - 1
+    a_lo_h, a_hi_h = _adaptive(size, h, crop.device)
+    a_lo_w, a_hi_w = _adaptive(size, w, crop.device)
+    same = torch.equal(lo_h, a_lo_h) and torch.equal(hi_h, a_hi_h) and torch.equal(lo_w, a_lo_w)
+    if same and torch.equal(hi_w, a_hi_w):
+        return F.adaptive_max_pool2d(crop[:, :h, :w], size)
+    neg_inf = crop.new_tensor(float("-inf"))
+    cols = torch.arange(crop.shape[2], device=crop.device)
+    rows = torch.arange(crop.shape[1], device=crop.device)
+    col_in = (cols[None] >= lo_w[:, None]) & (cols[None] < hi_w[:, None])  # (S, w)
+    row_in = (rows[None] >= lo_h[:, None]) & (rows[None] < hi_h[:, None])  # (S, h)
+    by_col = torch.where(col_in[None, None], crop[:, :, None, :], neg_inf).amax(-1)  # (C, h, S)
+    out = torch.where(row_in[None, :, :, None], by_col[:, None], neg_inf).amax(2)  # (C, S, S)
+    return torch.where(torch.isneginf(out), torch.zeros_like(out), out)
+
+
+def _adaptive(bins: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bins adaptive_max_pool2d uses over `length` cells (exact integer arithmetic)."""
+    i = torch.arange(bins, device=device)
+    return (i * length) // bins, ((i + 1) * length + bins - 1) // bins
 
 
 def roi_pool(features: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float) -> torch.Tensor:
-    """Caffe's RoIPool (torchvision.ops.roi_pool): max over each of output_size^2 bins of every RoI.
+    """Caffe's RoIPool (torchvision.ops.roi_pool) over NON-NEGATIVE features (post-ReLU, as the detector's res4):
+    the max over each of output_size^2 bins of every RoI; a bin that holds no cell is 0.
 
-    features (n, C, H, W); rois (k, 5) of (image index, x1, y1, x2, y2) in input pixels -> (k, C, S, S). A bin
-    that holds no cell is 0. RoI ends are rounded to cells and included, as in the original.
+    features (n, C, H, W); rois (k, 5) of (image index, x1, y1, x2, y2) in input pixels -> (k, C, S, S). RoI ends
+    are rounded to cells and included, as in the original. Each RoI's cells are cut out (zero-padded where the
+    RoI passes the map's border: zeros never win a max over non-negative cells, and empty bins must be 0) and
+    pooled by adaptive_max_pool2d, whose bins are the same unless float32 rounding moves an edge (then a masked
+    max computes the Caffe bins exactly).
     """
     k, (_, channels, height, width) = len(rois), features.shape
     out = features.new_zeros(k, channels, output_size, output_size)
-    if k == 0:
-        return out
     cells = _round_half_away(rois[:, 1:] * torch.tensor(spatial_scale, dtype=torch.float32)).long()  # (k, 4)
-    rows = _bin_masks(cells[:, 1], cells[:, 3], output_size, height)  # (k, S, H)
-    cols = _bin_masks(cells[:, 0], cells[:, 2], output_size, width)  # (k, S, W)
-    neg_inf = torch.tensor(float("-inf"), dtype=features.dtype, device=features.device)
-    for i in range(k):  # crop each RoI's cells so that the masked max only touches them
-        r = rows[i].any(0).nonzero()
-        c = cols[i].any(0).nonzero()
-        if len(r) == 0 or len(c) == 0:
-            continue
-        r0, r1, c0, c1 = int(r[0]), int(r[-1]) + 1, int(c[0]), int(c[-1]) + 1
-        crop = features[int(rois[i, 0]), :, r0:r1, c0:c1]  # (C, h, w)
-        by_col = torch.where(cols[i, None, None, :, c0:c1], crop[:, :, None, :], neg_inf).amax(-1)  # (C, h, S)
-        by_row = torch.where(rows[i, None, :, r0:r1, None], by_col[:, None], neg_inf).amax(2)  # (C, S, S)
-        out[i] = torch.where(torch.isinf(by_row) & (by_row < 0), torch.zeros_like(by_row), by_row)
+    lo_h, hi_h, len_h = _bins(cells[:, 1], cells[:, 3], output_size)
+    lo_w, hi_w, len_w = _bins(cells[:, 0], cells[:, 2], output_size)
+    for i, (x0, y0, h, w) in enumerate(torch.stack([cells[:, 0], cells[:, 1], len_h, len_w], 1).tolist()):
+        # one extra row and column: float32 rounding can end the last bin one cell past the RoI (length 57 / 14)
+        crop = features.new_zeros(channels, h + 1, w + 1)
+        src = features[int(rois[i, 0]), :, max(y0, 0) : min(y0 + h + 1, height), max(x0, 0) : min(x0 + w + 1, width)]
+        if src.numel():
+            crop[:, max(-y0, 0) : max(-y0, 0) + src.shape[1], max(-x0, 0) : max(-x0, 0) + src.shape[2]] = src
+        out[i] = _pool_one(crop, lo_h[i], hi_h[i], lo_w[i], hi_w[i], output_size)
     return out
