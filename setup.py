@@ -19,7 +19,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lxmert_fast", "lxmert_fast.data", "lxmert_fast.kernels", "lxmert_fast.configs"],
+    packages=["lxmert_fast", "lxmert_fast.data", "lxmert_fast.detector", "lxmert_fast.kernels", "lxmert_fast.configs"],
     # The model presets, DeepSpeed JSONs and recipes ship with the package (found by lxmert_fast.resources).
     package_data={"lxmert_fast.configs": ["*.json"]},
     install_requires=[
@@ -37,6 +37,7 @@ setup(
         "xformers": ["xformers"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
+        "extract": ["Pillow", "huggingface_hub"],  # python -m lxmert_fast.extract: image decoding, detector weights
     },
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
 )
