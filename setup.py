@@ -38,6 +38,7 @@ setup(
         "xformers": ["xformers"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
+        "extract": ["Pillow", "huggingface_hub"],  # python -m lxmert_fast.extract: image decoding, detector weights
     },
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
 )

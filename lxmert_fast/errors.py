@@ -11,6 +11,8 @@ shows a traceback.
     │   ├── AnnotationFormatError  an annotation record that cannot be used
     │   ├── CheckpointError      a checkpoint that cannot be read, written, or does not fit the model
     │   ├── PredictionError      input that prediction cannot use (model folder, question file, img_id)
+    │   ├── ImageError           an image that cannot be read or used (its path first)
+    │   ├── WeightsError         detector weights that cannot be found, trusted or loaded
     │   └── MissingDependencyError  an optional package a command needs is not installed (says how to get it)
     └── RunError (RuntimeError): a run that cannot go on; the message says why and what is kept
         ├── NonFiniteLossError   the loss became NaN or inf (not an fp16 overflow)
@@ -49,6 +51,14 @@ class AnnotationFormatError(InputError):
 
 class PredictionError(InputError):
     """Input prediction cannot use; the message names the model folder, file, record, img_id or flag."""
+
+
+class ImageError(InputError):
+    """An image that cannot be read or used; the message starts with its path."""
+
+
+class WeightsError(InputError):
+    """Detector weights that cannot be found, trusted or loaded; the message names the file."""
 
 
 class MissingDependencyError(InputError, ImportError):

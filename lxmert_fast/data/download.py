@@ -28,6 +28,7 @@ raw.githubusercontent.com) by one, which serves the same paths: a mirror, or a l
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -39,7 +40,11 @@ from pathlib import Path
 
 from lxmert_fast.errors import DownloadError
 
-HOSTS = {"unc": "https://nlp.cs.unc.edu/data", "github": "https://raw.githubusercontent.com"}
+HOSTS = {
+    "unc": "https://nlp.cs.unc.edu/data",
+    "github": "https://raw.githubusercontent.com",
+    "hf": "https://huggingface.co",
+}
 BASE_URL_ENV = "LXMERT_DATA_BASE_URL"
 MANIFEST = "download_manifest.json"
 CHUNK = 1 << 20
@@ -75,7 +80,12 @@ ALL_ANS = _github("lxmert/all_ans.json")
 # NLVR2's raw statements (JSON lines) -> the original's split names
 NLVR2_RAW = {"train": "train", "valid": "dev", "test": "test1"}
 
+# The bottom-up-attention detector (python -m lxmert_fast.extract --weights data/detector/pytorch_model.bin). Its
+# sha256 is recorded in the manifest on the first download and every later fetch must match it.
+DETECTOR = Remote("hf", "unc-nlp/frcnn-vg-finetuned/resolve/main/pytorch_model.bin", "detector/pytorch_model.bin")
+
 RELEASE = {
+    "detector": [DETECTOR],
     "pretrain": [
         *(_unc(f"lxmert/{n}.json") for n in ("mscoco_train", "mscoco_nominival", "mscoco_minival", "vgnococo")),
         ALL_ANS,
@@ -228,6 +238,17 @@ def convert_nlvr2(raw_json: Path, out_json: Path, split: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ a release
+def _check_sha256(path: Path, entry: dict) -> None:
+    """The file's sha256 must equal the one recorded by an earlier download (recorded now if there is none)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            digest.update(block)
+    if entry.setdefault("sha256", digest.hexdigest()) != digest.hexdigest():
+        path.unlink()
+        raise DownloadError(f"{path}: sha256 {digest.hexdigest()} differs from the recorded {entry['sha256']}")
+
+
 def _load_manifest(root: Path) -> dict:
     path = root / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -256,7 +277,9 @@ def fetch(parts, root, base_url: str | None = None, progress: bool = True, log=p
         target = final.with_suffix(".zip") if remote.is_zip else final
         log(f"fetching {url}")
         size = download_file(url, target, manifest.get(remote.path, {}).get("bytes"), progress)
-        manifest[remote.path] = {"bytes": size, "url": url}
+        manifest[remote.path] = {**manifest.get(remote.path, {}), "bytes": size, "url": url}
+        if remote == DETECTOR:
+            _check_sha256(target, manifest[remote.path])
         _save_manifest(root, manifest)
         if remote.is_zip:
             log(f"unpacking {target.name}")
