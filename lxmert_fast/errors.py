@@ -85,7 +85,12 @@ class StoreError(RunError):
 
 
 class DownloadError(RunError):
-    """A file of the release that could not be fetched; the message names it and the cause."""
+    """A file of the release that could not be fetched; the message names it and the cause. ``transient``: worth
+    another try (a dropped connection, HTTP 429 or 5xx)."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 __all__ = [name for name, value in dict(globals()).items() if isinstance(value, type)]

@@ -1,6 +1,7 @@
 """lxmert_fast.data.download against a local HTTP server on 127.0.0.1 that serves small files laid out like the
 release (the UNC server's and GitHub's paths under one root); no test reaches the internet."""
 
+import hashlib
 import http.server
 import io
 import json
@@ -15,10 +16,15 @@ from lxmert_fast.errors import DownloadError
 
 
 class ReleaseHandler(http.server.BaseHTTPRequestHandler):
-    """GET with Range support; `server.cut[path] = n` makes the server drop the connection after n bytes."""
+    """GET with Range support; `server.cut[path] = n` makes the server drop the connection after n bytes,
+    `server.unavailable[path] = n` answers the next n requests for it with HTTP 503."""
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         self.server.requests.append((self.path, self.headers.get("Range")))
+        if self.server.unavailable.get(self.path.lstrip("/"), 0) > 0:
+            self.server.unavailable[self.path.lstrip("/")] -= 1
+            self.send_error(503)
+            return
         body = self.server.files.get(self.path.lstrip("/"))
         if body is None:
             self.send_error(404)
@@ -74,7 +80,7 @@ def release_files(part: str) -> dict[str, bytes]:
 @pytest.fixture
 def server():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ReleaseHandler)
-    httpd.files, httpd.cut, httpd.requests = {}, {}, []
+    httpd.files, httpd.cut, httpd.unavailable, httpd.requests = {}, {}, {}, []
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -181,3 +187,102 @@ def test_the_pretrain_command_matches_the_readme_recipe():
         "--answer-table data/lxmert/all_ans.json --tokenizer bert-base-uncased",
     ):
         assert flag_value in command and flag_value in readme
+
+
+# ------------------------------------------------------------------------------------ retries, mirrors, checksums
+def test_every_file_gets_a_checksum_and_verify_finds_a_corrupted_one(server, tmp_path, capsys):
+    server.files = release_files("gqa")
+    root = tmp_path / "data"
+    download.fetch(["gqa"], root, server.url, progress=False, log=lambda *_: None)
+    manifest = json.loads((root / download.MANIFEST).read_text())
+    for remote in download.RELEASE["gqa"]:
+        assert manifest[remote.path]["sha256"] == hashlib.sha256(server.files[remote.path]).hexdigest()
+        if remote.is_zip:  # the unpacked TSV too, for --verify
+            unpacked = (root / remote.dest).read_bytes()
+            assert manifest[remote.path]["unpacked_sha256"] == hashlib.sha256(unpacked).hexdigest()
+    assert download.main(["gqa", "--dir", str(root), "--verify"]) == []
+
+    tsv = root / "vg_gqa_imgfeat" / "vg_gqa_obj36.tsv"
+    tsv.write_bytes(tsv.read_bytes().replace(b"img", b"imx", 1))  # same size, other bytes
+    with pytest.raises(DownloadError, match=rf"{tsv}: sha256 differs from the one recorded"):
+        download.main(["gqa", "--dir", str(root), "--verify"])
+    assert tsv.exists()  # verifying deletes nothing
+
+
+def test_a_refetched_file_that_differs_from_its_recorded_checksum_is_refused(server, tmp_path):
+    server.files = release_files("pretrain")
+    root = tmp_path / "data"
+    download.fetch(["pretrain"], root, server.url, progress=False, log=lambda *_: None)
+    path = download.RELEASE["pretrain"][0]
+    (root / path.dest).unlink()  # lost locally; meanwhile the server's file changed, same size
+    server.files[path.path] = server.files[path.path].replace(b"x", b"y", 1)
+    with pytest.raises(DownloadError, match=r"sha256 [0-9a-f]{64} differs from the expected [0-9a-f]{64}"):
+        download.fetch(["pretrain"], root, server.url, progress=False, log=lambda *_: None)
+    assert not (root / path.dest).exists()
+
+
+def test_a_pinned_checksum_is_checked_on_the_first_download(server, tmp_path, monkeypatch):
+    server.files = {"model_LXRT.pth": b"weights"}
+    monkeypatch.setattr(download, "RELEASE", {"w": [download.MODEL]})
+    monkeypatch.setitem(download.RELEASE_SHA256, "model_LXRT.pth", "0" * 64)
+    with pytest.raises(DownloadError, match="differs from the expected 0000"):
+        download.fetch(["w"], tmp_path, server.url, progress=False, log=lambda *_: None)
+    monkeypatch.setitem(download.RELEASE_SHA256, "model_LXRT.pth", hashlib.sha256(b"weights").hexdigest())
+    fetched = download.fetch(["w"], tmp_path, server.url, progress=False, log=lambda *_: None)
+    assert fetched[0].read_bytes() == b"weights"
+
+
+def test_transient_failures_are_retried_and_a_cut_transfer_resumes(server, tmp_path):
+    body = bytes(range(256)) * 40
+    server.files = {"model_LXRT.pth": body}
+    server.unavailable["model_LXRT.pth"] = 2  # HTTP 503 twice
+    server.cut["model_LXRT.pth"] = 3000  # then the connection drops after 3000 bytes
+    said = []
+    size = download.fetch_file([f"{server.url}/model_LXRT.pth"], tmp_path / "m.pth", {}, retries=3, retry_wait=0.01,
+                               progress=False, log=said.append)
+    assert size == len(body) and (tmp_path / "m.pth").read_bytes() == body
+    assert [r for r in server.requests if r[1]] == [("/model_LXRT.pth", "bytes=3000-")]  # resumed, not restarted
+    assert len(said) == 3 and "HTTP 503" in said[0] and "received 3000 bytes" in said[2]
+
+
+def test_retries_run_out_then_the_next_source_is_tried(server, tmp_path):
+    server.files = {"model_LXRT.pth": b"weights"}
+    server.unavailable["model_LXRT.pth"] = 3  # the first source fails its try and both retries
+    mirrors = [f"{server.url}/model_LXRT.pth", f"{server.url}/model_LXRT.pth"]
+    said = []
+    assert download.fetch_file(mirrors, tmp_path / "m.pth", {}, retries=2, retry_wait=0.01, progress=False,
+                               log=said.append) == 7
+    assert len(said) == 2  # two retries logged on the first source, then the second source answered
+
+    server.unavailable["model_LXRT.pth"] = 10
+    with pytest.raises(DownloadError, match=r"m2.pth: no source worked:\n  .*HTTP 503.*\n  .*HTTP 503"):
+        download.fetch_file(mirrors, tmp_path / "m2.pth", {}, retries=1, retry_wait=0.01, progress=False,
+                            log=lambda *_: None)
+
+
+def test_a_missing_file_is_not_retried(server, tmp_path):
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download.fetch_file([f"{server.url}/nope"], tmp_path / "nope", {}, retries=3, retry_wait=5, progress=False,
+                            log=lambda *_: None)
+    assert server.requests == [("/nope", None)]
+
+
+def test_mirrors_of_the_release_and_several_base_urls(server, tmp_path):
+    assert download.urls_of(download.MODEL) == ["https://nlp.cs.unc.edu/data/model_LXRT.pth",
+                                                "https://nlp1.cs.unc.edu/data/model_LXRT.pth"]
+    assert download.urls_of(download.ALL_ANS) == [
+        "https://raw.githubusercontent.com/airsplay/lxmert/master/data/lxmert/all_ans.json",
+        "https://github.com/airsplay/lxmert/raw/master/data/lxmert/all_ans.json"]
+    server.files = release_files("nlvr2")
+    dead = "http://127.0.0.1:9"  # nothing listens on the discard port: connection refused, then the next host
+    root = tmp_path / "data"
+    download.fetch(["nlvr2"], root, f"{dead},{server.url}", progress=False, log=lambda *_: None, retry_wait=0.01)
+    assert (root / "pretrained" / "model_LXRT.pth").read_bytes() == server.files["model_LXRT.pth"]
+
+
+def test_help_shows_the_layout_a_mirror_serves(capsys):
+    with pytest.raises(SystemExit):
+        download.main(["--help"])
+    out = capsys.readouterr().out
+    assert "/lxmert_data/vqa/train.json  ->  vqa/train.json" in out
+    assert "/model_LXRT.pth  ->  pretrained/model_LXRT.pth" in out

@@ -21,8 +21,17 @@ download stops with an error naming the URL and both sizes. Zips are unpacked (t
 whatever folder the zip holds it in) and deleted. Files already complete are skipped, so a rerun only fetches what is
 missing. At the end the pre-training or fine-tuning command for what was fetched is printed.
 
---base-url URL (or the environment variable LXMERT_DATA_BASE_URL) replaces both hosts (the UNC server and
-raw.githubusercontent.com) by one, which serves the same paths: a mirror, or a local server in the tests.
+Transient failures (a refused or dropped connection, HTTP 408, 429 and 5xx, a transfer cut short) are retried
+(--retries, default 3) after a wait that doubles each time (--retry-wait, default 2 s), each retry resuming the
+partial file; then the file's next source is tried. Sources, in order: the release's hosts and their mirrors
+(HOSTS: the UNC server under both of its names; GitHub's raw files and the same files through github.com), or
+--base-url URL[,URL...] (or the environment variable LXMERT_DATA_BASE_URL): hosts that serve the release's paths,
+mirrors or a local server in the tests, in place of the release's.
+
+Checksums: every file's sha256 is recorded in the manifest when it is first complete (the release publishes none;
+RELEASE_SHA256 pins those that are known) and every later download of it, a resumed one included, must match it:
+a file that does not is deleted and named with both digests. `--verify` hashes the files in place against the
+manifest and refetches none.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -40,11 +50,15 @@ from pathlib import Path
 
 from lxmert_fast.errors import DownloadError
 
+# Each host's sources, tried in order: the same paths under every one.
 HOSTS = {
-    "unc": "https://nlp.cs.unc.edu/data",
-    "github": "https://raw.githubusercontent.com",
-    "hf": "https://huggingface.co",
+    "unc": ("https://nlp.cs.unc.edu/data", "https://nlp1.cs.unc.edu/data"),  # the UNC server's two names
+    "github": ("https://raw.githubusercontent.com", "https://github.com/{owner}/{repo}/raw/{rest}"),
+    "hf": ("https://huggingface.co",),
 }
+# sha256 of release files known ahead of the first download (none yet: recorded in the manifest on first download)
+RELEASE_SHA256: dict[str, str] = {}
+TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 BASE_URL_ENV = "LXMERT_DATA_BASE_URL"
 MANIFEST = "download_manifest.json"
 CHUNK = 1 << 20
@@ -126,8 +140,16 @@ RELEASE = {
 
 
 # --------------------------------------------------------------------------------------------------- one file
-def url_of(remote: Remote, base_url: str | None = None) -> str:
-    return f"{(base_url or HOSTS[remote.host]).rstrip('/')}/{remote.path}"
+def urls_of(remote: Remote, base_urls: list[str] | None = None) -> list[str]:
+    """Where `remote` can be fetched, in order: the given hosts, else the release's host and its mirrors."""
+    urls = []
+    for base in base_urls or HOSTS[remote.host]:
+        if "{rest}" in base:  # github.com's form of a raw file: /owner/repo/raw/branch/path
+            owner, repo, rest = remote.path.split("/", 2)
+            urls.append(base.format(owner=owner, repo=repo, rest=rest))
+        else:
+            urls.append(f"{base.rstrip('/')}/{remote.path}")
+    return urls
 
 
 def _progress(total, initial, name):
@@ -152,9 +174,9 @@ def download_file(url: str, dest: Path, expected_size: int | None = None, progre
         if e.code == 416 and have:  # the partial file is not a prefix of this file (longer): start again
             part.unlink()
             return download_file(url, dest, expected_size, progress)
-        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
-    except urllib.error.URLError as e:
-        raise DownloadError(f"{url}: {e.reason}") from e
+        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}", transient=e.code in TRANSIENT_HTTP) from e
+    except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out: worth another try
+        raise DownloadError(f"{url}: {getattr(e, 'reason', e)}", transient=True) from e
     with response:
         if response.status == 206:
             total = int(response.headers["Content-Range"].rsplit("/", 1)[1])
@@ -187,7 +209,8 @@ def download_file(url: str, dest: Path, expected_size: int | None = None, progre
             part.unlink()
         raise DownloadError(
             f"{url}: received {size} bytes of {total}"
-            + (" (too many: the partial file was deleted)" if size > total else "; run the command again to resume")
+            + (" (too many: the partial file was deleted)" if size > total else "; run the command again to resume"),
+            transient=size < total,
         )
     os.replace(part, dest)
     return size
@@ -238,15 +261,42 @@ def convert_nlvr2(raw_json: Path, out_json: Path, split: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ a release
-def _check_sha256(path: Path, entry: dict) -> None:
-    """The file's sha256 must equal the one recorded by an earlier download (recorded now if there is none)."""
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(CHUNK), b""):
             digest.update(block)
-    if entry.setdefault("sha256", digest.hexdigest()) != digest.hexdigest():
+    return digest.hexdigest()
+
+
+def _check_sha256(path: Path, entry: dict, pinned: str | None = None) -> None:
+    """The file's sha256 must equal the pinned one, else the one recorded by an earlier download (recorded now if
+    there is none); a file that does not match is deleted."""
+    actual, expected = sha256_of(path), pinned or entry.get("sha256")
+    if expected is not None and actual != expected:
         path.unlink()
-        raise DownloadError(f"{path}: sha256 {digest.hexdigest()} differs from the recorded {entry['sha256']}")
+        raise DownloadError(f"{path}: sha256 {actual} differs from the expected {expected} (the file was deleted; "
+                            "if the release really changed, delete its entry in the manifest and fetch it again)")
+    entry["sha256"] = actual
+
+
+def fetch_file(urls: list[str], dest: Path, entry: dict, retries: int = 3, retry_wait: float = 2.0,
+               progress: bool = True, log=print) -> int:
+    """Download `dest` from the first of `urls` that works, each retried on transient failures with a doubling
+    wait (each retry resumes the partial file); returns the size. `entry` is the file's manifest entry."""
+    failures = []
+    for url in urls:
+        for attempt in range(retries + 1):
+            try:
+                return download_file(url, dest, entry.get("bytes"), progress)
+            except DownloadError as error:
+                if not error.transient or attempt == retries:
+                    failures.append(str(error))
+                    break
+                wait = retry_wait * 2**attempt
+                log(f"{error}; retry {attempt + 1} of {retries} in {wait:g} s")
+                time.sleep(wait)
+    raise DownloadError(f"{dest.name}: no source worked:\n  " + "\n  ".join(failures))
 
 
 def _load_manifest(root: Path) -> dict:
@@ -260,35 +310,62 @@ def _save_manifest(root: Path, manifest: dict) -> None:
     os.replace(tmp, root / MANIFEST)
 
 
-def fetch(parts, root, base_url: str | None = None, progress: bool = True, log=print) -> list[Path]:
-    """Download and unpack the files of `parts` (keys of RELEASE) under `root`; returns the paths in place."""
+def _fetch_remote(remote: Remote, root: Path, manifest: dict, base_urls, retries, retry_wait, progress, log) -> Path:
+    final = root / remote.dest
+    target = final.with_suffix(".zip") if remote.is_zip else final
+    urls = urls_of(remote, base_urls)
+    log(f"fetching {urls[0]}")
+    entry = manifest.setdefault(remote.path, {})
+    entry["bytes"] = fetch_file(urls, target, entry, retries, retry_wait, progress, log)
+    _check_sha256(target, entry, RELEASE_SHA256.get(remote.path))
+    _save_manifest(root, manifest)
+    if remote.is_zip:
+        log(f"unpacking {target.name}")
+        unpack_tsv(target, final)
+        entry["unpacked_sha256"] = sha256_of(final)
+        _save_manifest(root, manifest)
+    return final
+
+
+def fetch(parts, root, base_url: str | None = None, progress: bool = True, log=print, retries: int = 3,
+          retry_wait: float = 2.0) -> list[Path]:
+    """Download and unpack the files of `parts` (keys of RELEASE) under `root`; returns the paths in place.
+    `base_url`: hosts (comma-separated) that serve the release's paths, tried in order, instead of the release's."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    base_url = base_url or os.environ.get(BASE_URL_ENV) or None
+    base_urls = [u for u in (base_url or os.environ.get(BASE_URL_ENV) or "").split(",") if u] or None
     manifest = _load_manifest(root)
     remotes = list(dict.fromkeys(r for part in parts for r in RELEASE[part]))  # in order, each once
     done = []
     for remote in remotes:
-        url, final = url_of(remote, base_url), root / remote.dest
-        if final.is_file() and remote.path in manifest:
+        final = root / remote.dest
+        if final.is_file() and "bytes" in manifest.get(remote.path, {}):
             log(f"have {final}")
             done.append(final)
             continue
-        target = final.with_suffix(".zip") if remote.is_zip else final
-        log(f"fetching {url}")
-        size = download_file(url, target, manifest.get(remote.path, {}).get("bytes"), progress)
-        manifest[remote.path] = {**manifest.get(remote.path, {}), "bytes": size, "url": url}
-        if remote == DETECTOR:
-            _check_sha256(target, manifest[remote.path])
-        _save_manifest(root, manifest)
-        if remote.is_zip:
-            log(f"unpacking {target.name}")
-            unpack_tsv(target, final)
-        done.append(final)
+        done.append(_fetch_remote(remote, root, manifest, base_urls, retries, retry_wait, progress, log))
     if "nlvr2" in parts:
         for split, raw in NLVR2_RAW.items():
             done.append(convert_nlvr2(root / "nlvr2" / "raw" / f"{raw}.json", root / "nlvr2" / f"{split}.json", split))
     return done
+
+
+def verify(parts, root, log=print) -> list[str]:
+    """Hash the files of `parts` in place against the manifest; returns the problems found (nothing is fetched)."""
+    root, problems = Path(root), []
+    manifest = _load_manifest(root)
+    for remote in dict.fromkeys(r for part in parts for r in RELEASE[part]):
+        path, entry = root / remote.dest, manifest.get(remote.path, {})
+        expected = entry.get("unpacked_sha256" if remote.is_zip else "sha256")
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif expected is None:
+            problems.append(f"{path}: no checksum recorded in {root / MANIFEST}")
+        elif sha256_of(path) != expected:
+            problems.append(f"{path}: sha256 differs from the one recorded when it was downloaded")
+        else:
+            log(f"ok {path}")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------- the commands
@@ -336,20 +413,42 @@ def commands(parts, root) -> list[str]:
     return out
 
 
+def mirror_layout() -> str:
+    """What a host given with --base-url must serve: each part's paths, and where each lands under --dir."""
+    lines = ["a --base-url host serves these paths (-> where each lands under --dir):"]
+    for part, remotes in RELEASE.items():
+        lines.append(f"  {part}:")
+        lines += [f"    /{r.path}  ->  {r.dest}" for r in remotes]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> list[Path]:
     parser = argparse.ArgumentParser(
         prog="python -m lxmert_fast.data.download",
         description="Fetch the original LXMERT release (annotations, features, model_LXRT.pth) and print the "
         "command that trains on it.",
+        epilog=mirror_layout(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("parts", nargs="+", choices=sorted(RELEASE), help="what to fetch")
     parser.add_argument("--dir", default="data", help="where to put it (default: data)")
     parser.add_argument(
-        "--base-url", help=f"one host serving the release's paths instead of the original hosts (env {BASE_URL_ENV})"
+        "--base-url", help="hosts serving the release's paths (comma-separated, tried in order) instead of the "
+        f"release's hosts and mirrors (env {BASE_URL_ENV}); a host serves <url>/lxmert_data/..., <url>/model_LXRT.pth "
+        "and <url>/airsplay/lxmert/master/data/... as the layout above"
     )
+    parser.add_argument("--retries", type=int, default=3, help="retries of a transient failure, per source")
+    parser.add_argument("--retry-wait", type=float, default=2.0, help="seconds before the first retry (then doubled)")
+    parser.add_argument("--verify", action="store_true", help="check the files in place against their checksums")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    paths = fetch(args.parts, args.dir, args.base_url, progress=not args.no_progress)
+    if args.verify:
+        problems = verify(args.parts, args.dir)
+        if problems:
+            raise DownloadError("verification failed:\n  " + "\n  ".join(problems))
+        return []
+    paths = fetch(args.parts, args.dir, args.base_url, progress=not args.no_progress, retries=args.retries,
+                  retry_wait=args.retry_wait)
     print(f"\n{len(paths)} files in place under {args.dir}. Train on them with:\n")
     for command in commands(args.parts, args.dir):
         print(command + "\n")
