@@ -2,7 +2,7 @@
 
     deepspeed lxmert_fast/finetune.py --task vqa          # sample data, from scratch with the sample schedule
                                                           # (SAMPLE_SCHEDULE), about 7 minutes on 2 CPU cores (est.)
-    deepspeed --num_gpus 4 lxmert_fast/finetune.py --task vqa --load-lxmert-qa snap/pretrained/model_LXRT.pth \
+    deepspeed --num_gpus 4 lxmert_fast/finetune.py --task vqa --load-lxmert-qa data/pretrained/model_LXRT.pth \
         --train data/vqa/train.json,data/vqa/nominival.json --valid data/vqa/minival.json \
         --features data/mscoco_imgfeat/train2014_obj36.tsv,data/mscoco_imgfeat/val2014_obj36.tsv \
         --ans2label data/vqa/trainval_ans2label.json --answer-table data/lxmert/all_ans.json \

@@ -31,7 +31,7 @@ from lxmert_fast.data import (
 from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADataset, read_annotations
 from lxmert_fast.data.finetune_sample import ensure_finetune_sample
 from lxmert_fast.data.tokenizer import check_tokenizer, load_tokenizer
-from lxmert_fast.errors import JSONFileError, TokenizerError
+from lxmert_fast.errors import CheckpointError, JSONFileError, TokenizerError
 from lxmert_fast.model.checks import (
     ConfigError,
     check_features,
@@ -341,6 +341,47 @@ def test_a_model_folder_with_a_broken_config_json_is_named(sample, tmp_path):
         check_model_folder(tmp_path / "model")  # the check a loader runs first
     check_model_folder(tmp_path / "no_such_folder")  # a hub name or a file: the loader's business
     assert snapshot(tmp_path / "model").keys() == weights.keys()
+
+
+def _tiny_model_folder(path, **save):
+    config = LxmertConfig(hidden_size=32, num_attention_heads=2, intermediate_size=64, l_layers=1, x_layers=1,
+                          r_layers=1, visual_feat_dim=FEAT_DIM, vocab_size=100, num_qa_labels=5)
+    LxmertForPreTraining(config, backend="torch").save_pretrained(path, **save)
+    return path
+
+
+@pytest.mark.parametrize("cut", [4, 100, -1000])  # inside the length prefix, the header, the tensors
+def test_a_truncated_safetensors_file_is_named(tmp_path, cut):
+    folder = _tiny_model_folder(tmp_path / "model")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:cut])
+    with pytest.raises(CheckpointError, match=rf"{weights}: truncated safetensors file .*save or download it again"):
+        LxmertForPreTraining.from_pretrained(folder)  # transformers' path: its own message names no file
+    with pytest.raises(CheckpointError, match=rf"{weights}: truncated safetensors file"):
+        LxmertForPreTraining.from_pretrained(weights)  # lxmert_fast's loader
+    assert weights.stat().st_size == len(data[:cut])  # nothing rewritten
+
+
+def test_a_truncated_shard_of_a_sharded_folder_is_named(tmp_path):
+    folder = _tiny_model_folder(tmp_path / "model", max_shard_size="100KB")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].write_bytes(shards[-1].read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=rf"{shards[-1]}: truncated safetensors file"):
+        LxmertForPreTraining.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("state_file", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt",
+                                        "state.pt"])
+def test_a_checkpoints_model_folder_points_to_export(tmp_path, state_file):
+    """A training checkpoint keeps config and tokenizer in model/ and the weights in the engine's state files."""
+    checkpoint = tmp_path / "checkpoints" / "step000000008"
+    folder = _tiny_model_folder(checkpoint / "model")
+    (folder / "model.safetensors").unlink()
+    (checkpoint / state_file).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"python -m lxmert_fast.export {checkpoint} OUT_DIR"):
+        LxmertForPreTraining.from_pretrained(folder)
 
 
 # --- model configs ---------------------------------------------------------------------------------------------------

@@ -7,7 +7,10 @@ Public API
                                                 (run_config's) naming the field, the value and the source file
     check_model_fields(fields, source)          the same for a config file's fields (a dict), before LxmertConfig
     load_model_config(path) -> LxmertConfig     a config.json, read with a clear message for broken JSON, and checked
-    check_model_folder(path)                    a local model folder's config.json, checked so before a loader reads it
+    check_model_folder(path)                    a local model folder's config.json, checked so before a loader reads
+                                                it; its safetensors files whole; a training checkpoint's weightless
+                                                model/ folder refused with the export command to run
+    check_safetensors_file(path)                a .safetensors file whole (not truncated), named when it is not
     check_features(stores, config, labels=True) features as wide as config.visual_feat_dim and (labels=True) object /
                                                 attribute ids below num_object_labels / num_attr_labels; InputError
                                                 naming the feature file (and the line and img_id of the largest id)
@@ -15,11 +18,12 @@ Public API
 
 from __future__ import annotations
 
+import json
 import numbers
 from pathlib import Path
 from types import SimpleNamespace
 
-from lxmert_fast.errors import ConfigError, InputError
+from lxmert_fast.errors import CheckpointError, ConfigError, InputError
 from lxmert_fast.jsonfile import read_json
 
 # LxmertConfig fields that size a tensor: must be positive integers (layer counts may be 0).
@@ -89,12 +93,56 @@ def load_model_config(path):
         raise ConfigError(f"model config {path}: {err}") from err
 
 
+WEIGHT_FILE_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")
+
+
 def check_model_folder(path) -> None:
-    """For a local model folder: its config.json read by load_model_config (broken JSON or impossible sizes named
-    with the file) before a loader such as transformers' from_pretrained reads it. Anything else passes."""
-    config_file = Path(path) / "config.json"
-    if config_file.is_file():
-        load_model_config(config_file)
+    """For a local model folder, before a loader such as transformers' from_pretrained reads it: its config.json
+    read by load_model_config (broken JSON or impossible sizes named with the file), its safetensors files whole,
+    and a training checkpoint's ``model/`` folder (config and tokenizer, the weights in the training state beside
+    it) refused with the command that exports it. Anything else passes."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return
+    load_model_config(path / "config.json")
+    weights = [name for name in WEIGHT_FILE_NAMES if (path / name).is_file()]
+    if not weights and (any(path.parent.glob("*model_states.pt")) or (path.parent / "state.pt").is_file()):
+        raise CheckpointError(
+            f"{path}: the model description inside a training checkpoint; its weights are in the training state of "
+            f"{path.parent}. Export them to a model folder first: python -m lxmert_fast.export {path.parent} "
+            "OUT_DIR, then load OUT_DIR"
+        )
+    for name in weights:
+        if name == "model.safetensors":
+            check_safetensors_file(path / name)
+        elif name == "model.safetensors.index.json":
+            shards = set(read_json(path / name, "a safetensors index").get("weight_map", {}).values())
+            for shard in sorted(shards):
+                check_safetensors_file(path / shard)
+
+
+def check_safetensors_file(path) -> None:
+    """A safetensors file must hold every byte its header describes; a truncated or corrupt one is named (the
+    safetensors library says only "incomplete metadata, file not fully covered")."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (listed in the folder's safetensors index)")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header_size = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+        if header_size is None or 8 + header_size > size:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, shorter than its header); "
+                                  "save or download it again")
+        try:
+            header = json.loads(f.read(header_size))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as error:
+            raise CheckpointError(f"{path}: not a safetensors file (unreadable header: {error})") from None
+    if 8 + header_size + end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, its header describes "
+                              f"{8 + header_size + end}); save or download it again")
 
 
 def check_features(stores, config, labels: bool = True) -> None:

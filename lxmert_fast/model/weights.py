@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lxmert_fast.errors import CheckpointError
-from lxmert_fast.model.checks import load_model_config
+from lxmert_fast.model.checks import check_safetensors_file, load_model_config
 from lxmert_fast.model.configuration import LxmertConfig
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     if path.name.endswith(".index.json"):
         return _read_sharded(path)
     if path.suffix == ".safetensors":
+        check_safetensors_file(path)
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as error:
