@@ -24,6 +24,7 @@ from lxmert_fast.tasks.scoring import (
     nlvr2_accuracy,
     nlvr2_consistency,
     read_submission,
+    sentence_id,
     vqa_score,
     write_submission,
 )
@@ -290,12 +291,18 @@ def test_vqa_score_and_gqa_accuracy_by_hand():
 
 
 def test_nlvr2_accuracy_and_consistency_by_hand():
-    labels = {"dev-1-0-0": 1, "dev-1-0-1": 0, "dev-2-0-0": 1, "dev-2-0-1": 1, "dev-3-1-0": 0, "dev-3-1-1": 1}
-    predictions = {"dev-1-0-0": 1, "dev-1-0-1": 0, "dev-2-0-0": 1, "dev-2-0-1": 0, "dev-3-1-0": 0, "dev-3-1-1": 1}
+    """Identifiers are split-set-pair-sentence; consistency groups the image pairs of one sentence (the official
+    metrics.py blanks the pair field), not the sentences of one image pair."""
+    labels = {"dev-1-0-0": 1, "dev-1-1-0": 0, "dev-1-0-1": 1, "dev-1-1-1": 1, "dev-3-0-0": 0, "dev-3-1-0": 1}
+    predictions = {"dev-1-0-0": 1, "dev-1-1-0": 0, "dev-1-0-1": 1, "dev-1-1-1": 0, "dev-3-0-0": 0, "dev-3-1-0": 1}
     assert nlvr2_accuracy(predictions, labels) == pytest.approx(5 / 6)
-    assert nlvr2_consistency(predictions, labels) == pytest.approx(2 / 3)  # dev-1-0 and dev-3-1 all right
+    assert sentence_id("dev-850-0-3") == "dev-850--3"
+    # sentences dev-1--0 and dev-3--0 all right, dev-1--1 not; grouping by image pair would give 3/4
+    assert nlvr2_consistency(predictions, labels) == pytest.approx(2 / 3)
     metrics = evaluate("nlvr2", predictions, labels)
     assert metrics["eval_score"] == metrics["accuracy"] and metrics["consistency"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="expected split-set-pair-sentence"):
+        sentence_id("dev-850-0")
 
 
 def test_submission_files_parse_back(tmp_path):

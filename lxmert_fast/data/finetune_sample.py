@@ -150,7 +150,7 @@ def _nlvr2(rng, split: str, contents: dict[str, dict[int, int]], num_sentences: 
             img1 = str(rng.choice(holding[obj] if b else lacking[obj]))
             out.append(
                 {
-                    "identifier": f"{split}-{s}-0-{n}",
+                    "identifier": f"{split}-{s}-{n}-0",  # split-set-pair-sentence: 4 pairs, 1 sentence
                     "img0": img0,
                     "img1": img1,
                     "sent": template.format(OBJECT_NAMES[obj]),

@@ -61,12 +61,17 @@ def nlvr2_accuracy(predictions: Mapping[str, int], labels: Mapping[str, int]) ->
 
 
 def sentence_id(identifier: str) -> str:
-    """NLVR2 identifier -> its sentence: "dev-850-0-3" -> "dev-850-0"."""
-    return identifier.rsplit("-", 1)[0]
+    """NLVR2 identifier ("split-set-pair-sentence") -> its sentence, as the official metrics.py groups them: the
+    pair field blanked, "dev-850-0-3" -> "dev-850--3" (the image pairs "dev-850-0-3" .. "dev-850-3-3" share it)."""
+    fields = identifier.split("-")
+    if len(fields) != 4:
+        raise ValueError(f"NLVR2 identifier {identifier!r}: expected split-set-pair-sentence")
+    fields[2] = ""
+    return "-".join(fields)
 
 
 def nlvr2_consistency(predictions: Mapping[str, int], labels: Mapping[str, int]) -> float:
-    """Fraction of sentences all of whose (predicted) pairs are right."""
+    """Fraction of sentences all of whose (predicted) image pairs are right (the official NLVR2 consistency)."""
     _labels_for(predictions, labels)
     all_right: dict[str, bool] = {}
     for identifier, p in predictions.items():
