@@ -17,6 +17,11 @@ from lxmert_fast.errors import LxmertFastError
 USER_FILE_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+def plural(count: int, noun: str) -> str:
+    """"1 record", "2 records"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def run(main, argv=None, prog=None):
     """Call ``main(argv)`` as a command; returns its result, or exits 2 on an error of ours."""
     prog = prog or os.path.basename(sys.argv[0] or "lxmert_fast")

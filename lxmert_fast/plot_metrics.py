@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from lxmert_fast.cli import run
+from lxmert_fast.cli import plural, run
 from lxmert_fast.errors import InputError, MissingDependencyError
 
 
@@ -33,8 +33,28 @@ def read_metrics(path, event="train"):
 
 
 def plot(records, out_png, title=None, evaluations=()):
-    """``evaluations``: the eval records, drawn beside the training loss (pre-training's validation loss, or
-    fine-tuning's eval_score on a second axis)."""
+    """Draw ``figure(...)`` into ``out_png``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(records, title, evaluations)
+    fig.savefig(out_png, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _legend_below(ax, *twins):
+    """One legend for an axis and its twins, under the plot, where it covers no curve."""
+    handles, labels = [], []
+    for axis in (ax, *twins):
+        more = axis.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    if handles:
+        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+
+
+def figure(records, title=None, evaluations=()):
+    """The run's curves against the optimiser step: total loss (with ``evaluations``, the eval records: pre-training's
+    validation loss, or fine-tuning's eval_score on a second axis), per-task losses, learning rate and
+    throughput."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,25 +65,28 @@ def plot(records, out_png, title=None, evaluations=()):
     fig, (ax_loss, ax_task, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.5))
     ax_loss.plot(steps, [r.get("loss") for r in records], label="training")
     ax_loss.set(xlabel="step", ylabel="loss", title="total loss")
-    _plot_evaluations(ax_loss, [e for e in evaluations if e.get("split", "valid") == "valid"])
+    _legend_below(ax_loss, *_plot_evaluations(ax_loss, [e for e in evaluations if e.get("split", "valid") == "valid"]))
     for k in loss_keys:
         ax_task.plot(steps, [r.get(k) for r in records], label=k[: -len("_loss")])
     ax_task.set(xlabel="step", ylabel="loss", title="per-task loss", yscale="log")
-    ax_task.legend()
-    ax_lr.plot(steps, [r.get("lr") for r in records], color="tab:green")
+    _legend_below(ax_task)
+    ax_lr.plot(steps, [r.get("lr") for r in records], color="tab:green", label="learning rate")
     ax_lr.set(xlabel="step", ylabel="learning rate", title="lr / samples per s")
+    twins = []
     if any("samples_per_s" in r for r in records):
-        ax_sps = ax_lr.twinx()
-        ax_sps.plot(steps, [r.get("samples_per_s") for r in records], color="tab:orange", alpha=0.6)
-        ax_sps.set_ylabel("samples/s", color="tab:orange")
+        twins.append(ax_lr.twinx())
+        twins[0].plot(steps, [r.get("samples_per_s") for r in records], color="tab:orange", alpha=0.6,
+                      label="samples/s")
+        twins[0].set_ylabel("samples/s", color="tab:orange")
+    _legend_below(ax_lr, *twins)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    return fig
 
 
-def _plot_evaluations(ax, evaluations):
+def _plot_evaluations(ax, evaluations) -> list:
+    """Draw the evaluations on ``ax`` (a validation loss) or on a twin axis (eval_score); returns the twins."""
     steps = [e["step"] for e in evaluations]
     if any("valid_loss" in e for e in evaluations):
         ax.plot(steps, [e.get("valid_loss") for e in evaluations], "o-", label="validation")
@@ -71,7 +94,8 @@ def _plot_evaluations(ax, evaluations):
         score = ax.twinx()
         score.plot(steps, [e.get("eval_score") for e in evaluations], "s-", color="tab:red", label="eval_score")
         score.set_ylabel("eval_score", color="tab:red")
-    ax.legend()
+        return [score]
+    return []
 
 
 def main(argv=None):
@@ -87,7 +111,9 @@ def main(argv=None):
         plot(records, args.out, title=args.metrics, evaluations=evaluations)
     except ImportError:
         raise MissingDependencyError("plot_metrics needs matplotlib: pip install matplotlib") from None
-    print(f"wrote {args.out} ({len(records)} steps, {len(evaluations)} evaluations)")
+    steps = len({r["step"] for r in records})  # a resumed run may log a step twice; log_every skips some
+    print(f"wrote {args.out} (steps {records[0]['step']}-{records[-1]['step']}: {plural(steps, 'logged step')}, "
+          f"{plural(len(evaluations), 'evaluation')})")
 
 
 if __name__ == "__main__":

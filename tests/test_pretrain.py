@@ -360,7 +360,23 @@ def test_plot_metrics(uninterrupted, tmp_path):
         cwd=tmp_path,
     )
     assert rc == 0 and png.stat().st_size > 0, log
-    assert f"({STEPS} steps, 1 evaluations)" in log  # the validation loss is drawn beside the training loss
+    assert f"(steps 1-{STEPS}: {STEPS} logged steps, 1 evaluation)" in log  # the validation loss beside the loss
+
+
+def test_plot_metrics_legends_cover_no_curve():
+    pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is not installed")
+    from lxmert_fast.plot_metrics import figure
+
+    records = [{"event": "train", "step": s, "loss": 10 / s, "mlm_loss": 5 / s, "qa_loss": 3 / s, "lr": 1e-4,
+                "samples_per_s": 100 + s} for s in range(1, 40)]
+    fig = figure(records, evaluations=[{"event": "eval", "step": 20, "eval_score": 0.5}])
+    fig.canvas.draw()
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert len(legends) == 3  # one per panel, twins' curves included
+    assert sorted(t.get_text() for t in legends[0].get_texts()) == ["eval_score", "training"]
+    for legend in legends:
+        box = legend.get_window_extent()
+        assert all(box.y1 <= ax.get_window_extent().y0 for ax in fig.axes)  # under every plotting area
 
 
 def test_plot_metrics_without_matplotlib_says_how_to_install_it(tmp_path):
