@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lxmert_fast.errors import DownloadError
+from lxmert_fast.files import atomic_path, write_text
 
 HOSTS = {"unc": "https://nlp.cs.unc.edu/data", "github": "https://raw.githubusercontent.com"}
 BASE_URL_ENV = "LXMERT_DATA_BASE_URL"
@@ -190,10 +191,8 @@ def unpack_tsv(zip_path: Path, tsv_path: Path) -> Path:
         members = [m for m in z.namelist() if Path(m).name == tsv_path.name]
         if not members:
             raise DownloadError(f"{zip_path}: no member named {tsv_path.name} (it holds {z.namelist()[:5]})")
-        tmp = tsv_path.with_name(tsv_path.name + ".unzip")
-        with z.open(members[0]) as src, open(tmp, "wb") as dst:
+        with atomic_path(tsv_path) as tmp, z.open(members[0]) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, CHUNK)
-    os.replace(tmp, tsv_path)
     zip_path.unlink()
     return tsv_path
 
@@ -234,9 +233,7 @@ def _load_manifest(root: Path) -> dict:
 
 
 def _save_manifest(root: Path, manifest: dict) -> None:
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, root / MANIFEST)
+    write_text(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def fetch(parts, root, base_url: str | None = None, progress: bool = True, log=print) -> list[Path]:
