@@ -1,4 +1,4 @@
-"""Prediction benchmark: lxmert_fast.predict.Predictor against transformers' LxmertForQuestionAnswering.
+"""Prediction benchmark: lxmert_fast.use.predictor.Predictor against transformers' LxmertForQuestionAnswering.
 
 The same weights (transformers' random initialisation, seed 0; the full-size VQA model with 3,129 answers, or a
 tiny one in smoke mode) answer the same batch of questions about images of a feature store: one question (batch 1)
@@ -28,7 +28,7 @@ def make_predictors(config, store, tokenizer_dir, device):
     import transformers
 
     from lxmert_fast import LxmertForQuestionAnswering
-    from lxmert_fast.predict import Predictor
+    from lxmert_fast.use.predictor import Predictor
 
     torch.manual_seed(0)
     theirs = transformers.LxmertForQuestionAnswering(config).eval().to(device)
@@ -74,7 +74,7 @@ def alternating_timings(bench, steps, rounds):
 
 def record_timings(bench, case, timings, batch_size, batch, fast_error):
     """Record each implementation's time; returns the case's records, with the targets of ours marked."""
-    from lxmert_fast.predict import PACK_MIN_PADDING
+    from lxmert_fast.use.predictor import PACK_MIN_PADDING
 
     fast_dtype = "int8" if bench.device.type == "cpu" else "bf16"
     for impl, (ms, timer) in timings.items():

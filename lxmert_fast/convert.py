@@ -17,18 +17,21 @@ from pathlib import Path
 
 from lxmert_fast.cli import run
 from lxmert_fast.model.checks import load_model_config
-from lxmert_fast.model.configuration import LxmertConfig
-from lxmert_fast.model.modeling import LxmertForPreTraining
-from lxmert_fast.model.weights import load_into, read_state_dict, save_original, to_hf_layout
 
 
-def original_to_hf(source: Path, target: Path, config: LxmertConfig | None = None, missing_heads: str = "error"):
+def original_to_hf(source: Path, target: Path, config=None, missing_heads: str = "error"):
+    """The original `source` file as an HF folder `target`; `config`: an LxmertConfig (default: from the shapes)."""
+    from lxmert_fast.model.modeling import LxmertForPreTraining
+
     model = LxmertForPreTraining.from_pretrained(source, config=config, backend="torch", missing_heads=missing_heads)
     model.save_pretrained(target)
     return model
 
 
 def hf_to_original(source: Path, target: Path):
+    from lxmert_fast.model.modeling import LxmertForPreTraining
+    from lxmert_fast.model.weights import load_into, read_state_dict, save_original, to_hf_layout
+
     state_dict = to_hf_layout(read_state_dict(source))
     config = None
     if (source / "config.json").exists():  # validate against the config before writing anything

@@ -5,10 +5,11 @@
     python -m lxmert_fast.evaluate --model DIR --features ... --annotations data/vqa/test.json \
         --submission test_predict.json          # a test split has no labels: the submission file only
 
-Predictions come from lxmert_fast.predict's Predictor (the same code path as `python -m lxmert_fast.predict`),
-the metrics and submission formats from lxmert_fast.tasks.scoring, as after each fine-tuning epoch: VQA score, GQA
-accuracy, NLVR2 accuracy and consistency; VQA and GQA submissions as JSON, NLVR2 as "identifier,True|False" lines.
-Records without a label are predicted (and submitted) but not scored.
+Predictions come from lxmert_fast.use.predictor's Predictor (the same code path as `python -m lxmert_fast.predict`),
+scored by lxmert_fast.use.evaluation with lxmert_fast.tasks.scoring's metrics and submission formats, as after each
+fine-tuning epoch: VQA score, GQA accuracy, NLVR2 accuracy and consistency; VQA and GQA submissions as JSON, NLVR2
+as "identifier,True|False" lines. Records without a label are predicted (and submitted) but not scored. The flags
+are checked before torch and transformers load.
 """
 
 from __future__ import annotations
@@ -18,48 +19,8 @@ import json
 import sys
 
 from lxmert_fast.cli import run
-from lxmert_fast.predict import (
-    PredictionError,
-    Predictor,
-    add_model_arguments,
-    load_predictor,
-    submission_predictions,
-    write_json,
-)
-from lxmert_fast.tasks.scoring import evaluate, write_submission
-
-
-def guess_qa_task(records) -> str:
-    """VQA or GQA for records whose model and flags do not say: VQA's question ids are integers, GQA's strings."""
-    return "vqa" if all(isinstance(r["question_id"], int) for r in records) else "gqa"
-
-
-def evaluate_files(predictor: Predictor, paths, task: str | None = None) -> dict:
-    """Predict every record of the annotation files and score the labelled ones.
-
-    Returns {"task", "predictions" (id -> answer or 0 / 1, file order), "metrics" (evaluation.evaluate's dict, or
-    None without labels), "labelled", "total"}."""
-    records, sources = [], []
-    for path in paths:
-        part = predictor.read_file(path)
-        records += part
-        sources += [str(path)] * len(part)
-    task = task or predictor.task or guess_qa_task(records)
-    if (task == "nlvr2") == predictor.is_qa:
-        raise PredictionError(f"task {task!r} does not fit {predictor.name}: it is {predictor.kind}")
-    id_key = "identifier" if task == "nlvr2" else "question_id"
-    seen = {}
-    for record, source in zip(records, sources, strict=True):
-        if record[id_key] in seen:
-            raise PredictionError(f"{source}: {id_key} {record[id_key]!r} is also in {seen[record[id_key]]}")
-        seen[record[id_key]] = source
-    predictions = submission_predictions(task, predictor.predict(records, source=", ".join(map(str, paths))))
-    labels = {r[id_key]: r["label"] for r in records if "label" in r}
-    metrics = None
-    if labels:
-        metrics = evaluate(task, {k: v for k, v in predictions.items() if k in labels}, labels)
-    return {"task": task, "predictions": predictions, "metrics": metrics, "labelled": len(labels),
-            "total": len(records)}
+from lxmert_fast.files import write_json
+from lxmert_fast.predict import add_model_arguments, load_predictor
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +41,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    from lxmert_fast.tasks.scoring import write_submission
+    from lxmert_fast.use.evaluation import evaluate_files
+
     paths = [p for p in args.annotations.split(",") if p]
     result = evaluate_files(load_predictor(args), paths, args.task)
     summary = {"task": result["task"], "records": result["total"], "labelled": result["labelled"],

@@ -24,14 +24,15 @@ if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lxmert_fast.cli import run  # noqa: E402
-from lxmert_fast.errors import ConfigError
+from lxmert_fast.errors import ConfigError  # noqa: E402
 from lxmert_fast.model.checks import check_model_fields  # noqa: E402
+from lxmert_fast.model.folder import has_tokenizer  # noqa: E402
+from lxmert_fast.tasks.registry import TASK_NAMES, get_task  # noqa: E402  (light, as run_config)
 from lxmert_fast.train import run_config  # noqa: E402  (light: --help answers before torch is imported)
 
-TASK_NAMES = ("gqa", "nlvr2", "vqa")
 # Fine-tuning on the sample data without a starting point or schedule given: the model learns to use the image only
 # after several hundred updates at a high learning rate (README, "The sample and grounding"); the original's
-# schedule (tasks.TASKS: 4 epochs, lr 5e-5, BertAdam) is for a pre-trained base-size model on the released data.
+# schedule (the task registry: 4 epochs, lr 5e-5, BertAdam) is for a pre-trained base-size model on the released data.
 SAMPLE_SCHEDULE = {"optimizer": "adamw", "lr": 5e-4, "epochs": 30}
 
 
@@ -72,24 +73,24 @@ def resolve(argv=None):
     starting point or schedule is given, when no data is given."""
     parser = build_parser()
     flags = vars(run_config.parse_args_with_config(parser, argv))
-    from lxmert_fast.tasks.task_models import TASKS
-
-    spec = TASKS[flags["task"]]
+    spec = get_task(flags["task"])
     flags["output_dir"] = flags["output_dir"] or os.path.join("output", f"finetune_{flags['task']}")
     if sum(bool(flags[k]) for k in ("load", "load_lxmert_qa", "from_scratch")) > 1:
         parser.error("give at most one of --load, --load-lxmert-qa, --from-scratch")
     notes = []
     if flags["train"] is None and flags["valid"] is None and flags["test_json"] is None:
-        notes = use_sample_data(flags, spec.is_qa)
+        notes = use_sample_data(flags, spec.answers)
     for name in ("epochs", "lr", "warmup"):
         flags[name] = getattr(spec, name) if flags[name] is None else flags[name]
     if flags["test"] and not flags["test_json"]:
         parser.error("--test needs --test-json (the split to predict)")
-    if spec.is_qa and not flags["ans2label"]:
+    if spec.answers and not flags["ans2label"]:
         parser.error(f"--task {flags['task']} needs --ans2label (trainval_ans2label.json)")
     if not flags["features"]:
         parser.error("--features is required with --train / --valid / --test-json")
-    flags["tokenizer"] = flags["tokenizer"] or _tokenizer_of(flags["load"]) or "bert-base-uncased"
+    # a model folder's own tokenizer (every folder our runs save has one)
+    own = flags["load"] if flags["load"] and has_tokenizer(flags["load"]) else None
+    flags["tokenizer"] = flags["tokenizer"] or own or "bert-base-uncased"
     run_config.check_files(flags, ("train", "valid", "test_json", "features", "ans2label", "label2ans",
                                    "answer_table", "load", "load_lxmert_qa"))
     model = None
@@ -101,14 +102,7 @@ def resolve(argv=None):
                               notes=tuple(notes))
 
 
-def _tokenizer_of(folder):
-    """A model folder's own tokenizer (every folder our runs save has one)."""
-    if folder and os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
-        return folder
-    return None
-
-
-def use_sample_data(flags, is_qa):
+def use_sample_data(flags, answers):
     """No data given: every data flag points at the task's sample data; without --load / --load-lxmert-qa the model
     starts from scratch, and the schedule flags not given take SAMPLE_SCHEDULE. Returns what it chose, as notes."""
     from lxmert_fast.data import ensure_sample_data
@@ -122,7 +116,7 @@ def use_sample_data(flags, is_qa):
                  tokenizer=flags["tokenizer"] or str(paths.tokenizer_dir),
                  answer_table=flags["answer_table"] or str(paths.answer_table))
     flags["images_shuffled_score"] = True  # the sample is there to show that the model uses the image
-    if is_qa:
+    if answers:
         flags["ans2label"] = flags["ans2label"] or str(paths.ans2label(task))
     if flags["load"] or flags["load_lxmert_qa"]:
         return []

@@ -21,8 +21,6 @@ if __package__ in (None, ""):  # run as a script (deepspeed lxmert_fast/pretrain
 from lxmert_fast.cli import run  # noqa: E402
 from lxmert_fast.train import pretrain_run  # noqa: E402  (light: --help answers before torch is imported)
 
-TASKS = pretrain_run.TASKS
-
 
 def main(argv=None):
     """Pre-train; returns the final model's folder."""

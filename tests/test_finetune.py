@@ -17,18 +17,11 @@ from lxmert_fast.data import FeatureStore, ensure_sample_data
 from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADataset, finetune_collate
 from lxmert_fast.data.finetune_sample import ensure_finetune_sample
 from lxmert_fast.errors import AnnotationFormatError, CheckpointError
+from lxmert_fast.model.folder import LABEL2ANS_FILE
 from lxmert_fast.model.weights import save_original
-from lxmert_fast.tasks.scoring import (
-    evaluate,
-    gqa_accuracy,
-    nlvr2_accuracy,
-    nlvr2_consistency,
-    read_submission,
-    sentence_id,
-    vqa_score,
-    write_submission,
-)
-from lxmert_fast.tasks.task_models import LABEL2ANS_FILE, build_task_model
+from lxmert_fast.tasks.metrics import gqa_accuracy, nlvr2_accuracy, nlvr2_consistency, sentence_id, vqa_score
+from lxmert_fast.tasks.scoring import evaluate, read_submission, write_submission
+from lxmert_fast.tasks.task_models import build_task_model
 
 TINY = dict(
     hidden_size=32,

@@ -1,4 +1,5 @@
-"""Prediction and evaluation-only: lxmert_fast.predict (Predictor and its command line) and lxmert_fast.evaluate.
+"""Prediction and evaluation-only: lxmert_fast.use (the Predictor, scoring a model folder), and the commands
+lxmert_fast.predict and lxmert_fast.evaluate.
 
 A tiny model (hidden 32, 32-d features) is fine-tuned for a few dozen steps on the generated VQA / GQA / NLVR2
 sample data and saved as fine-tuning saves a model folder: weights, config with id2label, tokenizer.
@@ -17,10 +18,11 @@ from lxmert_fast.data import FeatureStore, ensure_sample_data
 from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADataset, finetune_collate
 from lxmert_fast.data.finetune_sample import ensure_finetune_sample
 from lxmert_fast.errors import PredictionError
-from lxmert_fast.predict import Predictor, submission_predictions
+from lxmert_fast.model.folder import LABEL2ANS_FILE
+from lxmert_fast.tasks.registry import TASKS
 from lxmert_fast.tasks.scoring import evaluate, read_submission
-from lxmert_fast.tasks.task_models import LABEL2ANS_FILE, TASKS
 from lxmert_fast.train.objectives import MODEL_INPUTS, task_loss
+from lxmert_fast.use.predictor import Predictor, submission_predictions
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TINY = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, l_layers=1, x_layers=1, r_layers=1,
@@ -322,7 +324,7 @@ def test_packing_choice_does_not_change_answers(sample):
     """Whether a batch's padding is packed away depends on how much there is; the results never do."""
     predictor = Predictor.from_pretrained(sample["models"]["vqa"], sample["tsv"], device="cpu", batch_size=64)
     records = read(sample["ft"].split("vqa", "valid"))[:64]
-    import lxmert_fast.predict as predict_module
+    import lxmert_fast.use.predictor as predict_module
 
     results = {}
     for threshold in (0.0, 1.1):  # always pack, never pack

@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 
 from lxmert_fast import LxmertForPreTraining
 from lxmert_fast.errors import NonFiniteLossError
-from lxmert_fast.train.objectives import apply_task_switches, pretraining_losses
+from lxmert_fast.train.objectives import pretraining_losses
 from lxmert_fast.train.optimization import BertAdam, build_scheduler, warmup_linear
-from lxmert_fast.train.pretrain_run import TASKS
+from lxmert_fast.train.pretrain_run import TASKS, model_with_tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "lxmert_fast", "pretrain.py")
@@ -36,7 +36,8 @@ RUN_ARGS = ["--max-steps", str(STEPS), "--log-every", "1", "--save-every", "4", 
 # ------------------------------------------------------------------------------------------------------ losses
 @pytest.mark.parametrize("tasks", [TASKS, ("mlm", "obj", "feat"), ("matched", "attr", "qa")])
 def test_losses_equal_transformers(tasks):
-    config = apply_task_switches(small_config("uneven"), tasks)
+    config = small_config("uneven")
+    config.update(model_with_tasks({}, tasks))  # the heads of exactly these tasks, as a pre-training run sets them
     torch.manual_seed(0)
     ours = LxmertForPreTraining(config, backend="torch").eval()
     reference = transformers.LxmertForPreTraining(config).eval()

@@ -13,6 +13,7 @@ from lxmert_fast import LxmertConfig, LxmertModel, visualize
 from lxmert_fast.data import FeatureStore, ensure_sample_data
 from lxmert_fast.data.pretrain_dataset import load_tokenizer
 from lxmert_fast.errors import InputError, MissingDependencyError
+from lxmert_fast.use import attention
 
 pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is not installed")
 
@@ -51,7 +52,7 @@ def test_recomputed_cross_attention_is_the_models_and_transformers(sample):
     batch = model_inputs(make_batch(config, targets=False))  # padding in both streams
     with torch.no_grad():
         out = model(**batch, output_attentions=True, output_hidden_states=True, return_dict=True)
-        to_vision, to_language = visualize.cross_attentions_from_states(
+        to_vision, to_language = attention.cross_attentions_from_states(
             model, out, batch["attention_mask"], batch["visual_attention_mask"]
         )
         assert len(to_vision) == len(to_language) == config.x_layers
@@ -107,9 +108,9 @@ def test_command_writes_every_map_and_the_boxes(sample, model_dir, tmp_path, cap
 def test_one_head_and_labels(sample, model_dir):
     model = LxmertModel.from_pretrained(model_dir, backend="torch").eval()
     tokenizer = load_tokenizer(sample.tokenizer_dir)
-    feats, boxes, class_ids, _ = visualize._load_inputs(sample.features_tsv, "sample_000001")
-    averaged = visualize.attention_maps(model, tokenizer, "is there a cat?", feats, boxes)
-    per_head = [visualize.attention_maps(model, tokenizer, "is there a cat?", feats, boxes, head=h) for h in range(4)]
+    feats, boxes, class_ids, _ = attention.load_image_features(sample.features_tsv, "sample_000001")
+    averaged = attention.attention_maps(model, tokenizer, "is there a cat?", feats, boxes)
+    per_head = [attention.attention_maps(model, tokenizer, "is there a cat?", feats, boxes, head=h) for h in range(4)]
     tokens = averaged["tokens"]
     assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
     n_words, n_objects = len(tokens), feats.shape[1]
@@ -124,8 +125,8 @@ def test_one_head_and_labels(sample, model_dir):
         mean_of_heads = np.mean([m[kind][1] for m in per_head], axis=0)
         np.testing.assert_allclose(averaged[kind][1], mean_of_heads, atol=1e-6)
     assert not np.allclose(per_head[0]["language"][0], per_head[1]["language"][0])
-    assert visualize.object_labels(class_ids[:2]) == [f"0:{class_ids[0]}", f"1:{class_ids[1]}"]
-    assert visualize.object_labels([1, 99], ["dog", "cat"]) == ["0:cat", "1:99"]  # an id past the vocabulary
+    assert attention.object_labels(class_ids[:2]) == [f"0:{class_ids[0]}", f"1:{class_ids[1]}"]
+    assert attention.object_labels([1, 99], ["dog", "cat"]) == ["0:cat", "1:99"]  # an id past the vocabulary
 
 
 def test_bad_head_and_image_id_are_clear_errors(sample, model_dir, tmp_path):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lxmert_fast.errors import AnnotationFormatError
-from lxmert_fast.tasks.scoring import vqa_score
+from lxmert_fast.tasks.metrics import vqa_score
 from lxmert_fast.tasks.vqa_official import (
     normalize_words,
     official_accuracy,

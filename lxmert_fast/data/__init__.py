@@ -21,28 +21,18 @@ Typical use (the default pre-training run):
             loss = model(**batch).loss                           # transformers LxmertForPreTraining kwargs
 """
 
-from .feature_store import FeatureStore, StoreError, convert_tsv, default_store_dir, index_images
-from .formats import (
-    AnnotationFormatError,
-    AnswerTable,
-    FeatureFormatError,
-    ImageFeatures,
-    make_uid,
-    normalize_answer,
-    read_feature_tsv,
-    read_pretrain_json,
-    write_feature_tsv,
-)
-from .pretrain_dataset import IGNORE_INDEX, PretrainDataset, pretrain_collate, to_device
-from .sample import (
-    ATTRIBUTE_NAMES,
-    OBJECT_NAMES,
-    SamplePaths,
-    build_wordpiece_vocab,
-    ensure_sample_data,
-    make_sample_data,
-)
-from .tokenizer import TokenizerError, check_tokenizer, load_tokenizer
+# where each public name lives; imported on first use, so that `python -m lxmert_fast.data.download --help` (and any
+# light user of one module) does not load torch through this package
+_HOMES = {
+    "feature_store": ("FeatureStore", "StoreError", "convert_tsv", "default_store_dir", "index_images"),
+    "formats": ("AnnotationFormatError", "AnswerTable", "FeatureFormatError", "ImageFeatures", "make_uid",
+                "normalize_answer", "read_feature_tsv", "read_pretrain_json", "write_feature_tsv"),
+    "pretrain_dataset": ("IGNORE_INDEX", "PretrainDataset", "pretrain_collate", "to_device"),
+    "sample": ("ATTRIBUTE_NAMES", "OBJECT_NAMES", "SamplePaths", "build_wordpiece_vocab", "ensure_sample_data",
+               "make_sample_data"),
+    "tokenizer": ("TokenizerError", "check_tokenizer", "load_tokenizer"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
     "ATTRIBUTE_NAMES",
@@ -73,3 +63,11 @@ __all__ = [
     "read_pretrain_json",
     "write_feature_tsv",
 ]
+
+
+def __getattr__(name):
+    if name not in _HOME_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{_HOME_OF[name]}"), name)

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lxmert_fast.errors import DownloadError
+from lxmert_fast.files import atomic_path, write_text
 
 # Each host's sources, tried in order: the same paths under every one.
 HOSTS = {
@@ -223,10 +224,8 @@ def unpack_tsv(zip_path: Path, tsv_path: Path) -> Path:
         members = [m for m in z.namelist() if Path(m).name == tsv_path.name]
         if not members:
             raise DownloadError(f"{zip_path}: no member named {tsv_path.name} (it holds {z.namelist()[:5]})")
-        tmp = tsv_path.with_name(tsv_path.name + ".unzip")
-        with z.open(members[0]) as src, open(tmp, "wb") as dst:
+        with atomic_path(tsv_path) as tmp, z.open(members[0]) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, CHUNK)
-    os.replace(tmp, tsv_path)
     zip_path.unlink()
     return tsv_path
 
@@ -305,9 +304,7 @@ def _load_manifest(root: Path) -> dict:
 
 
 def _save_manifest(root: Path, manifest: dict) -> None:
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, root / MANIFEST)
+    write_text(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def _fetch_remote(remote: Remote, root: Path, manifest: dict, base_urls, retries, retry_wait, progress, log) -> Path:

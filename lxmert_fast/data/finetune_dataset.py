@@ -44,7 +44,9 @@ import numpy as np
 import torch
 
 from lxmert_fast.errors import JSONFileError
-from lxmert_fast.jsonfile import read_json
+from lxmert_fast.files import read_json
+from lxmert_fast.model.static_shapes import IGNORE_INDEX
+from lxmert_fast.tasks.registry import get_task
 
 from .feature_store import FeatureStore, index_images
 from .formats import AnnotationFormatError
@@ -52,10 +54,6 @@ from .pretrain_dataset import as_feature_store, missing_images_message
 from .tokenizer import check_tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
-
-FINETUNE_TASKS = ("vqa", "gqa", "nlvr2")
-_ID_KEY = {"vqa": "question_id", "gqa": "question_id", "nlvr2": "identifier"}
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Annotation files
@@ -67,17 +65,16 @@ def _is_score(x) -> bool:
 
 def read_annotations(path, task: str, require_labels: bool = True) -> list[dict]:
     """Load and validate one VQA / GQA / NLVR2 annotation file (see the module docstring)."""
-    if task not in FINETUNE_TASKS:
-        raise ValueError(f"unknown task {task!r}: expected one of {FINETUNE_TASKS}")
+    spec = get_task(task)
     path = Path(path)
-    fields = "identifier, img0, img1, sent, label" if task == "nlvr2" else "question_id, img_id, sent, label"
+    fields = ", ".join((spec.id_field, *spec.image_fields, "sent", "label"))
     try:
         data = read_json(path, f"a {task} annotation file: a JSON list of {{{fields}}} objects")
     except JSONFileError as err:
         raise AnnotationFormatError(str(err)) from None
     if not isinstance(data, list):
         raise AnnotationFormatError(f"{path}: expected a JSON list of {task} records, got {type(data).__name__}")
-    id_key = _ID_KEY[task]
+    id_key = spec.id_field
     seen: dict = {}
     for k, datum in enumerate(data):
         rid = datum.get(id_key) if isinstance(datum, dict) else None
@@ -92,7 +89,7 @@ def read_annotations(path, task: str, require_labels: bool = True) -> list[dict]
         sent = datum.get("sent")
         if not isinstance(sent, str) or not sent.strip():
             raise AnnotationFormatError(f"{where}: 'sent' is missing, empty or not a string: {sent!r}")
-        for key in ("img0", "img1") if task == "nlvr2" else ("img_id",):
+        for key in spec.image_fields:
             if not isinstance(datum.get(key), str) or not datum[key]:
                 raise AnnotationFormatError(f"{where}: missing or non-string {key!r}")
         if "label" not in datum:
@@ -100,7 +97,7 @@ def read_annotations(path, task: str, require_labels: bool = True) -> list[dict]
                 raise AnnotationFormatError(f"{where}: no 'label' (only test splits may omit it)")
             continue
         label = datum["label"]
-        if task == "nlvr2":
+        if not spec.answers:  # NLVR2
             if label not in (0, 1) or isinstance(label, bool | float):
                 raise AnnotationFormatError(f"{where}: 'label' must be 0 or 1, got {label!r}")
         else:
@@ -291,7 +288,7 @@ class QADataset(_FinetuneDataset):
         strict: bool = True,
     ):
         super().__init__(stores, tokenizer, max_seq_length, feature_dtype, strict)
-        if task not in ("vqa", "gqa"):
+        if not get_task(task).answers:
             raise ValueError(f"QADataset is for vqa or gqa, not {task!r}")
         self.task, self.vocab = task, vocab
         self.records: list[dict] = []
@@ -379,7 +376,7 @@ class NLVR2Dataset(_FinetuneDataset):
         pair = [self._visual(image) for image in self._images[index]]
         for key in pair[0]:
             out[key] = np.stack([pair[0][key], pair[1][key]])  # (2, V, ...): left image first
-        out["label"] = np.int64(self.records[index].get("label", -100))
+        out["label"] = np.int64(self.records[index].get("label", IGNORE_INDEX))
         out["index"] = np.int64(index)
         return out
 
@@ -392,7 +389,6 @@ def finetune_collate(items: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.
 
 
 __all__ = [
-    "FINETUNE_TASKS",
     "AnswerVocab",
     "NLVR2Dataset",
     "QADataset",

@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from lxmert_fast.errors import AnnotationFormatError, FeatureFormatError, JSONFileError
-from lxmert_fast.jsonfile import read_json
+from lxmert_fast.files import atomic_path, read_json
 
 TSV_FIELDS = (
     "img_id",
@@ -239,19 +238,10 @@ def encode_tsv_row(r: ImageFeatures) -> str:
 
 
 def write_feature_tsv(path, records: Iterable[ImageFeatures]) -> None:
-    """Write records as a released-format feature TSV (streaming; written to `path.tmp` then renamed)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="ascii", newline="\n") as f:
-            for record in records:
-                f.write(encode_tsv_row(record))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write records as a released-format feature TSV (streaming; written atomically)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="ascii", newline="\n") as f:
+        for record in records:
+            f.write(encode_tsv_row(record))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -47,13 +47,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from lxmert_fast.model.static_shapes import IGNORE_INDEX
+
 from .feature_store import FeatureStore, index_images
 from .formats import AnnotationFormatError, AnswerTable, make_uid, read_pretrain_json
 from .tokenizer import check_tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # torch CrossEntropyLoss's default, used by transformers' LxmertForPreTraining
 
 
 def as_feature_store(store) -> FeatureStore:

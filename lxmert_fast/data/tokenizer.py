@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lxmert_fast.errors import TokenizerError
+from lxmert_fast.model.folder import TOKENIZER_FILES
 
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 GET_BERT_BASE = (
     "python -c \"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained('bert-base-uncased')"
     ".save_pretrained('tokenizers/bert-base-uncased')\" (once, online), then pass "

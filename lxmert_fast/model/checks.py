@@ -24,7 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from lxmert_fast.errors import CheckpointError, ConfigError, InputError
-from lxmert_fast.jsonfile import read_json
+from lxmert_fast.files import read_json
 
 # LxmertConfig fields that size a tensor: must be positive integers (layer counts may be 0).
 _POSITIVE_FIELDS = (

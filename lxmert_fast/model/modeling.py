@@ -43,10 +43,9 @@ from transformers.utils import ModelOutput
 
 from lxmert_fast.model.checks import check_model_folder, check_model_sizes
 from lxmert_fast.model.configuration import LxmertConfig
-from lxmert_fast.model.static_shapes import StaticShapes
+from lxmert_fast.model.static_shapes import IGNORE_INDEX, StaticShapes
 
 BACKENDS = ("auto", "torch", "triton")
-IGNORE_INDEX = -100  # transformers' ignore index; the original code used -1
 
 
 def backend_from_environment() -> str:

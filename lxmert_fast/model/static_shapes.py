@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-IGNORE_INDEX = -100  # transformers' ignore index for unlabelled tokens
+IGNORE_INDEX = -100  # the label of a position without a target: transformers' (and torch's); the original used -1
 
 
 def _rows(expected: float, std: float, positions: int) -> int:

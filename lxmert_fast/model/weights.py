@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lxmert_fast.errors import CheckpointError
+from lxmert_fast.files import atomic_path
 from lxmert_fast.model.checks import check_safetensors_file, load_model_config
 from lxmert_fast.model.configuration import LxmertConfig
 
@@ -101,19 +100,6 @@ def _flat_tensors(loaded, path) -> dict[str, torch.Tensor]:
     if bad:
         raise CheckpointError(f"{path}: entries that are not tensors: {', '.join(map(str, bad[:5]))}")
     return dict(loaded)
-
-
-def _atomic_write(path: Path, write):
-    """Write through a temporary file in the same folder and rename it over `path`: a crash never leaves a torn
-    file under the final name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -379,6 +365,8 @@ def save_original(state_dict: dict[str, torch.Tensor], path, config: LxmertConfi
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {key: value.detach().cpu().contiguous() for key, value in to_original_layout(state_dict).items()}
-    _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+    with atomic_path(path) as tmp:
+        torch.save(tensors, tmp)
     if config is not None:
-        _atomic_write(config_file_next_to(path), lambda tmp: config.to_json_file(tmp))
+        with atomic_path(config_file_next_to(path)) as tmp:
+            config.to_json_file(tmp)

@@ -1,15 +1,9 @@
 """Fine-tuning metrics and the official submission files of VQA v2, GQA and NLVR2.
 
-Metrics, as the original's evaluators (`src/tasks/*_data.py`), over the predicted questions:
-    vqa_score          mean over questions of the predicted answer's soft score in the label (0 when absent)
-    gqa_accuracy       the same formula; GQA labels hold one answer with score 1.0, so it is plain accuracy
-    nlvr2_accuracy     fraction of pairs whose predicted truth value (0 / 1) equals the label
-    nlvr2_consistency  fraction of sentences whose every pair is right; a sentence is the identifier without its
-                       last "-N" part ("dev-850-0-3" -> "dev-850-0"), as the official NLVR2 script
+Metrics: each task's, as the registry (lxmert_fast.tasks.registry) names them (lxmert_fast.tasks.metrics):
     evaluate(task, predictions, labels) -> {"eval_score": main metric, ...}
-Every predicted id must have a label (KeyError otherwise): a silent 0 would hide a mismatched file.
 
-Submission files (written atomically):
+Submission files (written atomically; the registry's submission_keys and submission_file):
     VQA    JSON [{"question_id": ..., "answer": "..."}]
     GQA    JSON [{"questionId": ..., "prediction": "..."}]
     NLVR2  CSV lines "identifier,True|False", no header, as the original's dump_result
@@ -27,73 +21,18 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
-MAIN_METRIC = {"vqa": "vqa_score", "gqa": "accuracy", "nlvr2": "accuracy"}
-
-
-def _labels_for(predictions: Mapping, labels: Mapping):
-    if not predictions:
-        raise ValueError("no predictions to evaluate")
-    missing = [qid for qid in predictions if qid not in labels]
-    if missing:
-        raise KeyError(f"{len(missing)} predicted ids have no label, e.g. {missing[:3]}")
-    return ((predictions[qid], labels[qid]) for qid in predictions)
-
-
-def vqa_score(predictions: Mapping, labels: Mapping[object, Mapping[str, float]]) -> float:
-    """predictions: question_id -> answer; labels: question_id -> {answer: soft score}."""
-    pairs = list(_labels_for(predictions, labels))
-    return sum(float(label.get(answer, 0.0)) for answer, label in pairs) / len(pairs)
-
-
-def gqa_accuracy(predictions: Mapping, labels: Mapping[object, Mapping[str, float]]) -> float:
-    """predictions: question_id -> answer; labels: question_id -> {answer: 1.0}."""
-    return vqa_score(predictions, labels)
-
-
-def nlvr2_accuracy(predictions: Mapping[str, int], labels: Mapping[str, int]) -> float:
-    """predictions, labels: identifier -> 0 | 1."""
-    pairs = list(_labels_for(predictions, labels))
-    return sum(int(p) == int(y) for p, y in pairs) / len(pairs)
-
-
-def sentence_id(identifier: str) -> str:
-    """NLVR2 identifier ("split-set-pair-sentence") -> its sentence, as the official metrics.py groups them: the
-    pair field blanked, "dev-850-0-3" -> "dev-850--3" (the image pairs "dev-850-0-3" .. "dev-850-3-3" share it)."""
-    fields = identifier.split("-")
-    if len(fields) != 4:
-        raise ValueError(f"NLVR2 identifier {identifier!r}: expected split-set-pair-sentence")
-    fields[2] = ""
-    return "-".join(fields)
-
-
-def nlvr2_consistency(predictions: Mapping[str, int], labels: Mapping[str, int]) -> float:
-    """Fraction of sentences all of whose (predicted) image pairs are right (the official NLVR2 consistency)."""
-    _labels_for(predictions, labels)
-    all_right: dict[str, bool] = {}
-    for identifier, p in predictions.items():
-        sid = sentence_id(identifier)
-        all_right[sid] = all_right.get(sid, True) and int(p) == int(labels[identifier])
-    return sum(all_right.values()) / len(all_right)
+from lxmert_fast.files import write_text
+from lxmert_fast.tasks.registry import get_task
 
 
 def evaluate(task: str, predictions: Mapping, labels: Mapping) -> dict[str, float]:
     """The task's metrics; `eval_score` is its main one (VQA score, GQA accuracy, NLVR2 accuracy)."""
-    if task == "vqa":
-        metrics = {"vqa_score": vqa_score(predictions, labels)}
-    elif task == "gqa":
-        metrics = {"accuracy": gqa_accuracy(predictions, labels)}
-    elif task == "nlvr2":
-        metrics = {
-            "accuracy": nlvr2_accuracy(predictions, labels),
-            "consistency": nlvr2_consistency(predictions, labels),
-        }
-    else:
-        raise ValueError(f"unknown task {task!r}")
-    return {"eval_score": metrics[MAIN_METRIC[task]], **metrics}
+    spec = get_task(task)
+    metrics = {name: metric(predictions, labels) for name, metric in spec.metrics.items()}
+    return {"eval_score": metrics[spec.main_metric], **metrics}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,11 +47,11 @@ _QUESTION_ONLY_KEYS = {
 def _question_only_predictions(task: str, train_records, eval_records, key, answers=None) -> dict:
     """{id: the training answer with the highest summed score among training questions sharing the longest prefix
     of `key`} (NLVR2: label counts per statement); answers outside `answers` (the model's vocabulary) never win."""
-    id_field = "identifier" if task == "nlvr2" else "question_id"
+    spec = get_task(task)
     allowed = None if answers is None else set(answers)
     totals: dict[tuple, dict] = {}
     for record in train_records:
-        targets = {record["label"]: 1.0} if task == "nlvr2" else record["label"]
+        targets = record["label"] if spec.answers else {record["label"]: 1.0}
         k = key(record)
         for prefix in (k[:n] for n in range(len(k) + 1)):  # () is every question
             counts = totals.setdefault(prefix, {})
@@ -127,7 +66,7 @@ def _question_only_predictions(task: str, train_records, eval_records, key, answ
     for record in eval_records:
         k = key(record)
         counts = next(totals[k[:n]] for n in range(len(k), -1, -1) if totals.get(k[:n]))
-        predictions[record[id_field]] = best(counts)
+        predictions[record[spec.id_field]] = best(counts)
     return predictions
 
 
@@ -136,7 +75,8 @@ def question_only_score(task: str, train_records, eval_records, answers=None) ->
 
     Records are annotation dicts as in the released files (VQA / GQA: sent, label, optional question_type; NLVR2:
     sent, label). `answers`: the answers the model can give (its label2ans); None allows every training answer."""
-    labels = {r["identifier" if task == "nlvr2" else "question_id"]: r["label"] for r in eval_records}
+    id_field = get_task(task).id_field
+    labels = {r[id_field]: r["label"] for r in eval_records}
     if not train_records or not labels:
         raise ValueError("the question-only baseline needs labelled training and evaluation records")
     results = []
@@ -160,59 +100,29 @@ def question_only_note(task: str, train_records, eval_records, answers=None) -> 
 # Submission files
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_submission(task: str, predictions: Mapping, path) -> Path:
     """Write `predictions` (id -> answer string, or -> 0 / 1 for NLVR2) as the task's submission file."""
     path = Path(path)
-    if task == "vqa":
-        text = json.dumps([{"question_id": qid, "answer": ans} for qid, ans in predictions.items()])
-    elif task == "gqa":
-        text = json.dumps([{"questionId": qid, "prediction": ans} for qid, ans in predictions.items()])
-    elif task == "nlvr2":
+    keys = get_task(task).submission_keys
+    if keys is None:
         text = "".join(f"{identifier},{'True' if int(p) == 1 else 'False'}\n" for identifier, p in predictions.items())
     else:
-        raise ValueError(f"unknown task {task!r}")
-    _atomic_text(path, text)
-    return path
+        text = json.dumps([{keys[0]: qid, keys[1]: ans} for qid, ans in predictions.items()])
+    return write_text(path, text)
 
 
 def read_submission(task: str, path) -> dict:
     """Parse a submission file back into the predictions dict it was written from."""
+    keys = get_task(task).submission_keys
     with open(path, encoding="utf-8", newline="") as f:
-        if task == "vqa":
-            return {e["question_id"]: e["answer"] for e in json.load(f)}
-        if task == "gqa":
-            return {e["questionId"]: e["prediction"] for e in json.load(f)}
-        if task == "nlvr2":
-            out = {}
-            for line_no, row in enumerate(csv.reader(f), start=1):
-                if len(row) != 2 or row[1] not in ("True", "False"):
-                    raise ValueError(f"{path}:{line_no}: expected 'identifier,True|False', got {row!r}")
-                out[row[0]] = int(row[1] == "True")
-            return out
-    raise ValueError(f"unknown task {task!r}")
+        if keys is not None:
+            return {e[keys[0]]: e[keys[1]] for e in json.load(f)}
+        out = {}
+        for line_no, row in enumerate(csv.reader(f), start=1):
+            if len(row) != 2 or row[1] not in ("True", "False"):
+                raise ValueError(f"{path}:{line_no}: expected 'identifier,True|False', got {row!r}")
+            out[row[0]] = int(row[1] == "True")
+        return out
 
 
-SUBMISSION_NAME = {"vqa": "test_predict.json", "gqa": "submit_predict.json", "nlvr2": "test_predict.csv"}
-
-__all__ = [
-    "MAIN_METRIC",
-    "SUBMISSION_NAME",
-    "evaluate",
-    "gqa_accuracy",
-    "nlvr2_accuracy",
-    "nlvr2_consistency",
-    "question_only_note",
-    "question_only_score",
-    "read_submission",
-    "sentence_id",
-    "vqa_score",
-    "write_submission",
-]
+__all__ = ["evaluate", "question_only_note", "question_only_score", "read_submission", "write_submission"]

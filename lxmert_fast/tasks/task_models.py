@@ -1,4 +1,5 @@
-"""Fine-tuning tasks: their models and hyper-parameters, predictions, and how a task model starts from a checkpoint.
+"""Fine-tuning task models (lxmert_fast.tasks.registry declares the tasks): predictions, and how a task model starts
+from a checkpoint.
 
     task   model                        head on the pooled output                       loss
     vqa    LxmertForQuestionAnswering   answer_head.logit_fc -> 3129 answers            BCE-with-logits x answers
@@ -18,46 +19,17 @@ Starting points (`build_task_model`), as the original's `--loadLXMERT` / `--load
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lxmert_fast.data.formats import AnswerTable
 from lxmert_fast.errors import CheckpointError
-from lxmert_fast.jsonfile import read_json
+from lxmert_fast.files import read_json
 from lxmert_fast.model.configuration import LxmertConfig
-from lxmert_fast.model.modeling import LxmertForNLVR2, LxmertForQuestionAnswering
+from lxmert_fast.model.folder import LABEL2ANS_FILE
 from lxmert_fast.model.weights import checkpoint_config, load_into, read_state_dict, to_hf_layout
-
-LABEL2ANS_FILE = "label2ans.json"  # saved next to a fine-tuned QA model: the meaning of its output rows
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """The original's hyper-parameters of a task (batch size 32 and clipping 5.0 live in the DeepSpeed JSON)."""
-
-    name: str
-    lr: float
-    epochs: int = 4
-    warmup: float = 0.1
-    max_seq_length: int = 20
-
-    @property
-    def is_qa(self) -> bool:
-        return self.name in ("vqa", "gqa")
-
-    @property
-    def model_class(self):
-        return LxmertForQuestionAnswering if self.is_qa else LxmertForNLVR2
-
-    @property
-    def head_prefix(self) -> str:
-        return "answer_head.logit_fc." if self.is_qa else "logit_fc."
-
-
-TASKS = {"vqa": TaskSpec("vqa", lr=5e-5), "gqa": TaskSpec("gqa", lr=1e-5), "nlvr2": TaskSpec("nlvr2", lr=5e-5)}
-
+from lxmert_fast.tasks.registry import Task, get_task
 
 # ---------------------------------------------------------------------------------------------------------------
 # Predictions
@@ -66,7 +38,7 @@ TASKS = {"vqa": TaskSpec("vqa", lr=5e-5), "gqa": TaskSpec("gqa", lr=1e-5), "nlvr
 def predict(task: str, logits: torch.Tensor, label2ans=None) -> list:
     """Arg-max predictions: answer strings for VQA / GQA, 0 / 1 for NLVR2."""
     best = logits.argmax(dim=-1).tolist()
-    return best if task == "nlvr2" else [label2ans[i] for i in best]
+    return [label2ans[i] for i in best] if get_task(task).answers else best
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -75,7 +47,6 @@ def predict(task: str, logits: torch.Tensor, label2ans=None) -> list:
 
 def build_task_model(
     task: str,
-    num_answers: int | None = None,
     *,
     load=None,
     load_qa=None,
@@ -87,35 +58,33 @@ def build_task_model(
 ):
     """A task model from `load` or `load_qa` (see the module docstring), or from random with `config`.
 
-    num_answers / label2ans: the task's answer vocabulary (VQA / GQA); answer_table: all_ans.json (or an
+    label2ans: the task's answer vocabulary (VQA / GQA); answer_table: all_ans.json (or an
     AnswerTable) whose order is the pre-training QA head's rows, needed with `load_qa`.
     """
-    spec = TASKS[task]
+    spec = get_task(task)
     if load is not None and load_qa is not None:
         raise ValueError("give either --load or --load-lxmert-qa, not both")
-    if spec.is_qa and num_answers is None:
-        num_answers = len(label2ans)
     source = load_qa if load_qa is not None else load
     if source is None:
         if config is None:
             raise ValueError("no checkpoint and no config: nothing to build the model from")
         config = copy.deepcopy(config)
-        if spec.is_qa:
-            config.num_qa_labels = num_answers
+        if spec.answers:
+            config.num_qa_labels = len(label2ans)
         log(f"{task}: model starts from random initialisation (no --load)")
         return spec.model_class(config, backend=backend)
 
     path = Path(source)
     state = to_hf_layout(read_state_dict(path))
     config = checkpoint_config(path, state)
-    if spec.is_qa:
-        config.num_qa_labels = num_answers
+    if spec.answers:
+        config.num_qa_labels = len(label2ans)
     model = spec.model_class(config, backend=backend)
     encoder = {k.removeprefix("lxmert."): v for k, v in state.items() if k.startswith("lxmert.")}
     load_into(model.lxmert, encoder, source=str(path))
 
     if load_qa is not None:
-        if not spec.is_qa:
+        if not spec.answers:
             raise ValueError("--load-lxmert-qa is for VQA / GQA: NLVR2's pair head has no answer rows; use --load")
         if answer_table is None:
             raise ValueError("--load-lxmert-qa needs the pre-training answer table (--answer-table all_ans.json)")
@@ -126,15 +95,16 @@ def build_task_model(
     return model
 
 
-def _load_task_head(model, spec: TaskSpec, state: dict, path: Path, label2ans, log) -> None:
+def _load_task_head(model, spec: Task, state: dict, path: Path, label2ans, log) -> None:
     """The task head from a fine-tuned model of the same task; a pre-training checkpoint's heads are never used."""
     head = {k.removeprefix(spec.head_prefix): v for k, v in state.items() if k.startswith(spec.head_prefix)}
-    expected = model.answer_head.logit_fc.state_dict() if spec.is_qa else model.logit_fc.state_dict()
+    head_module = model.get_submodule(spec.head_prefix.rstrip("."))
+    expected = head_module.state_dict()
     is_pretraining = any(k.startswith(("cls.", "obj_predict_head.")) for k in state)
     fits = set(head) == set(expected) and all(head[k].shape == expected[k].shape for k in head)
     if fits and not is_pretraining:
         _check_label2ans(path, label2ans)
-        (model.answer_head.logit_fc if spec.is_qa else model.logit_fc).load_state_dict(head)
+        head_module.load_state_dict(head)
         log(f"{spec.name}: encoder and task head loaded from {path}")
     else:
         log(f"{spec.name}: encoder loaded from {path}; the task head starts from random initialisation")
@@ -198,9 +168,6 @@ def init_answer_head_from_qa(model, state: dict, answer_table, label2ans, source
 
 
 __all__ = [
-    "LABEL2ANS_FILE",
-    "TASKS",
-    "TaskSpec",
     "build_task_model",
     "init_answer_head_from_qa",
     "predict",

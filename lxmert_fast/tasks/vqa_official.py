@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from lxmert_fast.errors import AnnotationFormatError
-from lxmert_fast.jsonfile import read_json
+from lxmert_fast.files import read_json
 
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                  "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}

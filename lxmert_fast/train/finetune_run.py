@@ -12,11 +12,11 @@ import torch
 from lxmert_fast.data import FeatureStore
 from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADataset, finetune_collate
 from lxmert_fast.data.tokenizer import check_tokenizer
-from lxmert_fast.export import nlvr2_labels
 from lxmert_fast.model.checks import check_features
 from lxmert_fast.model.static_shapes import StaticShapes
-from lxmert_fast.tasks.scoring import SUBMISSION_NAME, question_only_note, write_submission
-from lxmert_fast.tasks.task_models import TASKS, build_task_model
+from lxmert_fast.tasks.registry import TRUTH_LABELS, get_task
+from lxmert_fast.tasks.scoring import question_only_note, write_submission
+from lxmert_fast.tasks.task_models import build_task_model
 from lxmert_fast.train import training
 from lxmert_fast.train.engines import build_engine
 from lxmert_fast.train.loop import Trainer, plan_steps, start
@@ -33,7 +33,7 @@ def _split(value):
 def build_data(config):
     """(train, valid, test) datasets (None where not asked for) and the answer vocabulary (None for NLVR2)."""
     stores = [FeatureStore.from_tsv(path) for path in _split(config.features)]
-    vocab = AnswerVocab.load(config.ans2label, config.label2ans) if TASKS[config.task].is_qa else None
+    vocab = AnswerVocab.load(config.ans2label, config.label2ans) if get_task(config.task).answers else None
 
     def dataset(files, require_labels=True, strict=True):
         if not files:
@@ -89,7 +89,7 @@ def finetune(config):
     check_images = valid_set is not None and config.flags.get("images_shuffled_score")
     shuffled = valid_set.with_images_shuffled() if check_images else None
     hooks = TaskEvaluation(config.task, valid_set, finetune_collate, label2ans, baseline, shuffled)
-    labels = list(label2ans) if label2ans is not None else nlvr2_labels()
+    labels = list(label2ans) if label2ans is not None else list(TRUTH_LABELS)
     trainer = Trainer(config, engine, objective, scheduler, train_set, finetune_collate,
                       epochs=config.epochs if train_set is not None else 0, hooks=hooks,
                       save_model=model_saver(model, any_set.tokenizer, labels), name=f"finetune {config.task}")
@@ -127,6 +127,6 @@ def test(trainer, hooks, model, test_set):
     submission = None
     if training.is_main():
         submission = str(write_submission(config.task, preds, os.path.join(config.output_dir,
-                                                                           SUBMISSION_NAME[config.task])))
+                                                                           get_task(config.task).submission_file)))
         training.print0(f"submission written to {submission}")
     return {"test": scores or None, "submission": submission}

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lxmert_fast.errors import ConfigError, NonFiniteLossError
-from lxmert_fast.export import MODEL_SPEC
+from lxmert_fast.model.folder import MODEL_SPEC
 from lxmert_fast.train import training
 from lxmert_fast.train.run_config import RUN_CONFIG_FILE, RunConfig
 
@@ -109,7 +109,7 @@ class Trainer:
     def __init__(self, config: RunConfig, engine, objective, scheduler, train_set=None, collate=None, *, epochs=0,
                  save_model=None, hooks: Hooks | None = None, name="train"):
         """``save_model(folder, weights=True)``: writes the model as a self-contained folder (rank 0); without
-        weights into each checkpoint, so that it exports (lxmert_fast.export)."""
+        weights into each checkpoint, so that it exports (lxmert_fast.model.folder)."""
         self.config, self.engine, self.objective, self.scheduler = config, engine, objective, scheduler
         self._save_model = save_model
         self.train_set, self.collate = train_set, collate

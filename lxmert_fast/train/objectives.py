@@ -18,12 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lxmert_fast.export import save_model_folder
+from lxmert_fast.model.folder import save_model_folder
 from lxmert_fast.model.static_shapes import StaticShapes
+from lxmert_fast.tasks.registry import get_task
 from lxmert_fast.train import training
 from lxmert_fast.train.loop import Hooks
 
-PRETRAINING_TASKS = ("mlm", "matched", "obj", "attr", "feat", "qa")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos",
                 "visual_attention_mask")
 
@@ -54,18 +54,6 @@ def pretraining_losses(model, batch, static_shapes=None):
     losses = {f"{task}_loss": value for task, value in out.task_losses.items()}
     losses["loss"] = out.loss
     return losses
-
-
-def apply_task_switches(config, tasks):
-    """Mirror the enabled tasks into the LxmertConfig fields, so the saved model has exactly the heads it trained."""
-    config.task_mask_lm = "mlm" in tasks
-    config.task_matched = "matched" in tasks
-    config.visual_obj_loss = "obj" in tasks
-    config.visual_attr_loss = "attr" in tasks
-    config.visual_feat_loss = "feat" in tasks
-    config.task_obj_predict = any(t in tasks for t in ("obj", "attr", "feat"))
-    config.task_qa = "qa" in tasks
-    return config
 
 
 class PretrainingObjective(Objective):
@@ -112,7 +100,7 @@ def task_loss(task: str, logits: torch.Tensor, batch: dict, loss: str = "bce") -
     scaling: a sum over answers, mean over the batch); `loss="ce"`: cross-entropy on each question's top answer
     (questions with no known answer ignored). NLVR2: cross-entropy on the 0 / 1 label."""
     logits = logits.float()  # (B, A) or (B, 2)
-    if task == "nlvr2":
+    if not get_task(task).answers:  # NLVR2
         return F.cross_entropy(logits, batch["label"], ignore_index=-100)
     target = batch["target"].float()  # (B, A)
     if loss == "ce":
@@ -135,7 +123,7 @@ class FinetuneObjective(Objective):
     def forward(self, batch, static=False):
         inputs = {k: batch[k] for k in MODEL_INPUTS}
         out = self.model(**inputs, static_shapes=self.shapes(static), return_dict=True)
-        logits = out.logits if self.task == "nlvr2" else out.question_answering_score  # (B, 2) / (B, A)
+        logits = getattr(out, get_task(self.task).logits_field)  # (B, 2) / (B, A)
         result = {"logits": logits}
         if "target" in batch or "label" in batch:
             result["loss"] = task_loss(self.task, logits, batch, self.loss)
@@ -205,7 +193,7 @@ class TaskEvaluation(Hooks):
 
 
 def model_saver(model, tokenizer, labels=None):
-    """``save(folder, weights=True)``: ``model`` as a self-contained folder (lxmert_fast.export)."""
+    """``save(folder, weights=True)``: ``model`` as a self-contained folder (lxmert_fast.model.folder)."""
 
     def save(folder, weights=True):
         save_model_folder(model, folder, tokenizer, labels, weights=weights)

@@ -45,10 +45,10 @@ def find_config(name_or_path: str) -> str:
 def read_json(path: str, what: str):
     """The JSON in ``path``; a file that is not JSON is an error naming the file, line and column and ``what``
     the file should hold."""
-    from lxmert_fast import jsonfile  # the one JSON reader; its errors become ConfigErrors here
+    from lxmert_fast import files  # the one JSON reader; its errors become ConfigErrors here
 
     try:
-        return jsonfile.read_json(path, what)
+        return files.read_json(path, what)
     except FileNotFoundError as error:
         raise ConfigError(str(error)) from error
     except OSError as error:

@@ -23,6 +23,7 @@ import warnings
 import torch
 
 from lxmert_fast.errors import CheckpointError
+from lxmert_fast.files import atomic_path
 from lxmert_fast.train.cuda_graphs import GraphedStep
 
 CHECKPOINT_FILE = "state.pt"
@@ -139,9 +140,8 @@ class SingleDeviceEngine:
             "client_state": client_state,
         }
         path = os.path.join(folder, CHECKPOINT_FILE)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
 
     def load(self, ckpt_dir, tag):
         """Load ``ckpt_dir/tag/state.pt``; returns its client state. Never executes code from the file."""

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from lxmert_fast.data import to_device  # noqa: F401  (the loop calls training.to_device)
 from lxmert_fast.errors import CheckpointError
+from lxmert_fast.files import write_text
 
 CKPT_LATEST = "latest"
 METRICS_FILE = "metrics.jsonl"
@@ -175,12 +176,7 @@ def eval_batches(num_samples, micro_batch, rank_, world, limit=None, seed=None):
 
 
 def atomic_write(path, text):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half of one
+    write_text(path, text)
 
 
 def checkpoint_tag(step):
