@@ -381,7 +381,7 @@ def test_resume_never_executes_code_from_a_checkpoint(tmp_path):
 
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
-    from lxmert_fast.train import engines, training
+    from lxmert_fast.train import engines, seeding
 
     marker = tmp_path / "pwned"
 
@@ -392,9 +392,9 @@ def test_resume_never_executes_code_from_a_checkpoint(tmp_path):
     engine = SimpleNamespace(checkpoint_engine=SimpleNamespace(load=None))
     engines.install_safe_load(engine)
     good = tmp_path / "good.pt"
-    torch.save({"module": {"w": torch.ones(2)}, "loss_scaler": LossScaler(4.0), "rng": training.rng_state()}, good)
+    torch.save({"module": {"w": torch.ones(2)}, "loss_scaler": LossScaler(4.0), "rng": seeding.rng_state()}, good)
     state = engine.checkpoint_engine.load(str(good))
-    training.set_rng_state(state["rng"])
+    seeding.set_rng_state(state["rng"])
     assert state["loss_scaler"].cur_scale == 4.0
     bad = tmp_path / "bad.pt"
     torch.save({"module": {"w": torch.ones(2)}, "client": Exploit()}, bad)
@@ -452,9 +452,9 @@ def test_torch_engine_checkpoint_never_executes_code_and_names_a_bad_file(tmp_pa
 
 
 def training_rng_state():
-    from lxmert_fast.train import training
+    from lxmert_fast.train import seeding
 
-    return training.rng_state()
+    return seeding.rng_state()
 
 
 def test_torch_engine_accumulates_clips_and_steps_at_the_boundary():

@@ -16,7 +16,7 @@ import torch
 from helpers import small_config
 
 from lxmert_fast.errors import CheckpointError, ConfigError
-from lxmert_fast.train import training
+from lxmert_fast.train import checkpoints, metrics, sampling
 from lxmert_fast.train.run_config import resolve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,7 +180,7 @@ def test_malformed_config_json_names_file_line_and_column(tmp_path):
 
 
 def test_importing_training_code_sets_no_environment():
-    code = ("import os; import lxmert_fast.train.loop, lxmert_fast.train.engines, lxmert_fast.train.training; "
+    code = ("import os; import lxmert_fast.train.loop, lxmert_fast.train.engines, lxmert_fast.train.distributed; "
             "print(os.environ.get('DS_ACCELERATOR'))")
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
@@ -224,7 +224,7 @@ def _engine():
 
 def test_a_failed_checkpoint_write_names_the_path_and_cause_and_keeps_the_last_good_one(tmp_path, monkeypatch):
     engine, ckpt = _engine(), tmp_path / "checkpoints"
-    training.save_checkpoint(engine, str(ckpt), 2, {"step": 2})
+    checkpoints.save_checkpoint(engine, str(ckpt), 2, {"step": 2})
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -232,28 +232,28 @@ def test_a_failed_checkpoint_write_names_the_path_and_cause_and_keeps_the_last_g
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step000000004: No space left "
                                                        r"on device; the last good checkpoint .*step000000002 is kept"):
-        training.save_checkpoint(engine, str(ckpt), 4, {"step": 4})
+        checkpoints.save_checkpoint(engine, str(ckpt), 4, {"step": 4})
     assert (ckpt / "latest").read_text() == "step000000002" and not (ckpt / "step000000004").exists()
-    assert training.load_checkpoint(engine, str(ckpt))[1] == {"step": 2}
+    assert checkpoints.load_checkpoint(engine, str(ckpt))[1] == {"step": 2}
 
 
 def test_rotation_keeps_the_newest_and_drops_a_killed_runs_later_tags(tmp_path):
     engine, ckpt = _engine(), tmp_path / "checkpoints"
     for step in (2, 4, 6, 8):
-        training.save_checkpoint(engine, str(ckpt), step, {}, keep=2)
+        checkpoints.save_checkpoint(engine, str(ckpt), step, {}, keep=2)
     assert sorted(os.listdir(ckpt)) == ["latest", "step000000006", "step000000008"]
     (ckpt / "latest").write_text("step000000006")  # resumed from 6 after a kill: 8 is the killed run's
-    training.save_checkpoint(engine, str(ckpt), 7, {}, keep=2)
+    checkpoints.save_checkpoint(engine, str(ckpt), 7, {}, keep=2)
     assert sorted(os.listdir(ckpt)) == ["latest", "step000000006", "step000000007"]
 
 
 def test_latest_pointing_to_a_missing_folder_is_an_error_and_deletes_nothing(tmp_path):
     engine, ckpt = _engine(), tmp_path / "checkpoints"
-    training.save_checkpoint(engine, str(ckpt), 2, {}, keep=2)
+    checkpoints.save_checkpoint(engine, str(ckpt), 2, {}, keep=2)
     (ckpt / "latest").write_text("step000000004")
     with pytest.raises(CheckpointError, match=r"points to 'step000000004', which is not in .* \(it holds "
                                                        r"\['step000000002'\]\)"):
-        training.load_checkpoint(engine, str(ckpt))
+        checkpoints.load_checkpoint(engine, str(ckpt))
     assert (ckpt / "step000000002").is_dir()
 
 
@@ -261,15 +261,15 @@ def test_metrics_are_cut_back_on_resume_also_before_the_first_checkpoint(tmp_pat
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"event": "train", "step": 1}\n{"event": "train", "step": 2}\n{"event": "eval", "step": 2}\n'
                     '{"event": "train", "st')
-    training.truncate_metrics(str(path), 0)  # killed before the first checkpoint: nothing of it is kept
+    metrics.truncate_metrics(str(path), 0)  # killed before the first checkpoint: nothing of it is kept
     assert path.read_text() == ""
     path.write_text('{"event": "train", "step": 1}\n{"event": "train", "step": 2}\n{"event": "end", "step": 2}\n')
-    training.truncate_metrics(str(path), 1)
+    metrics.truncate_metrics(str(path), 1)
     assert path.read_text() == '{"event": "train", "step": 1}\n'
 
 
 def test_evaluation_batches_keep_the_partial_last_one_and_are_even_over_ranks():
-    assert training.eval_batches(5, 32, 0, 1) == [[0, 1, 2, 3, 4]]
-    ranks = [training.eval_batches(5, 2, r, 2) for r in (0, 1)]
+    assert sampling.eval_batches(5, 32, 0, 1) == [[0, 1, 2, 3, 4]]
+    ranks = [sampling.eval_batches(5, 2, r, 2) for r in (0, 1)]
     assert ranks == [[[0, 2], [4]], [[1, 3], [0]]]  # rank 1 repeats a sample to run as many batches
-    assert training.eval_batches(10, 2, 0, 1, limit=2) == [[0, 1], [2, 3]]
+    assert sampling.eval_batches(10, 2, 0, 1, limit=2) == [[0, 1], [2, 3]]

@@ -19,8 +19,8 @@ from typing import Protocol
 import torch
 
 from lxmert_fast.errors import CheckpointError
+from lxmert_fast.train.distributed import local_device
 from lxmert_fast.train.single_device import CHECKPOINT_FILE, SingleDeviceEngine
-from lxmert_fast.train.training import local_device
 
 
 class Engine(Protocol):

@@ -17,7 +17,7 @@ from lxmert_fast.model.checks import check_features
 from lxmert_fast.model.static_shapes import StaticShapes
 from lxmert_fast.tasks.scoring import SUBMISSION_NAME, question_only_note, write_submission
 from lxmert_fast.tasks.task_models import TASKS, build_task_model
-from lxmert_fast.train import training
+from lxmert_fast.train import distributed
 from lxmert_fast.train.engines import build_engine
 from lxmert_fast.train.loop import Trainer, plan_steps, start
 from lxmert_fast.train.objectives import FinetuneObjective, TaskEvaluation, model_saver
@@ -38,7 +38,7 @@ def build_data(config):
     def dataset(files, require_labels=True, strict=True):
         if not files:
             return None
-        # features travel as stored (float16, half the bytes); training.to_device casts them to the model's dtype
+        # features travel as stored (float16, half the bytes); data.to_device casts them to the model's dtype
         if vocab is None:
             return NLVR2Dataset(files, stores, config.tokenizer, config.max_seq_length, require_labels, "float16",
                                 strict)
@@ -63,7 +63,7 @@ def build_model(config, any_set, label2ans):
     torch.manual_seed(config.seed)  # the same random head on every rank
     model = build_task_model(config.task, load=config.load, load_qa=config.load_lxmert_qa,
                              answer_table=config.answer_table, label2ans=label2ans, config=scratch,
-                             backend=config.model_backend, log=training.print0)
+                             backend=config.model_backend, log=distributed.print0)
     check_tokenizer(any_set.tokenizer, [], vocab_size=model.config.vocab_size)
     check_features(any_set.stores, model.config, labels=False)
     return model
@@ -71,8 +71,8 @@ def build_model(config, any_set, label2ans):
 
 def finetune(config):
     """Fine-tune and / or evaluate; returns {"valid": metrics, "best_score", "test": metrics, "submission"}."""
-    training.init_distributed()  # the data and the model are read and checked before start() claims the output
-    train_set, valid_set, test_set, vocab = training.main_first(lambda: build_data(config))
+    distributed.init_distributed()  # the data and the model are read and checked before start() claims the output
+    train_set, valid_set, test_set, vocab = distributed.main_first(lambda: build_data(config))
     label2ans = vocab.label2ans if vocab is not None else None
     any_set = next(d for d in (train_set, valid_set, test_set) if d is not None)
     model = build_model(config, any_set, label2ans)
@@ -93,7 +93,7 @@ def finetune(config):
     trainer = Trainer(config, engine, objective, scheduler, train_set, finetune_collate,
                       epochs=config.epochs if train_set is not None else 0, hooks=hooks,
                       save_model=model_saver(model, any_set.tokenizer, labels), name=f"finetune {config.task}")
-    training.print0(
+    distributed.print0(
         f"LXMERT fine-tuning ({config.task}): {model.num_parameters() / 1e6:.1f}M parameters, "
         f"{len(train_set) if train_set else 0} train / {len(valid_set) if valid_set else 0} valid samples"
         f"{f', {len(label2ans)} answers' if label2ans else ''}, {config.world_size} rank(s) on {engine.device}, "
@@ -106,9 +106,9 @@ def finetune(config):
     if test_set is not None:
         result.update(test(trainer, hooks, model, test_set))
     total_time = trainer.finish(best_eval_score=hooks.best)
-    training.print0(f"done: {trainer.position.step} steps in {total_time:.1f} s; best eval_score {hooks.best}; "
+    distributed.print0(f"done: {trainer.position.step} steps in {total_time:.1f} s; best eval_score {hooks.best}; "
                     f"output in {config.output_dir}")
-    training.barrier()
+    distributed.barrier()
     return result
 
 
@@ -122,11 +122,11 @@ def test(trainer, hooks, model, test_set):
 
         with trainer.engine.whole_parameters(model), torch.no_grad():
             model.load_state_dict(load_file(os.path.join(best, "model.safetensors")))
-        training.print0(f"--test: predicting with the best model, {best}")
+        distributed.print0(f"--test: predicting with the best model, {best}")
     preds, scores = hooks.run(trainer, test_set, "test")
     submission = None
-    if training.is_main():
+    if distributed.is_main():
         submission = str(write_submission(config.task, preds, os.path.join(config.output_dir,
                                                                            SUBMISSION_NAME[config.task])))
-        training.print0(f"submission written to {submission}")
+        distributed.print0(f"submission written to {submission}")
     return {"test": scores or None, "submission": submission}

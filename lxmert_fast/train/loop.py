@@ -22,12 +22,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from lxmert_fast.data import to_device
 from lxmert_fast.errors import ConfigError, NonFiniteLossError
 from lxmert_fast.export import MODEL_SPEC
-from lxmert_fast.train import training
+from lxmert_fast.train import checkpoints, distributed, metrics, sampling, seeding
 from lxmert_fast.train.run_config import RUN_CONFIG_FILE, RunConfig
 
-RUN_OUTPUTS = (training.METRICS_FILE, "checkpoints", "tensorboard", RUN_CONFIG_FILE, "final_model", "best_model")
+RUN_OUTPUTS = (metrics.METRICS_FILE, "checkpoints", "tensorboard", RUN_CONFIG_FILE, "final_model", "best_model")
 
 
 @dataclass
@@ -59,11 +60,11 @@ class Hooks:
 
 def start(config: RunConfig) -> None:
     """A run's start: join the process group, print the resolved config once, check and claim the output folder."""
-    training.init_distributed()
-    if training.world_size() != config.world_size:
+    distributed.init_distributed()
+    if distributed.world_size() != config.world_size:
         raise ConfigError(f"the run config was resolved for {config.world_size} rank(s), the process group has "
-                          f"{training.world_size()}")
-    training.print0(config.summary())
+                          f"{distributed.world_size()}")
+    distributed.print0(config.summary())
     prepare_output_dir(config)
 
 
@@ -81,20 +82,20 @@ def prepare_output_dir(config: RunConfig) -> None:
             f"--output-dir {out} holds another run ({', '.join(found)}): continue it with --resume, replace it "
             "with --overwrite, or choose another --output-dir"
         )
-    training.barrier()  # every rank has looked (and refused alike) before the main rank writes
-    if training.is_main():
+    distributed.barrier()  # every rank has looked (and refused alike) before the main rank writes
+    if distributed.is_main():
         if config.overwrite and not config.resume:
             for name in found:
                 path = os.path.join(out, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         os.makedirs(out, exist_ok=True)
-        training.atomic_write(saved_path, config.to_json() + "\n")
-    training.barrier()
+        checkpoints.atomic_write(saved_path, config.to_json() + "\n")
+    distributed.barrier()
 
 
 def plan_steps(config: RunConfig, num_samples: int, epochs: int):
     """(micro-batches per epoch, optimiser steps in total, epochs to run) for a training set of ``num_samples``."""
-    per_epoch = training.num_micro_batches(num_samples, config.micro_batch, config.world_size)
+    per_epoch = sampling.num_micro_batches(num_samples, config.micro_batch, config.world_size)
     per_epoch = per_epoch // config.accumulation * config.accumulation
     steps_per_epoch = per_epoch // config.accumulation
     if steps_per_epoch == 0:
@@ -120,9 +121,9 @@ class Trainer:
         self.micro_per_epoch, self.total_steps, self.epochs = (0, 0, 0)
         if train_set is not None and epochs > 0:
             self.micro_per_epoch, self.total_steps, self.epochs = plan_steps(config, len(train_set), epochs)
-        self.metrics = training.MetricsLogger(config.output_dir, enabled=training.is_main())
-        self.bar = training.progress_bar(self.total_steps, desc=name)
-        self.timer = training.Timer()
+        self.metrics = metrics.MetricsLogger(config.output_dir, enabled=distributed.is_main())
+        self.bar = metrics.progress_bar(self.total_steps, desc=name)
+        self.timer = metrics.Timer()
         self.sums, self.count, self.first_loss, self.last_loss = {}, 0, None, None
         self.t_start = time.perf_counter()
 
@@ -135,21 +136,21 @@ class Trainer:
         """With --resume: load the latest checkpoint (if any) and drop the killed run's metrics past it."""
         if not self.config.resume:
             return
-        tag, state = training.load_checkpoint(self.engine, self.ckpt_dir)
+        tag, state = checkpoints.load_checkpoint(self.engine, self.ckpt_dir)
         if tag is not None:
             self.last_checkpoint = tag
             self.position = Position(**state["position"])
             rngs = state["rng"]
-            training.set_rng_state(rngs[training.rank()] if training.rank() < len(rngs) else rngs[0])
+            seeding.set_rng_state(rngs[distributed.rank()] if distributed.rank() < len(rngs) else rngs[0])
             self.hooks.load_client_state(state.get("task", {}))
-            training.print0(f"resumed from {os.path.join(self.ckpt_dir, tag)}: step {self.position.step}, "
+            distributed.print0(f"resumed from {os.path.join(self.ckpt_dir, tag)}: step {self.position.step}, "
                             f"epoch {self.position.epoch}")
         else:
-            training.print0(f"--resume: no checkpoint in {self.ckpt_dir}, starting from the beginning")
-        if training.is_main():
-            training.truncate_metrics(self.metrics.path, self.position.step)
+            distributed.print0(f"--resume: no checkpoint in {self.ckpt_dir}, starting from the beginning")
+        if distributed.is_main():
+            metrics.truncate_metrics(self.metrics.path, self.position.step)
         self.bar.update(self.position.step)
-        training.barrier()
+        distributed.barrier()
 
     # ------------------------------------------------------------------------------------------------- loop
     def fit(self):
@@ -171,10 +172,10 @@ class Trainer:
     def _train_epoch(self):
         p, config = self.position, self.config
         self.hooks.on_epoch_start(self)
-        batches = training.epoch_batches(len(self.train_set), config.micro_batch, config.seed, p.epoch,
-                                         training.rank(), config.world_size, start=p.pos)
+        batches = sampling.epoch_batches(len(self.train_set), config.micro_batch, config.seed, p.epoch,
+                                         distributed.rank(), config.world_size, start=p.pos)
         for batch in self.loader(self.train_set, batches[: self.micro_per_epoch - p.pos]):
-            training.seed_step(config.seed, p.micro_step, training.rank())
+            seeding.seed_step(config.seed, p.micro_step, distributed.rank())
             lr = self.scheduler.get_last_lr()[0]  # the rate this update uses (the scheduler moves on in step())
             batch, static = self.to_device(batch)
             values = self.engine.train_step(batch, self._check_losses, static)
@@ -200,7 +201,7 @@ class Trainer:
         (asked only of an engine that needs them)."""
         batch = self.objective.prepare(batch)
         static = self.engine.needs_static_shapes and self.objective.fits(batch)
-        return training.to_device(batch, self.engine.device, self.engine.batch_dtype), static
+        return to_device(batch, self.engine.device, self.engine.batch_dtype), static
 
     def _add(self, values):
         self.timer.add(self.config.micro_batch * self.config.world_size)
@@ -211,7 +212,7 @@ class Trainer:
     def _check_losses(self, losses):
         """The losses averaged over ranks; a NaN or inf stops the run before the weights are updated."""
         scalars = {k: v for k, v in losses.items() if k.endswith("loss")}
-        values, bad = training.reduce_losses(scalars, self.engine.device)
+        values, bad = metrics.reduce_losses(scalars, self.engine.device)
         if bad:
             p = self.position
             where = (f"the last good checkpoint is {os.path.join(self.ckpt_dir, self.last_checkpoint)}"
@@ -240,27 +241,27 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- checkpoints
     def checkpoint(self):
         rngs = [None] * self.config.world_size
-        torch.distributed.all_gather_object(rngs, training.rng_state())
+        torch.distributed.all_gather_object(rngs, seeding.rng_state())
         state = {"position": asdict(self.position), "rng": rngs, "task": self.hooks.client_state()}
         describe = None
         if self._save_model is not None:
             def describe(folder):
                 self._save_model(os.path.join(folder, MODEL_SPEC), weights=False)
-        self.last_checkpoint = training.save_checkpoint(self.engine, self.ckpt_dir, self.position.step, state,
+        self.last_checkpoint = checkpoints.save_checkpoint(self.engine, self.ckpt_dir, self.position.step, state,
                                                         keep=self.config.keep_checkpoints, describe=describe)
 
     def save_model(self, folder):
         """The model as a self-contained folder, on rank 0 (ZeRO-3's shards gathered first)."""
         with self.engine.whole_parameters(self.objective):
-            if training.is_main():
+            if distributed.is_main():
                 self._save_model(folder)
-        training.barrier()
+        distributed.barrier()
 
     # ------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, dataset, collate, limit=None, seed=None):
         """The objective's outputs over ``dataset`` (all of it, the last micro-batch partial; at most ``limit``
         micro-batches per rank), yielded with each prepared host batch."""
-        batches = training.eval_batches(len(dataset), self.config.micro_batch, training.rank(),
+        batches = sampling.eval_batches(len(dataset), self.config.micro_batch, distributed.rank(),
                                         self.config.world_size, limit=limit, seed=seed)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                              num_workers=self.num_workers)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from lxmert_fast.export import save_model_folder
 from lxmert_fast.model.static_shapes import StaticShapes
-from lxmert_fast.train import training
+from lxmert_fast.train import distributed, metrics
 from lxmert_fast.train.loop import Hooks
 
 PRETRAINING_TASKS = ("mlm", "matched", "obj", "attr", "feat", "qa")
@@ -94,7 +94,7 @@ class ValidationLoss(Hooks):
         self.valid_set.set_epoch(0)
         sums, count = {}, 0
         for _, out in trainer.evaluate(self.valid_set, self.collate, limit=self.batches, seed=trainer.config.seed):
-            values, _ = training.reduce_losses(out, trainer.engine.device)
+            values, _ = metrics.reduce_losses(out, trainer.engine.device)
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
@@ -103,7 +103,7 @@ class ValidationLoss(Hooks):
         record = {f"valid_{k}": v / count for k, v in sorted(sums.items())}
         p = trainer.position
         trainer.log({"event": "eval", "split": "valid", "step": p.step, "epoch": p.epoch, **record})
-        training.print0(f"validation at step {p.step}: loss {record['valid_loss']:.4f}")
+        distributed.print0(f"validation at step {p.step}: loss {record['valid_loss']:.4f}")
 
 
 # ------------------------------------------------------------------------------------------------- fine-tuning
@@ -188,7 +188,7 @@ class TaskEvaluation(Hooks):
                      "eval_time_s": time.perf_counter() - t0})
         if scores and show:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-            training.print0(f"{split} after step {p.step}: {shown}{note}")
+            distributed.print0(f"{split} after step {p.step}: {shown}{note}")
         return preds, scores
 
     def on_epoch_end(self, trainer):

@@ -77,7 +77,7 @@ def build_data(config, model_config):
     from lxmert_fast.model.checks import check_features
 
     stores = [lxdata.FeatureStore.from_tsv(path) for path in _split(config.features)]  # converted once, mapped
-    # features travel as stored (float16, half the bytes); training.to_device casts them to the model's dtype
+    # features travel as stored (float16, half the bytes); lxmert_fast.data.to_device casts them to the model's dtype
     common = dict(seed=config.seed, task_matched="matched" in config.tasks, feature_dtype="float16",
                   strict=config.strict)
     train = lxdata.PretrainDataset(_split(config.train_json), stores, lxdata.AnswerTable(config.answer_table),
@@ -104,15 +104,15 @@ def pretrain(config):
 
     from lxmert_fast import LxmertConfig, LxmertForPreTraining
     from lxmert_fast.model.static_shapes import StaticShapes
-    from lxmert_fast.train import training
+    from lxmert_fast.train import distributed
     from lxmert_fast.train.engines import build_engine
     from lxmert_fast.train.loop import Trainer, plan_steps, start
     from lxmert_fast.train.objectives import PretrainingObjective, ValidationLoss, model_saver
     from lxmert_fast.train.optimization import build_optimizer, build_scheduler
 
-    training.init_distributed()  # the data is read and checked before start() claims the output folder
+    distributed.init_distributed()  # the data is read and checked before start() claims the output folder
     model_config = LxmertConfig(**config.model)
-    train_set, valid_set, collate = training.main_first(lambda: build_data(config, model_config))
+    train_set, valid_set, collate = distributed.main_first(lambda: build_data(config, model_config))
     start(config)
     shapes = StaticShapes.from_statistics(config.micro_batch, train_set.max_seq_length,
                                           *train_set.text_length_stats(), mask_rate=train_set.word_mask_rate)
@@ -126,7 +126,7 @@ def pretrain(config):
                       save_model=model_saver(model, train_set.tokenizer), name="pretrain",
                       hooks=ValidationLoss(train_set, valid_set, collate, config.valid_batches))
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 leaves p empty
-    training.print0(
+    distributed.print0(
         f"LXMERT pre-training: {n_params / 1e6:.1f}M parameters, {len(train_set)} samples, {config.world_size} "
         f"rank(s) on {engine.device}, {engine.describe()}, {trainer.total_steps} steps, tasks "
         f"{','.join(config.tasks)}, optimizer {config.optimizer} lr {config.lr}"
@@ -135,6 +135,6 @@ def pretrain(config):
     final_dir = os.path.join(config.output_dir, "final_model")
     trainer.save_model(final_dir)
     total_time = trainer.finish()
-    training.print0(f"done: {trainer.position.step} steps in {total_time:.1f} s, loss {trainer.first_loss} -> "
+    distributed.print0(f"done: {trainer.position.step} steps in {total_time:.1f} s, loss {trainer.first_loss} -> "
                     f"{trainer.last_loss}; model in {final_dir}, metrics in {trainer.metrics.path}")
     return final_dir
