@@ -163,7 +163,8 @@ def test_default_run_trains_and_writes_outputs(uninterrupted):
     assert [e["event"] for e in events] == ["eval", "end"] and events[0]["valid_loss"] > 0
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:09d}"
     saved = json.loads((out / "run_config.json").read_text())
-    assert saved["micro_batch"] == 32 and saved["world_size"] == 1 and saved["flags"]["max_steps"] == STEPS
+    assert saved["engine"]["micro_batch"] == 32 and saved["engine"]["world_size"] == 1
+    assert saved["run"]["max_steps"] == STEPS
     assert log.count("run config (pretrain)") == 1
 
 
@@ -464,7 +465,8 @@ def test_torch_engine_accumulates_clips_and_steps_at_the_boundary():
     reference, ref_objective, ref_optimizer, ref_scheduler = _single_device_engine(accumulation=1, clip=0.0)
     for i, half in enumerate(halves):
         torch.manual_seed(100 + i)
-        engine.train_step(half, lambda losses: None)
+        engine.forward_backward(half)
+        engine.step()
         if i == 0:  # no update before the boundary
             assert all(torch.equal(p, q) for p, q in zip(objective.parameters(), ref_objective.parameters(),
                                                          strict=True))
@@ -521,11 +523,12 @@ def test_every_deepspeed_config_resolves_to_a_batch_geometry(name):
 
     flags = {"engine": "deepspeed", "seed": 1}
     config = run_config.resolve("pretrain", flags, default_deepspeed=name, world_size=1)
-    cfg = config.deepspeed
-    assert config.micro_batch >= 1 and config.accumulation >= 1 and config.precision in ("fp16", "bf16", "fp32")
-    assert cfg["train_batch_size"] == config.micro_batch * config.accumulation
+    engine = config.engine
+    cfg = engine.deepspeed
+    assert engine.micro_batch >= 1 and engine.accumulation >= 1 and engine.precision in ("fp16", "bf16", "fp32")
+    assert cfg["train_batch_size"] == engine.micro_batch * engine.accumulation
     assert "optimizer" not in cfg and "scheduler" not in cfg and cfg["zero_allow_untested_optimizer"]
     if name.startswith("ds_paper"):  # the paper's global batch on one rank
-        assert config.global_batch == 256
+        assert engine.global_batch == 256
     if name == "ds_paper_1gpu_bf16.json":  # --engine torch graphs only steps without accumulation
-        assert config.accumulation == 1 and cfg["gradient_clipping"] == 1.0 and cfg["bf16"]["enabled"]
+        assert engine.accumulation == 1 and cfg["gradient_clipping"] == 1.0 and cfg["bf16"]["enabled"]

@@ -38,11 +38,12 @@ def resolved(tmp_path, cfg, world=1, **flags):
 # ------------------------------------------------------------------------------------------- the DeepSpeed JSON
 def test_a_users_minimal_deepspeed_json_works_and_the_config_says_what_it_added(tmp_path):
     config = resolved(tmp_path, {"train_batch_size": 8, "zero_optimization": {"stage": 2}})
-    assert (config.micro_batch, config.accumulation, config.global_batch) == (8, 1, 8)
-    assert config.deepspeed["zero_allow_untested_optimizer"] is True  # DeepSpeed refuses BertAdam under ZeRO without
+    engine = config.engine
+    assert (engine.micro_batch, engine.accumulation, engine.global_batch) == (8, 1, 8)
+    assert engine.deepspeed["zero_allow_untested_optimizer"] is True  # DeepSpeed refuses BertAdam under ZeRO without
     assert any("zero_allow_untested_optimizer" in note for note in config.adjustments)
     two = resolved(tmp_path, {"train_batch_size": 8, "zero_optimization": {"stage": 2}}, world=2)
-    assert (two.micro_batch, two.deepspeed["train_batch_size"]) == (4, 8)
+    assert (two.engine.micro_batch, two.engine.deepspeed["train_batch_size"]) == (4, 8)
     assert "adjusted: zero_allow_untested_optimizer" in config.summary()
 
 
@@ -52,7 +53,7 @@ def test_auto_values_are_filled_as_transformers_trainer_fills_them(tmp_path):
            "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
                                  "stage3_param_persistence_threshold": "auto"}}
     config = resolved(tmp_path, cfg, world=2, micro_batch_size=4, gradient_accumulation=2)
-    ds = config.deepspeed
+    ds = config.engine.deepspeed
     assert [ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")] == [
         4, 2, 16]
     assert ds["gradient_clipping"] == 1.0
@@ -68,7 +69,7 @@ def test_auto_values_are_filled_as_transformers_trainer_fills_them(tmp_path):
 def test_batch_flags_edit_the_resolved_deepspeed_config_visibly(tmp_path):
     cfg = {"train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 1, "train_batch_size": 32}
     config = resolved(tmp_path, cfg, micro_batch_size=8, gradient_accumulation=4)
-    ds = config.deepspeed
+    ds = config.engine.deepspeed
     assert [ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")] == [
         8, 4, 32]
     assert "train_micro_batch_size_per_gpu 32 -> 8 (--micro-batch-size)" in config.adjustments
@@ -80,7 +81,7 @@ def test_a_contradicting_train_batch_size_is_an_error_naming_the_values(tmp_path
     with pytest.raises(ConfigError, match=r"ds.json: train_batch_size 64 != train_micro_batch_size_per_gpu 32 x "
                                           r"gradient_accumulation_steps 1 x 1 rank\(s\) = 32"):
         resolved(tmp_path, cfg)
-    assert resolved(tmp_path, cfg, world=2).global_batch == 64  # right for two ranks
+    assert resolved(tmp_path, cfg, world=2).engine.global_batch == 64  # right for two ranks
 
 
 @pytest.mark.parametrize("value", [0, -2, 1.5])
@@ -100,12 +101,12 @@ def test_precision_and_engine_adjustments_are_made_in_the_config(tmp_path, monke
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "fp16": {"enabled": True}}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config = resolved(tmp_path, cfg)
-    assert config.precision == "fp32" and config.deepspeed["fp16"]["enabled"] is False
+    assert config.engine.precision == "fp32" and config.engine.deepspeed["fp16"]["enabled"] is False
     assert any("training in fp32 instead" in note for note in config.adjustments)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     torch_engine = resolved(tmp_path, cfg, engine="torch")
-    assert (torch_engine.precision, torch_engine.cuda_graphs) == ("bf16", False)  # accumulation: no graph
+    assert (torch_engine.engine.precision, torch_engine.engine.cuda_graphs) == ("bf16", False)  # accumulation: no graph
     assert any("fp16 runs as bf16 autocast" in n for n in torch_engine.adjustments)
     assert any("runs eagerly, without CUDA graphs" in n for n in torch_engine.adjustments)
     with pytest.raises(ConfigError, match="2 ranks: use --engine deepspeed"):
@@ -127,6 +128,14 @@ def test_resuming_with_another_seed_batch_ranks_or_model_names_both_values(tmp_p
     for config, message in cases:
         with pytest.raises(ConfigError, match=message):
             config.check_resume(saved, "out/run_config.json")
+
+
+def test_a_run_config_json_of_the_flat_layout_before_the_sections_is_still_compared(tmp_path):
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}
+    flat = {"flags": {"seed": 1}, "micro_batch": 4, "accumulation": 1, "world_size": 1, "model": {"hidden_size": 32}}
+    resolved(tmp_path, cfg).check_resume(flat, "old/run_config.json")
+    with pytest.raises(ConfigError, match="seed is 2, the run in old/run_config.json had 1"):
+        resolved(tmp_path, cfg, seed=2).check_resume(flat, "old/run_config.json")
 
 
 # --------------------------------------------------------------------------------------------- command line

@@ -93,7 +93,7 @@ class ValidationLoss(Hooks):
             return
         self.valid_set.set_epoch(0)
         sums, count = {}, 0
-        for _, out in trainer.evaluate(self.valid_set, self.collate, limit=self.batches, seed=trainer.config.seed):
+        for _, out in trainer.evaluate(self.valid_set, self.collate, limit=self.batches, seed=trainer.config.run.seed):
             values, _ = metrics.reduce_losses(out, trainer.engine.device)
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -169,8 +169,8 @@ class TaskEvaluation(Hooks):
             answers = predict(self.task, out["logits"], self.label2ans)
             for i, answer in zip(host_batch["index"].tolist(), answers, strict=True):
                 predictions[dataset.qid(i)] = answer
-        if trainer.config.world_size > 1:
-            gathered = [None] * trainer.config.world_size
+        if trainer.config.engine.world_size > 1:
+            gathered = [None] * trainer.config.engine.world_size
             torch.distributed.all_gather_object(gathered, predictions)
             predictions = {k: v for part in gathered for k, v in part.items()}
         return {dataset.qid(i): predictions[dataset.qid(i)] for i in range(len(dataset))}  # in file order
@@ -201,7 +201,7 @@ class TaskEvaluation(Hooks):
         _, self.scores = self.run(trainer, self.valid_set, "valid", note)
         if trainer.total_steps and (self.best is None or self.scores["eval_score"] > self.best):
             self.best = self.scores["eval_score"]
-            trainer.save_model(os.path.join(trainer.config.output_dir, "best_model"))
+            trainer.save_model(os.path.join(trainer.config.run.output_dir, "best_model"))
 
 
 def model_saver(model, tokenizer, labels=None):
