@@ -1,5 +1,5 @@
 """Which samples each rank reads, and in what order: training epochs (resumable from a micro-batch, the same global
-batches for any number of ranks), evaluation passes, and the steps a run plans from them."""
+batches for any number of ranks) and evaluation passes. The run's step plan is built on them (loop.plan_steps)."""
 
 import torch
 
