@@ -34,6 +34,6 @@ def run(main, argv=None, prog=None):
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     finally:
-        training = sys.modules.get("lxmert_fast.train.training")  # only where the command started a run
-        if training is not None:
-            training.shutdown()
+        distributed = sys.modules.get("lxmert_fast.train.distributed")  # only where the command started a run
+        if distributed is not None:
+            distributed.shutdown()

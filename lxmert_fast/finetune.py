@@ -19,6 +19,7 @@ the original's.
 
 import os
 import sys
+from dataclasses import dataclass
 
 if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,6 +35,37 @@ from lxmert_fast.train import run_config  # noqa: E402  (light: --help answers b
 # after several hundred updates at a high learning rate (README, "The sample and grounding"); the original's
 # schedule (the task registry: 4 epochs, lr 5e-5, BertAdam) is for a pre-trained base-size model on the released data.
 SAMPLE_SCHEDULE = {"optimizer": "adamw", "lr": 5e-4, "epochs": 30}
+
+
+@dataclass(frozen=True)
+class FinetuneData:
+    """The data flags (comma-separated paths), the task's sample data filled in when no data is given."""
+
+    train: str | None = None
+    valid: str | None = None
+    test_json: str | None = None
+    features: str | None = None
+    ans2label: str | None = None
+    label2ans: str | None = None
+    answer_table: str | None = None
+    tokenizer: str | None = None
+    sample_data_dir: str = "sample_data"
+    max_seq_length: int = 20
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class FinetuneTask:
+    """The task, its starting point and loss, and what is evaluated besides the validation score."""
+
+    name: str = "vqa"
+    load: str | None = None
+    load_lxmert_qa: str | None = None
+    from_scratch: bool = False
+    model_config: str = "lxmert_small"
+    loss: str = "bce"
+    test: bool = False
+    images_shuffled_score: bool = False
 
 
 def build_parser():
@@ -72,14 +104,14 @@ def resolve(argv=None):
     """The run's RunConfig: flags with the task's defaults; the sample data, and the sample schedule where no
     starting point or schedule is given, when no data is given."""
     parser = build_parser()
-    flags = vars(run_config.parse_args_with_config(parser, argv))
+    flags, given = run_config.parse_args_with_config(parser, argv)
     spec = get_task(flags["task"])
     flags["output_dir"] = flags["output_dir"] or os.path.join("output", f"finetune_{flags['task']}")
     if sum(bool(flags[k]) for k in ("load", "load_lxmert_qa", "from_scratch")) > 1:
         parser.error("give at most one of --load, --load-lxmert-qa, --from-scratch")
     notes = []
     if flags["train"] is None and flags["valid"] is None and flags["test_json"] is None:
-        notes = use_sample_data(flags, spec.answers)
+        notes = use_sample_data(flags, spec.answers, given)
     for name in ("epochs", "lr", "warmup"):
         flags[name] = getattr(spec, name) if flags[name] is None else flags[name]
     if flags["test"] and not flags["test_json"]:
@@ -99,12 +131,15 @@ def resolve(argv=None):
         model = run_config.read_json(model_file, "a model config")
         check_model_fields(model, model_file)
     return run_config.resolve("finetune", flags, default_deepspeed="ds_finetune_fp16.json", model=model,
+                              data=run_config.section(FinetuneData, flags),
+                              task=run_config.section(FinetuneTask, {**flags, "name": flags["task"]}),
                               notes=tuple(notes))
 
 
-def use_sample_data(flags, answers):
+def use_sample_data(flags, answers, given):
     """No data given: every data flag points at the task's sample data; without --load / --load-lxmert-qa the model
-    starts from scratch, and the schedule flags not given take SAMPLE_SCHEDULE. Returns what it chose, as notes."""
+    starts from scratch, and the schedule flags not ``given`` take SAMPLE_SCHEDULE. Returns what it chose, as
+    notes."""
     from lxmert_fast.data import ensure_sample_data
     from lxmert_fast.data.finetune_sample import ensure_finetune_sample
 
@@ -121,8 +156,7 @@ def use_sample_data(flags, answers):
     if flags["load"] or flags["load_lxmert_qa"]:
         return []
     flags["from_scratch"] = True
-    not_given = (None, run_config.DEFAULT_OPTIMIZER)
-    chosen = {name: value for name, value in SAMPLE_SCHEDULE.items() if any(flags[name] is v for v in not_given)}
+    chosen = {name: value for name, value in SAMPLE_SCHEDULE.items() if name not in given}
     flags.update(chosen)
     shown = ", ".join(f"--{name} {value}" for name, value in chosen.items())
     return [f"sample data: --from-scratch{', ' + shown if shown else ''} (the sample's schedule; the task's own "

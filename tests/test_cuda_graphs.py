@@ -111,10 +111,11 @@ def _engine_losses(config, backend, graphs, steps=6, seed_each_step=False, stati
     losses = []
     for s in range(steps):
         if seed_each_step:
-            torch.manual_seed(1000 + s)  # as the loop's training.seed_step
+            torch.manual_seed(1000 + s)  # as the loop's seeding.seed_step
         batch = to_device(make_batch(config, batch=4, text_len=9, objects=5, seed=s), "cuda")
         fits = True if static is None else static[s]
-        losses.append(engine.train_step(batch, lambda losses: losses["loss"].item(), static=fits))
+        losses.append(engine.forward_backward(batch, static=fits)["loss"].item())  # the loop reads it before step()
+        engine.step()
     assert (engine.graphed is not None and engine.graphed.graph is not None) == graphs
     if graphs and static is not None:  # warm-ups aside, the batches that do not fit ran eagerly
         assert engine.eager_steps == static.count(False)
@@ -166,7 +167,7 @@ def test_torch_engine_graph_replays_follow_the_per_step_seed():
 def test_torch_engine_checkpoint_round_trip_on_the_gpu(tmp_path):
     """A checkpoint written on the GPU loads back into a fresh engine: weights and optimiser state on the GPU, the
     RNG states of the client state on the CPU, where torch.set_rng_state needs them."""
-    from lxmert_fast.train import training
+    from lxmert_fast.train import seeding
     from lxmert_fast.train.objectives import PretrainingObjective
     from lxmert_fast.train.optimization import BertAdam, build_scheduler
     from lxmert_fast.train.single_device import SingleDeviceEngine
@@ -181,11 +182,12 @@ def test_torch_engine_checkpoint_round_trip_on_the_gpu(tmp_path):
                                   precision="fp32", cuda_graphs=False)
 
     first = engine()
-    first.train_step(to_device(make_batch(config, batch=2, seed=1), "cuda"), lambda losses: None)
-    first.save(str(tmp_path), "t", client_state={"rng": training.rng_state()})
+    first.forward_backward(to_device(make_batch(config, batch=2, seed=1), "cuda"))
+    first.step()
+    first.save(str(tmp_path), "t", client_state={"rng": seeding.rng_state()})
     second = engine()
     client = second.load(str(tmp_path), "t")
-    training.set_rng_state(client["rng"])
+    seeding.set_rng_state(client["rng"])
     for a, b in zip(first.module.parameters(), second.module.parameters(), strict=True):
         assert b.device.type == "cuda" and torch.equal(a, b)
     state = second.optimizer.state[next(second.module.parameters())]

@@ -139,26 +139,30 @@ def test_images_shuffled_copy_gives_every_record_another_image_of_the_set(sample
     assert data._images[k] == (own[k] if task == "nlvr2" else own[k][0])  # the original is left as it was
 
 
+def _schedule(config):
+    return config.optimisation.optimizer, config.optimisation.lr, config.run.epochs
+
+
 def test_sample_mode_trains_from_scratch_on_the_sample_schedule_unless_told_otherwise(tmp_path):
     from lxmert_fast.finetune import SAMPLE_SCHEDULE, resolve
 
     sample_dir = str(tmp_path / "sample_data")
     config = resolve(["--task", "vqa", "--sample-data-dir", sample_dir])
-    assert config.from_scratch and config.images_shuffled_score
-    assert (config.optimizer, config.lr, config.epochs) == ("adamw", 5e-4, 30) == tuple(SAMPLE_SCHEDULE.values())
+    assert config.task.from_scratch and config.task.images_shuffled_score
+    assert _schedule(config) == ("adamw", 5e-4, 30) == tuple(SAMPLE_SCHEDULE.values())
     assert config.model["hidden_size"] == 128  # lxmert_small
     assert any(note.startswith("sample data: --from-scratch, --optimizer adamw") for note in config.adjustments)
 
     given = resolve(["--task", "gqa", "--sample-data-dir", sample_dir, "--optimizer", "bertadam", "--lr", "1e-4"])
-    assert (given.optimizer, given.lr, given.epochs, given.from_scratch) == ("bertadam", 1e-4, 30, True)
+    assert (*_schedule(given), given.task.from_scratch) == ("bertadam", 1e-4, 30, True)
     assert any(note.startswith("sample data: --from-scratch, --epochs 30 (") for note in given.adjustments)
 
     loaded = resolve(["--task", "nlvr2", "--sample-data-dir", sample_dir, "--load", sample_dir])
-    assert (loaded.optimizer, loaded.lr, loaded.epochs, loaded.from_scratch) == ("bertadam", 5e-5, 4, False)
+    assert (*_schedule(loaded), loaded.task.from_scratch) == ("bertadam", 5e-5, 4, False)
     assert not any(note.startswith("sample data") for note in loaded.adjustments)
 
     real = resolve(["--task", "vqa", "--train", str(tmp_path / "sample_data" / "finetune" / "vqa" / "train.json"),
                     "--features", str(tmp_path / "sample_data" / "sample_imgfeat" / "sample_obj36.tsv"),
                     "--ans2label", str(tmp_path / "sample_data" / "finetune" / "vqa" / "trainval_ans2label.json"),
                     "--tokenizer", str(tmp_path / "sample_data" / "tokenizer"), "--from-scratch"])
-    assert (real.optimizer, real.lr, real.epochs, real.images_shuffled_score) == ("bertadam", 5e-5, 4, False)
+    assert (*_schedule(real), real.task.images_shuffled_score) == ("bertadam", 5e-5, 4, False)

@@ -164,7 +164,8 @@ def test_default_run_trains_and_writes_outputs(uninterrupted):
     assert [e["event"] for e in events] == ["eval", "end"] and events[0]["valid_loss"] > 0
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:09d}"
     saved = json.loads((out / "run_config.json").read_text())
-    assert saved["micro_batch"] == 32 and saved["world_size"] == 1 and saved["flags"]["max_steps"] == STEPS
+    assert saved["engine"]["micro_batch"] == 32 and saved["engine"]["world_size"] == 1
+    assert saved["run"]["max_steps"] == STEPS
     assert log.count("run config (pretrain)") == 1
 
 
@@ -398,7 +399,7 @@ def test_resume_never_executes_code_from_a_checkpoint(tmp_path):
 
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
-    from lxmert_fast.train import engines, training
+    from lxmert_fast.train import engines, seeding
 
     marker = tmp_path / "pwned"
 
@@ -409,9 +410,9 @@ def test_resume_never_executes_code_from_a_checkpoint(tmp_path):
     engine = SimpleNamespace(checkpoint_engine=SimpleNamespace(load=None))
     engines.install_safe_load(engine)
     good = tmp_path / "good.pt"
-    torch.save({"module": {"w": torch.ones(2)}, "loss_scaler": LossScaler(4.0), "rng": training.rng_state()}, good)
+    torch.save({"module": {"w": torch.ones(2)}, "loss_scaler": LossScaler(4.0), "rng": seeding.rng_state()}, good)
     state = engine.checkpoint_engine.load(str(good))
-    training.set_rng_state(state["rng"])
+    seeding.set_rng_state(state["rng"])
     assert state["loss_scaler"].cur_scale == 4.0
     bad = tmp_path / "bad.pt"
     torch.save({"module": {"w": torch.ones(2)}, "client": Exploit()}, bad)
@@ -469,9 +470,9 @@ def test_torch_engine_checkpoint_never_executes_code_and_names_a_bad_file(tmp_pa
 
 
 def training_rng_state():
-    from lxmert_fast.train import training
+    from lxmert_fast.train import seeding
 
-    return training.rng_state()
+    return seeding.rng_state()
 
 
 def test_torch_engine_accumulates_clips_and_steps_at_the_boundary():
@@ -481,7 +482,8 @@ def test_torch_engine_accumulates_clips_and_steps_at_the_boundary():
     reference, ref_objective, ref_optimizer, ref_scheduler = _single_device_engine(accumulation=1, clip=0.0)
     for i, half in enumerate(halves):
         torch.manual_seed(100 + i)
-        engine.train_step(half, lambda losses: None)
+        engine.forward_backward(half)
+        engine.step()
         if i == 0:  # no update before the boundary
             assert all(torch.equal(p, q) for p, q in zip(objective.parameters(), ref_objective.parameters(),
                                                          strict=True))
@@ -538,11 +540,12 @@ def test_every_deepspeed_config_resolves_to_a_batch_geometry(name):
 
     flags = {"engine": "deepspeed", "seed": 1}
     config = run_config.resolve("pretrain", flags, default_deepspeed=name, world_size=1)
-    cfg = config.deepspeed
-    assert config.micro_batch >= 1 and config.accumulation >= 1 and config.precision in ("fp16", "bf16", "fp32")
-    assert cfg["train_batch_size"] == config.micro_batch * config.accumulation
+    engine = config.engine
+    cfg = engine.deepspeed
+    assert engine.micro_batch >= 1 and engine.accumulation >= 1 and engine.precision in ("fp16", "bf16", "fp32")
+    assert cfg["train_batch_size"] == engine.micro_batch * engine.accumulation
     assert "optimizer" not in cfg and "scheduler" not in cfg and cfg["zero_allow_untested_optimizer"]
     if name.startswith("ds_paper"):  # the paper's global batch on one rank
-        assert config.global_batch == 256
+        assert engine.global_batch == 256
     if name == "ds_paper_1gpu_bf16.json":  # --engine torch graphs only steps without accumulation
-        assert config.accumulation == 1 and cfg["gradient_clipping"] == 1.0 and cfg["bf16"]["enabled"]
+        assert engine.accumulation == 1 and cfg["gradient_clipping"] == 1.0 and cfg["bf16"]["enabled"]

@@ -16,7 +16,7 @@ import torch
 from helpers import small_config
 
 from lxmert_fast.errors import CheckpointError, ConfigError
-from lxmert_fast.train import training
+from lxmert_fast.train import checkpoints, metrics, sampling
 from lxmert_fast.train.run_config import resolve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,11 +38,12 @@ def resolved(tmp_path, cfg, world=1, **flags):
 # ------------------------------------------------------------------------------------------- the DeepSpeed JSON
 def test_a_users_minimal_deepspeed_json_works_and_the_config_says_what_it_added(tmp_path):
     config = resolved(tmp_path, {"train_batch_size": 8, "zero_optimization": {"stage": 2}})
-    assert (config.micro_batch, config.accumulation, config.global_batch) == (8, 1, 8)
-    assert config.deepspeed["zero_allow_untested_optimizer"] is True  # DeepSpeed refuses BertAdam under ZeRO without
+    engine = config.engine
+    assert (engine.micro_batch, engine.accumulation, engine.global_batch) == (8, 1, 8)
+    assert engine.deepspeed["zero_allow_untested_optimizer"] is True  # DeepSpeed refuses BertAdam under ZeRO without
     assert any("zero_allow_untested_optimizer" in note for note in config.adjustments)
     two = resolved(tmp_path, {"train_batch_size": 8, "zero_optimization": {"stage": 2}}, world=2)
-    assert (two.micro_batch, two.deepspeed["train_batch_size"]) == (4, 8)
+    assert (two.engine.micro_batch, two.engine.deepspeed["train_batch_size"]) == (4, 8)
     assert "adjusted: zero_allow_untested_optimizer" in config.summary()
 
 
@@ -52,7 +53,7 @@ def test_auto_values_are_filled_as_transformers_trainer_fills_them(tmp_path):
            "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
                                  "stage3_param_persistence_threshold": "auto"}}
     config = resolved(tmp_path, cfg, world=2, micro_batch_size=4, gradient_accumulation=2)
-    ds = config.deepspeed
+    ds = config.engine.deepspeed
     assert [ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")] == [
         4, 2, 16]
     assert ds["gradient_clipping"] == 1.0
@@ -68,7 +69,7 @@ def test_auto_values_are_filled_as_transformers_trainer_fills_them(tmp_path):
 def test_batch_flags_edit_the_resolved_deepspeed_config_visibly(tmp_path):
     cfg = {"train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 1, "train_batch_size": 32}
     config = resolved(tmp_path, cfg, micro_batch_size=8, gradient_accumulation=4)
-    ds = config.deepspeed
+    ds = config.engine.deepspeed
     assert [ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")] == [
         8, 4, 32]
     assert "train_micro_batch_size_per_gpu 32 -> 8 (--micro-batch-size)" in config.adjustments
@@ -80,7 +81,7 @@ def test_a_contradicting_train_batch_size_is_an_error_naming_the_values(tmp_path
     with pytest.raises(ConfigError, match=r"ds.json: train_batch_size 64 != train_micro_batch_size_per_gpu 32 x "
                                           r"gradient_accumulation_steps 1 x 1 rank\(s\) = 32"):
         resolved(tmp_path, cfg)
-    assert resolved(tmp_path, cfg, world=2).global_batch == 64  # right for two ranks
+    assert resolved(tmp_path, cfg, world=2).engine.global_batch == 64  # right for two ranks
 
 
 @pytest.mark.parametrize("value", [0, -2, 1.5])
@@ -100,12 +101,12 @@ def test_precision_and_engine_adjustments_are_made_in_the_config(tmp_path, monke
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "fp16": {"enabled": True}}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config = resolved(tmp_path, cfg)
-    assert config.precision == "fp32" and config.deepspeed["fp16"]["enabled"] is False
+    assert config.engine.precision == "fp32" and config.engine.deepspeed["fp16"]["enabled"] is False
     assert any("training in fp32 instead" in note for note in config.adjustments)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     torch_engine = resolved(tmp_path, cfg, engine="torch")
-    assert (torch_engine.precision, torch_engine.cuda_graphs) == ("bf16", False)  # accumulation: no graph
+    assert (torch_engine.engine.precision, torch_engine.engine.cuda_graphs) == ("bf16", False)  # accumulation: no graph
     assert any("fp16 runs as bf16 autocast" in n for n in torch_engine.adjustments)
     assert any("runs eagerly, without CUDA graphs" in n for n in torch_engine.adjustments)
     with pytest.raises(ConfigError, match="2 ranks: use --engine deepspeed"):
@@ -127,6 +128,14 @@ def test_resuming_with_another_seed_batch_ranks_or_model_names_both_values(tmp_p
     for config, message in cases:
         with pytest.raises(ConfigError, match=message):
             config.check_resume(saved, "out/run_config.json")
+
+
+def test_a_run_config_json_of_the_flat_layout_before_the_sections_is_still_compared(tmp_path):
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}
+    flat = {"flags": {"seed": 1}, "micro_batch": 4, "accumulation": 1, "world_size": 1, "model": {"hidden_size": 32}}
+    resolved(tmp_path, cfg).check_resume(flat, "old/run_config.json")
+    with pytest.raises(ConfigError, match="seed is 2, the run in old/run_config.json had 1"):
+        resolved(tmp_path, cfg, seed=2).check_resume(flat, "old/run_config.json")
 
 
 # --------------------------------------------------------------------------------------------- command line
@@ -180,7 +189,7 @@ def test_malformed_config_json_names_file_line_and_column(tmp_path):
 
 
 def test_importing_training_code_sets_no_environment():
-    code = ("import os; import lxmert_fast.train.loop, lxmert_fast.train.engines, lxmert_fast.train.training; "
+    code = ("import os; import lxmert_fast.train.loop, lxmert_fast.train.engines, lxmert_fast.train.distributed; "
             "print(os.environ.get('DS_ACCELERATOR'))")
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
@@ -224,7 +233,7 @@ def _engine():
 
 def test_a_failed_checkpoint_write_names_the_path_and_cause_and_keeps_the_last_good_one(tmp_path, monkeypatch):
     engine, ckpt = _engine(), tmp_path / "checkpoints"
-    training.save_checkpoint(engine, str(ckpt), 2, {"step": 2})
+    checkpoints.save_checkpoint(engine, str(ckpt), 2, {"step": 2})
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -232,28 +241,28 @@ def test_a_failed_checkpoint_write_names_the_path_and_cause_and_keeps_the_last_g
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step000000004: No space left "
                                                        r"on device; the last good checkpoint .*step000000002 is kept"):
-        training.save_checkpoint(engine, str(ckpt), 4, {"step": 4})
+        checkpoints.save_checkpoint(engine, str(ckpt), 4, {"step": 4})
     assert (ckpt / "latest").read_text() == "step000000002" and not (ckpt / "step000000004").exists()
-    assert training.load_checkpoint(engine, str(ckpt))[1] == {"step": 2}
+    assert checkpoints.load_checkpoint(engine, str(ckpt))[1] == {"step": 2}
 
 
 def test_rotation_keeps_the_newest_and_drops_a_killed_runs_later_tags(tmp_path):
     engine, ckpt = _engine(), tmp_path / "checkpoints"
     for step in (2, 4, 6, 8):
-        training.save_checkpoint(engine, str(ckpt), step, {}, keep=2)
+        checkpoints.save_checkpoint(engine, str(ckpt), step, {}, keep=2)
     assert sorted(os.listdir(ckpt)) == ["latest", "step000000006", "step000000008"]
     (ckpt / "latest").write_text("step000000006")  # resumed from 6 after a kill: 8 is the killed run's
-    training.save_checkpoint(engine, str(ckpt), 7, {}, keep=2)
+    checkpoints.save_checkpoint(engine, str(ckpt), 7, {}, keep=2)
     assert sorted(os.listdir(ckpt)) == ["latest", "step000000006", "step000000007"]
 
 
 def test_latest_pointing_to_a_missing_folder_is_an_error_and_deletes_nothing(tmp_path):
     engine, ckpt = _engine(), tmp_path / "checkpoints"
-    training.save_checkpoint(engine, str(ckpt), 2, {}, keep=2)
+    checkpoints.save_checkpoint(engine, str(ckpt), 2, {}, keep=2)
     (ckpt / "latest").write_text("step000000004")
     with pytest.raises(CheckpointError, match=r"points to 'step000000004', which is not in .* \(it holds "
                                                        r"\['step000000002'\]\)"):
-        training.load_checkpoint(engine, str(ckpt))
+        checkpoints.load_checkpoint(engine, str(ckpt))
     assert (ckpt / "step000000002").is_dir()
 
 
@@ -261,15 +270,15 @@ def test_metrics_are_cut_back_on_resume_also_before_the_first_checkpoint(tmp_pat
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"event": "train", "step": 1}\n{"event": "train", "step": 2}\n{"event": "eval", "step": 2}\n'
                     '{"event": "train", "st')
-    training.truncate_metrics(str(path), 0)  # killed before the first checkpoint: nothing of it is kept
+    metrics.truncate_metrics(str(path), 0)  # killed before the first checkpoint: nothing of it is kept
     assert path.read_text() == ""
     path.write_text('{"event": "train", "step": 1}\n{"event": "train", "step": 2}\n{"event": "end", "step": 2}\n')
-    training.truncate_metrics(str(path), 1)
+    metrics.truncate_metrics(str(path), 1)
     assert path.read_text() == '{"event": "train", "step": 1}\n'
 
 
 def test_evaluation_batches_keep_the_partial_last_one_and_are_even_over_ranks():
-    assert training.eval_batches(5, 32, 0, 1) == [[0, 1, 2, 3, 4]]
-    ranks = [training.eval_batches(5, 2, r, 2) for r in (0, 1)]
+    assert sampling.eval_batches(5, 32, 0, 1) == [[0, 1, 2, 3, 4]]
+    ranks = [sampling.eval_batches(5, 2, r, 2) for r in (0, 1)]
     assert ranks == [[[0, 2], [4]], [[1, 3], [0]]]  # rank 1 repeats a sample to run as many batches
-    assert training.eval_batches(10, 2, 0, 1, limit=2) == [[0, 1], [2, 3]]
+    assert sampling.eval_batches(10, 2, 0, 1, limit=2) == [[0, 1], [2, 3]]

@@ -19,8 +19,8 @@ from typing import Protocol
 import torch
 
 from lxmert_fast.errors import CheckpointError
+from lxmert_fast.train.distributed import local_device
 from lxmert_fast.train.single_device import CHECKPOINT_FILE, SingleDeviceEngine
-from lxmert_fast.train.training import local_device
 
 
 class Engine(Protocol):
@@ -28,9 +28,11 @@ class Engine(Protocol):
     batch_dtype: torch.dtype  # the dtype the batches' floats move in
     needs_static_shapes: bool  # compiled or graphed: batches that fit the objective's static shapes use them
 
-    def train_step(self, batch, check, static: bool) -> dict:
-        """One micro-batch: losses, ``check(losses)`` (returns what the loop logs, or raises before anything is
-        updated), backward, and at an accumulation boundary the optimiser step. Returns check's result."""
+    def forward_backward(self, batch, static: bool) -> dict:
+        """One micro-batch's losses (the objective's dict), its gradients added to the parameters'."""
+
+    def step(self) -> None:
+        """End of a micro-batch: at an accumulation boundary clip, update the weights and move the schedule on."""
 
     def evaluate(self, batch, static: bool) -> dict:
         """The objective's outputs without gradients."""
@@ -53,15 +55,16 @@ class Engine(Protocol):
     def describe(self) -> str: ...
 
 
-def build_engine(config, objective, optimizer, scheduler) -> Engine:
-    """The engine ``config`` (a RunConfig) asks for, around ``objective`` with our optimiser and schedule."""
-    if config.engine == "torch":
+def build_engine(settings, objective, optimizer, scheduler) -> Engine:
+    """The engine ``settings`` (a run config's EngineSettings) ask for, around ``objective`` with our optimiser and
+    schedule."""
+    if settings.name == "torch":
         return SingleDeviceEngine(
-            objective.to(local_device()), optimizer, scheduler, device=local_device(), precision=config.precision,
-            gradient_clipping=config.deepspeed.get("gradient_clipping", 0.0), accumulation=config.accumulation,
-            cuda_graphs=config.cuda_graphs, compile_model=config.compile,
+            objective.to(local_device()), optimizer, scheduler, device=local_device(), precision=settings.precision,
+            gradient_clipping=settings.gradient_clipping, accumulation=settings.accumulation,
+            cuda_graphs=settings.cuda_graphs, compile_model=settings.compile,
         )
-    return DeepSpeedEngine(objective, optimizer, scheduler, config.deepspeed_config(), compile_model=config.compile)
+    return DeepSpeedEngine(objective, optimizer, scheduler, settings)
 
 
 def _eager_if(condition):
@@ -72,29 +75,28 @@ def _eager_if(condition):
 class DeepSpeedEngine:
     """DeepSpeed owns precision, ZeRO, clipping and accumulation; this adapter speaks the loop's protocol."""
 
-    def __init__(self, objective, optimizer, scheduler, ds_config: dict, compile_model=False):
+    def __init__(self, objective, optimizer, scheduler, settings):
+        """``settings``: the run config's EngineSettings; its DeepSpeed JSON goes to DeepSpeed as it is."""
         import deepspeed
 
         self.engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=ds_config)
-        self.compiled = compile_model
-        if compile_model:
+                                               config=settings.deepspeed_config())
+        self.compiled, self.zero_stage = settings.compile, settings.zero_stage
+        if self.compiled:
             self.engine.compile()
         self.device = self.engine.device
-        self.batch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self._precision(), torch.float32)
-        self.needs_static_shapes = compile_model
+        self.batch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(settings.precision, torch.float32)
+        self.needs_static_shapes = self.compiled
         install_safe_load(self.engine)
 
-    def _precision(self):
-        return "fp16" if self.engine.fp16_enabled() else "bf16" if self.engine.bfloat16_enabled() else "fp32"
-
-    def train_step(self, batch, check, static):
+    def forward_backward(self, batch, static):
         with _eager_if(self.compiled and not static):
             losses = self.engine(batch, static=static)
-        checked = check(losses)
         self.engine.backward(losses["loss"])
-        self.engine.step()
-        return checked
+        return losses
+
+    def step(self):
+        self.engine.step()  # DeepSpeed counts the micro-batches and updates at the accumulation boundary
 
     def evaluate(self, batch, static):
         with torch.no_grad(), _eager_if(self.compiled and not static):
@@ -119,7 +121,7 @@ class DeepSpeedEngine:
         return client_state
 
     def counters(self):
-        if not self.engine.fp16_enabled():
+        if self.batch_dtype != torch.float16:  # loss scaling is fp16's
             return {}
         scale = getattr(self.engine.optimizer, "cur_scale", None)
         record = {"skipped_steps": int(self.engine.skipped_steps)}
@@ -128,14 +130,14 @@ class DeepSpeedEngine:
         return record
 
     def whole_parameters(self, module):
-        if self.engine.zero_optimization_stage() == 3:  # each rank holds a shard of every parameter
+        if self.zero_stage == 3:  # each rank holds a shard of every parameter
             import deepspeed
 
             return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
         return contextlib.nullcontext()
 
     def describe(self):
-        return f"DeepSpeed ZeRO-{self.engine.zero_optimization_stage()}" + (", compiled" if self.compiled else "")
+        return f"DeepSpeed ZeRO-{self.zero_stage}" + (", compiled" if self.compiled else "")
 
 
 # The objects DeepSpeed pickles into its checkpoints besides tensors; loading allows these and nothing else.

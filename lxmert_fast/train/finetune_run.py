@@ -17,11 +17,9 @@ from lxmert_fast.model.static_shapes import StaticShapes
 from lxmert_fast.tasks.registry import TRUTH_LABELS, get_task
 from lxmert_fast.tasks.scoring import question_only_note, write_submission
 from lxmert_fast.tasks.task_models import build_task_model
-from lxmert_fast.train import training
-from lxmert_fast.train.engines import build_engine
-from lxmert_fast.train.loop import Trainer, plan_steps, start
+from lxmert_fast.train import distributed
+from lxmert_fast.train.loop import build_trainer, start
 from lxmert_fast.train.objectives import FinetuneObjective, TaskEvaluation, model_saver
-from lxmert_fast.train.optimization import build_optimizer, build_scheduler
 
 
 def _split(value):
@@ -32,23 +30,24 @@ def _split(value):
 
 def build_data(config):
     """(train, valid, test) datasets (None where not asked for) and the answer vocabulary (None for NLVR2)."""
-    stores = [FeatureStore.from_tsv(path) for path in _split(config.features)]
-    vocab = AnswerVocab.load(config.ans2label, config.label2ans) if get_task(config.task).answers else None
+    stores = [FeatureStore.from_tsv(path) for path in _split(config.data.features)]
+    answers = get_task(config.task.name).answers
+    vocab = AnswerVocab.load(config.data.ans2label, config.data.label2ans) if answers else None
 
     def dataset(files, require_labels=True, strict=True):
         if not files:
             return None
-        # features travel as stored (float16, half the bytes); training.to_device casts them to the model's dtype
+        # features travel as stored (float16, half the bytes); data.to_device casts them to the model's dtype
         if vocab is None:
-            return NLVR2Dataset(files, stores, config.tokenizer, config.max_seq_length, require_labels, "float16",
-                                strict)
-        return QADataset(files, stores, vocab, config.tokenizer, config.task, config.max_seq_length,
+            return NLVR2Dataset(files, stores, config.data.tokenizer, config.data.max_seq_length, require_labels,
+                                "float16", strict)
+        return QADataset(files, stores, vocab, config.data.tokenizer, config.task.name, config.data.max_seq_length,
                          require_labels, "float16", strict)
 
     # scores and submissions need every question: only training records may be left out (unless --strict)
-    train = dataset(_split(config.train), strict=config.strict) if config.epochs > 0 else None
-    valid = dataset(_split(config.valid))
-    test = dataset(_split(config.test_json), require_labels=False) if config.test else None
+    train = dataset(_split(config.data.train), strict=config.data.strict) if config.run.epochs > 0 else None
+    valid = dataset(_split(config.data.valid))
+    test = dataset(_split(config.data.test_json), require_labels=False) if config.task.test else None
     return train, valid, test, vocab
 
 
@@ -60,10 +59,10 @@ def build_model(config, any_set, label2ans):
     if config.model is not None:
         scratch = LxmertConfig(**config.model)
         scratch.vocab_size, scratch.visual_feat_dim = len(any_set.tokenizer), any_set.feat_dim
-    torch.manual_seed(config.seed)  # the same random head on every rank
-    model = build_task_model(config.task, load=config.load, load_qa=config.load_lxmert_qa,
-                             answer_table=config.answer_table, label2ans=label2ans, config=scratch,
-                             backend=config.model_backend, log=training.print0)
+    torch.manual_seed(config.run.seed)  # the same random head on every rank
+    model = build_task_model(config.task.name, load=config.task.load, load_qa=config.task.load_lxmert_qa,
+                             answer_table=config.data.answer_table, label2ans=label2ans, config=scratch,
+                             backend=config.engine.model_backend, log=distributed.print0)
     check_tokenizer(any_set.tokenizer, [], vocab_size=model.config.vocab_size)
     check_features(any_set.stores, model.config, labels=False)
     return model
@@ -71,44 +70,42 @@ def build_model(config, any_set, label2ans):
 
 def finetune(config):
     """Fine-tune and / or evaluate; returns {"valid": metrics, "best_score", "test": metrics, "submission"}."""
-    training.init_distributed()  # the data and the model are read and checked before start() claims the output
-    train_set, valid_set, test_set, vocab = training.main_first(lambda: build_data(config))
+    distributed.init_distributed()  # the data and the model are read and checked before start() claims the output
+    train_set, valid_set, test_set, vocab = distributed.main_first(lambda: build_data(config))
     label2ans = vocab.label2ans if vocab is not None else None
     any_set = next(d for d in (train_set, valid_set, test_set) if d is not None)
     model = build_model(config, any_set, label2ans)
     start(config)
-    shapes = StaticShapes.from_statistics(config.micro_batch, config.max_seq_length, *any_set.text_length_stats())
-    objective = FinetuneObjective(model, config.task, config.loss, shapes)
-    total_steps = plan_steps(config, len(train_set), config.epochs)[1] if train_set is not None else 0
-    optimizer = build_optimizer(objective.parameters(), config.optimizer, config.lr, config.weight_decay)
-    scheduler = build_scheduler(optimizer, max(total_steps, 1), config.warmup)
-    engine = build_engine(config, objective, optimizer, scheduler)
+    shapes = StaticShapes.from_statistics(config.engine.micro_batch, config.data.max_seq_length,
+                                          *any_set.text_length_stats())
+    objective = FinetuneObjective(model, config.task.name, config.task.loss, shapes)
     # printed beside each validation score: a model that does no better than this does not use the image
     records = [d.records if d is not None else None for d in (train_set, valid_set)]
-    baseline = question_only_note(config.task, *records, label2ans)
-    check_images = valid_set is not None and config.flags.get("images_shuffled_score")
+    baseline = question_only_note(config.task.name, *records, label2ans)
+    check_images = valid_set is not None and config.task.images_shuffled_score
     shuffled = valid_set.with_images_shuffled() if check_images else None
-    hooks = TaskEvaluation(config.task, valid_set, finetune_collate, label2ans, baseline, shuffled)
+    hooks = TaskEvaluation(config.task.name, valid_set, finetune_collate, label2ans, baseline, shuffled)
     labels = list(label2ans) if label2ans is not None else list(TRUTH_LABELS)
-    trainer = Trainer(config, engine, objective, scheduler, train_set, finetune_collate,
-                      epochs=config.epochs if train_set is not None else 0, hooks=hooks,
-                      save_model=model_saver(model, any_set.tokenizer, labels), name=f"finetune {config.task}")
-    training.print0(
-        f"LXMERT fine-tuning ({config.task}): {model.num_parameters() / 1e6:.1f}M parameters, "
+    saver = model_saver(model, any_set.tokenizer, labels)
+    trainer = build_trainer(config, objective, train_set, finetune_collate, hooks=hooks, save_model=saver,
+                            name=f"finetune {config.task.name}")
+    engine = trainer.engine
+    distributed.print0(
+        f"LXMERT fine-tuning ({config.task.name}): {model.num_parameters() / 1e6:.1f}M parameters, "
         f"{len(train_set) if train_set else 0} train / {len(valid_set) if valid_set else 0} valid samples"
-        f"{f', {len(label2ans)} answers' if label2ans else ''}, {config.world_size} rank(s) on {engine.device}, "
-        f"{engine.describe()}, {trainer.total_steps} steps, lr {config.lr}"
+        f"{f', {len(label2ans)} answers' if label2ans else ''}, {config.engine.world_size} rank(s) on {engine.device}, "
+        f"{engine.describe()}, {trainer.total_steps} steps, lr {config.optimisation.lr}"
     )
     trainer.fit()
     if trainer.total_steps > 0:
-        trainer.save_model(os.path.join(config.output_dir, "final_model"))
+        trainer.save_model(os.path.join(config.run.output_dir, "final_model"))
     result = {"valid": hooks.scores, "best_score": hooks.best, "test": None, "submission": None}
     if test_set is not None:
         result.update(test(trainer, hooks, model, test_set))
     total_time = trainer.finish(best_eval_score=hooks.best)
-    training.print0(f"done: {trainer.position.step} steps in {total_time:.1f} s; best eval_score {hooks.best}; "
-                    f"output in {config.output_dir}")
-    training.barrier()
+    distributed.print0(f"done: {trainer.position.step} steps in {total_time:.1f} s; best eval_score {hooks.best}; "
+                    f"output in {config.run.output_dir}")
+    distributed.barrier()
     return result
 
 
@@ -116,17 +113,17 @@ def test(trainer, hooks, model, test_set):
     """Predict the test split with the best model of the run (the final weights when there is none) and write the
     submission file."""
     config = trainer.config
-    best = os.path.join(config.output_dir, "best_model")
+    best = os.path.join(config.run.output_dir, "best_model")
     if trainer.total_steps > 0 and os.path.isfile(os.path.join(best, "model.safetensors")):
         from safetensors.torch import load_file
 
         with trainer.engine.whole_parameters(model), torch.no_grad():
             model.load_state_dict(load_file(os.path.join(best, "model.safetensors")))
-        training.print0(f"--test: predicting with the best model, {best}")
+        distributed.print0(f"--test: predicting with the best model, {best}")
     preds, scores = hooks.run(trainer, test_set, "test")
     submission = None
-    if training.is_main():
-        submission = str(write_submission(config.task, preds, os.path.join(config.output_dir,
-                                                                           get_task(config.task).submission_file)))
-        training.print0(f"submission written to {submission}")
+    if distributed.is_main():
+        submission = str(write_submission(config.task.name, preds, os.path.join(config.run.output_dir,
+                                                                           get_task(config.task.name).submission_file)))
+        distributed.print0(f"submission written to {submission}")
     return {"test": scores or None, "submission": submission}

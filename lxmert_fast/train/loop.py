@@ -4,8 +4,10 @@ The loop knows a run's life cycle and nothing of the model: it is given a resolv
 in lxmert_fast.train.engines), an objective (lxmert_fast.train.objectives: the model and its losses, the host-side batch
 preparation and the static shapes) and hooks for the task's own parts (evaluation at an epoch's end, what goes
 into a checkpoint's client state). Per micro-batch: seed every RNG from (seed, micro-step, rank), prepare the batch
-on the host, ask whether it fits the static shapes, move it, train it, check the losses for NaN on every rank
-before anything is updated; per optimiser step: log, checkpoint; per epoch: the hooks.
+on the host, ask whether it fits the static shapes, move it, the engine's losses and gradients, the losses checked
+for NaN on every rank, then the engine's step (the update, at an accumulation boundary): a NaN never updates the
+weights; per optimiser step: log, checkpoint; per epoch: the hooks. ``build_trainer`` plans the steps once, for
+the schedule and the loop.
 
 The output folder: a new run refuses a folder that holds another run's metrics or checkpoints unless told
 ``--resume`` or ``--overwrite``; ``run_config.json`` is written at the start; a resumed run must match it.
@@ -22,12 +24,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from lxmert_fast.data.pretrain_dataset import to_device
 from lxmert_fast.errors import ConfigError, NonFiniteLossError
+from lxmert_fast.files import write_text
 from lxmert_fast.model.folder import MODEL_SPEC
-from lxmert_fast.train import training
+from lxmert_fast.train import checkpoints, distributed, metrics, sampling, seeding
+from lxmert_fast.train.engines import build_engine
+from lxmert_fast.train.optimization import build_optimizer, build_scheduler
 from lxmert_fast.train.run_config import RUN_CONFIG_FILE, RunConfig
 
-RUN_OUTPUTS = (training.METRICS_FILE, "checkpoints", "tensorboard", RUN_CONFIG_FILE, "final_model", "best_model")
+RUN_OUTPUTS = (metrics.METRICS_FILE, "checkpoints", "tensorboard", RUN_CONFIG_FILE, "final_model", "best_model")
 
 
 @dataclass
@@ -59,55 +65,76 @@ class Hooks:
 
 def start(config: RunConfig) -> None:
     """A run's start: join the process group, print the resolved config once, check and claim the output folder."""
-    training.init_distributed()
-    if training.world_size() != config.world_size:
-        raise ConfigError(f"the run config was resolved for {config.world_size} rank(s), the process group has "
-                          f"{training.world_size()}")
-    training.print0(config.summary())
+    distributed.init_distributed()
+    if distributed.world_size() != config.engine.world_size:
+        raise ConfigError(f"the run config was resolved for {config.engine.world_size} rank(s), the process group has "
+                          f"{distributed.world_size()}")
+    distributed.print0(config.summary())
     prepare_output_dir(config)
 
 
 def prepare_output_dir(config: RunConfig) -> None:
     """Refuse an output folder that holds another run unless --resume or --overwrite; --overwrite clears it. Then
     save the run config (a resumed run's config is checked against the saved one first)."""
-    out = config.output_dir
+    out = config.run.output_dir
     found = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(out, name))]
     saved_path = os.path.join(out, RUN_CONFIG_FILE)
-    if config.resume and os.path.isfile(saved_path):
+    if config.run.resume and os.path.isfile(saved_path):
         with open(saved_path) as f:
             config.check_resume(json.load(f), saved_path)
-    elif found and not (config.resume or config.overwrite):
+    elif found and not (config.run.resume or config.run.overwrite):
         raise ConfigError(
             f"--output-dir {out} holds another run ({', '.join(found)}): continue it with --resume, replace it "
             "with --overwrite, or choose another --output-dir"
         )
-    training.barrier()  # every rank has looked (and refused alike) before the main rank writes
-    if training.is_main():
-        if config.overwrite and not config.resume:
+    distributed.barrier()  # every rank has looked (and refused alike) before the main rank writes
+    if distributed.is_main():
+        if config.run.overwrite and not config.run.resume:
             for name in found:
                 path = os.path.join(out, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         os.makedirs(out, exist_ok=True)
-        training.atomic_write(saved_path, config.to_json() + "\n")
-    training.barrier()
+        write_text(saved_path, config.to_json() + "\n")
+    distributed.barrier()
 
 
-def plan_steps(config: RunConfig, num_samples: int, epochs: int):
-    """(micro-batches per epoch, optimiser steps in total, epochs to run) for a training set of ``num_samples``."""
-    per_epoch = training.num_micro_batches(num_samples, config.micro_batch, config.world_size)
-    per_epoch = per_epoch // config.accumulation * config.accumulation
-    steps_per_epoch = per_epoch // config.accumulation
+@dataclass(frozen=True)
+class StepPlan:
+    """How far a run trains: micro-batches per epoch (whole optimiser steps), optimiser steps, epochs."""
+
+    micro_per_epoch: int = 0
+    total_steps: int = 0
+    epochs: int = 0
+
+
+def plan_steps(config: RunConfig, train_set) -> StepPlan:
+    """The one step plan of a run: ``config.run.epochs`` over ``train_set`` (none: nothing to train), cut at
+    --max-steps. The schedule and the loop both take it from here."""
+    engine, epochs = config.engine, config.run.epochs
+    if train_set is None or epochs <= 0:
+        return StepPlan()
+    per_epoch = sampling.num_micro_batches(len(train_set), engine.micro_batch, engine.world_size)
+    steps_per_epoch = per_epoch // engine.accumulation
     if steps_per_epoch == 0:
-        raise ConfigError(f"{num_samples} training samples are fewer than one global batch ({config.global_batch})")
+        raise ConfigError(f"{len(train_set)} training samples are fewer than one global batch ({engine.global_batch})")
     total = epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
-    return per_epoch, total, math.ceil(total / steps_per_epoch)
+    if config.run.max_steps is not None:
+        total = min(total, config.run.max_steps)
+    return StepPlan(steps_per_epoch * engine.accumulation, total, math.ceil(total / steps_per_epoch))
+
+
+def build_trainer(config: RunConfig, objective, train_set=None, collate=None, **trainer_args) -> Trainer:
+    """The steps planned, our optimiser and schedule over them, the engine around ``objective``, and the loop."""
+    plan, opt = plan_steps(config, train_set), config.optimisation
+    optimizer = build_optimizer(objective.parameters(), opt.optimizer, opt.lr, opt.weight_decay)
+    scheduler = build_scheduler(optimizer, max(plan.total_steps, 1), opt.warmup)
+    engine = build_engine(config.engine, objective, optimizer, scheduler)
+    return Trainer(config, engine, objective, scheduler, plan, train_set, collate, **trainer_args)
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, engine, objective, scheduler, train_set=None, collate=None, *, epochs=0,
-                 save_model=None, hooks: Hooks | None = None, name="train"):
+    def __init__(self, config: RunConfig, engine, objective, scheduler, plan: StepPlan, train_set=None, collate=None,
+                 *, save_model=None, hooks: Hooks | None = None, name="train"):
         """``save_model(folder, weights=True)``: writes the model as a self-contained folder (rank 0); without
         weights into each checkpoint, so that it exports (lxmert_fast.model.folder)."""
         self.config, self.engine, self.objective, self.scheduler = config, engine, objective, scheduler
@@ -115,41 +142,40 @@ class Trainer:
         self.train_set, self.collate = train_set, collate
         self.hooks = hooks or Hooks()
         self.position = Position()
-        self.ckpt_dir = os.path.join(config.output_dir, "checkpoints")
+        self.ckpt_dir = os.path.join(config.run.output_dir, "checkpoints")
         self.last_checkpoint = None
-        self.micro_per_epoch, self.total_steps, self.epochs = (0, 0, 0)
-        if train_set is not None and epochs > 0:
-            self.micro_per_epoch, self.total_steps, self.epochs = plan_steps(config, len(train_set), epochs)
-        self.metrics = training.MetricsLogger(config.output_dir, enabled=training.is_main())
-        self.bar = training.progress_bar(self.total_steps, desc=name)
-        self.timer = training.Timer()
+        self.micro_per_epoch, self.total_steps, self.epochs = plan.micro_per_epoch, plan.total_steps, plan.epochs
+        self.metrics = metrics.MetricsLogger(config.run.output_dir, enabled=distributed.is_main())
+        self.bar = metrics.progress_bar(self.total_steps, desc=name)
+        self.timer = metrics.Timer()
         self.sums, self.count, self.first_loss, self.last_loss = {}, 0, None, None
         self.t_start = time.perf_counter()
 
     @property
     def num_workers(self):
-        return self.config.num_workers if self.config.num_workers is not None else min(8, (os.cpu_count() or 2) // 2)
+        workers = self.config.run.num_workers
+        return workers if workers is not None else min(8, (os.cpu_count() or 2) // 2)
 
     # ----------------------------------------------------------------------------------------------- resume
     def resume(self):
         """With --resume: load the latest checkpoint (if any) and drop the killed run's metrics past it."""
-        if not self.config.resume:
+        if not self.config.run.resume:
             return
-        tag, state = training.load_checkpoint(self.engine, self.ckpt_dir)
+        tag, state = checkpoints.load_checkpoint(self.engine, self.ckpt_dir)
         if tag is not None:
             self.last_checkpoint = tag
             self.position = Position(**state["position"])
             rngs = state["rng"]
-            training.set_rng_state(rngs[training.rank()] if training.rank() < len(rngs) else rngs[0])
+            seeding.set_rng_state(rngs[distributed.rank()] if distributed.rank() < len(rngs) else rngs[0])
             self.hooks.load_client_state(state.get("task", {}))
-            training.print0(f"resumed from {os.path.join(self.ckpt_dir, tag)}: step {self.position.step}, "
+            distributed.print0(f"resumed from {os.path.join(self.ckpt_dir, tag)}: step {self.position.step}, "
                             f"epoch {self.position.epoch}")
         else:
-            training.print0(f"--resume: no checkpoint in {self.ckpt_dir}, starting from the beginning")
-        if training.is_main():
-            training.truncate_metrics(self.metrics.path, self.position.step)
+            distributed.print0(f"--resume: no checkpoint in {self.ckpt_dir}, starting from the beginning")
+        if distributed.is_main():
+            metrics.truncate_metrics(self.metrics.path, self.position.step)
         self.bar.update(self.position.step)
-        training.barrier()
+        distributed.barrier()
 
     # ------------------------------------------------------------------------------------------------- loop
     def fit(self):
@@ -171,24 +197,25 @@ class Trainer:
     def _train_epoch(self):
         p, config = self.position, self.config
         self.hooks.on_epoch_start(self)
-        batches = training.epoch_batches(len(self.train_set), config.micro_batch, config.seed, p.epoch,
-                                         training.rank(), config.world_size, start=p.pos)
+        batches = sampling.epoch_batches(len(self.train_set), config.engine.micro_batch, config.run.seed, p.epoch,
+                                         distributed.rank(), config.engine.world_size, start=p.pos)
         for batch in self.loader(self.train_set, batches[: self.micro_per_epoch - p.pos]):
-            training.seed_step(config.seed, p.micro_step, training.rank())
+            seeding.seed_step(config.run.seed, p.micro_step, distributed.rank())
             lr = self.scheduler.get_last_lr()[0]  # the rate this update uses (the scheduler moves on in step())
-            batch, static = self.to_device(batch)
-            values = self.engine.train_step(batch, self._check_losses, static)
+            losses = self.engine.forward_backward(*self.to_device(batch))
+            values = self._check_losses(losses)  # a non-finite loss raises here, before the update
+            self.engine.step()
             p.micro_step, p.pos = p.micro_step + 1, p.pos + 1
             self._add(values)
-            if p.micro_step % config.accumulation:
+            if p.micro_step % config.engine.accumulation:
                 continue
             p.step += 1
             self.bar.update(1)
-            if p.step % config.log_every == 0 or p.step == self.total_steps:
+            if p.step % config.run.log_every == 0 or p.step == self.total_steps:
                 self._log_step(lr)
             if p.step >= self.total_steps:
                 return
-            if config.save_every and p.step % config.save_every == 0 and p.pos < self.micro_per_epoch:
+            if config.run.save_every and p.step % config.run.save_every == 0 and p.pos < self.micro_per_epoch:
                 self.checkpoint()
 
     def loader(self, dataset, batches):
@@ -200,10 +227,10 @@ class Trainer:
         (asked only of an engine that needs them)."""
         batch = self.objective.prepare(batch)
         static = self.engine.needs_static_shapes and self.objective.fits(batch)
-        return training.to_device(batch, self.engine.device, self.engine.batch_dtype), static
+        return to_device(batch, self.engine.device, self.engine.batch_dtype), static
 
     def _add(self, values):
-        self.timer.add(self.config.micro_batch * self.config.world_size)
+        self.timer.add(self.config.engine.micro_batch * self.config.engine.world_size)
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
@@ -211,7 +238,7 @@ class Trainer:
     def _check_losses(self, losses):
         """The losses averaged over ranks; a NaN or inf stops the run before the weights are updated."""
         scalars = {k: v for k, v in losses.items() if k.endswith("loss")}
-        values, bad = training.reduce_losses(scalars, self.engine.device)
+        values, bad = metrics.reduce_losses(scalars, self.engine.device)
         if bad:
             p = self.position
             where = (f"the last good checkpoint is {os.path.join(self.ckpt_dir, self.last_checkpoint)}"
@@ -239,29 +266,29 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def checkpoint(self):
-        rngs = [None] * self.config.world_size
-        torch.distributed.all_gather_object(rngs, training.rng_state())
+        rngs = [None] * self.config.engine.world_size
+        torch.distributed.all_gather_object(rngs, seeding.rng_state())
         state = {"position": asdict(self.position), "rng": rngs, "task": self.hooks.client_state()}
         describe = None
         if self._save_model is not None:
             def describe(folder):
                 self._save_model(os.path.join(folder, MODEL_SPEC), weights=False)
-        self.last_checkpoint = training.save_checkpoint(self.engine, self.ckpt_dir, self.position.step, state,
-                                                        keep=self.config.keep_checkpoints, describe=describe)
+        self.last_checkpoint = checkpoints.save_checkpoint(self.engine, self.ckpt_dir, self.position.step, state,
+                                                        keep=self.config.run.keep_checkpoints, describe=describe)
 
     def save_model(self, folder):
         """The model as a self-contained folder, on rank 0 (ZeRO-3's shards gathered first)."""
         with self.engine.whole_parameters(self.objective):
-            if training.is_main():
+            if distributed.is_main():
                 self._save_model(folder)
-        training.barrier()
+        distributed.barrier()
 
     # ------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, dataset, collate, limit=None, seed=None):
         """The objective's outputs over ``dataset`` (all of it, the last micro-batch partial; at most ``limit``
         micro-batches per rank), yielded with each prepared host batch."""
-        batches = training.eval_batches(len(dataset), self.config.micro_batch, training.rank(),
-                                        self.config.world_size, limit=limit, seed=seed)
+        batches = sampling.eval_batches(len(dataset), self.config.engine.micro_batch, distributed.rank(),
+                                        self.config.engine.world_size, limit=limit, seed=seed)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                              num_workers=self.num_workers)
         self.engine.eval()

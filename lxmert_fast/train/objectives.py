@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from lxmert_fast.model.folder import save_model_folder
 from lxmert_fast.model.static_shapes import StaticShapes
 from lxmert_fast.tasks.registry import get_task
-from lxmert_fast.train import training
+from lxmert_fast.train import distributed, metrics
 from lxmert_fast.train.loop import Hooks
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos",
@@ -81,8 +81,8 @@ class ValidationLoss(Hooks):
             return
         self.valid_set.set_epoch(0)
         sums, count = {}, 0
-        for _, out in trainer.evaluate(self.valid_set, self.collate, limit=self.batches, seed=trainer.config.seed):
-            values, _ = training.reduce_losses(out, trainer.engine.device)
+        for _, out in trainer.evaluate(self.valid_set, self.collate, limit=self.batches, seed=trainer.config.run.seed):
+            values, _ = metrics.reduce_losses(out, trainer.engine.device)
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
@@ -91,7 +91,7 @@ class ValidationLoss(Hooks):
         record = {f"valid_{k}": v / count for k, v in sorted(sums.items())}
         p = trainer.position
         trainer.log({"event": "eval", "split": "valid", "step": p.step, "epoch": p.epoch, **record})
-        training.print0(f"validation at step {p.step}: loss {record['valid_loss']:.4f}")
+        distributed.print0(f"validation at step {p.step}: loss {record['valid_loss']:.4f}")
 
 
 # ------------------------------------------------------------------------------------------------- fine-tuning
@@ -157,8 +157,8 @@ class TaskEvaluation(Hooks):
             answers = predict(self.task, out["logits"], self.label2ans)
             for i, answer in zip(host_batch["index"].tolist(), answers, strict=True):
                 predictions[dataset.qid(i)] = answer
-        if trainer.config.world_size > 1:
-            gathered = [None] * trainer.config.world_size
+        if trainer.config.engine.world_size > 1:
+            gathered = [None] * trainer.config.engine.world_size
             torch.distributed.all_gather_object(gathered, predictions)
             predictions = {k: v for part in gathered for k, v in part.items()}
         return {dataset.qid(i): predictions[dataset.qid(i)] for i in range(len(dataset))}  # in file order
@@ -176,7 +176,7 @@ class TaskEvaluation(Hooks):
                      "eval_time_s": time.perf_counter() - t0})
         if scores and show:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-            training.print0(f"{split} after step {p.step}: {shown}{note}")
+            distributed.print0(f"{split} after step {p.step}: {shown}{note}")
         return preds, scores
 
     def on_epoch_end(self, trainer):
@@ -189,7 +189,7 @@ class TaskEvaluation(Hooks):
         _, self.scores = self.run(trainer, self.valid_set, "valid", note)
         if trainer.total_steps and (self.best is None or self.scores["eval_score"] > self.best):
             self.best = self.scores["eval_score"]
-            trainer.save_model(os.path.join(trainer.config.output_dir, "best_model"))
+            trainer.save_model(os.path.join(trainer.config.run.output_dir, "best_model"))
 
 
 def model_saver(model, tokenizer, labels=None):

@@ -4,6 +4,7 @@ lxmert_fast/pretrain.py is the command.
 """
 
 import os
+from dataclasses import dataclass
 
 from lxmert_fast.model.checks import check_model_fields
 from lxmert_fast.train import run_config
@@ -12,6 +13,27 @@ TASKS = ("mlm", "matched", "obj", "attr", "feat", "qa")
 TASK_NAMES = {"mlm": "masked language model", "matched": "cross-modality matching",
               "obj": "object-label classification", "attr": "attribute classification",
               "feat": "RoI-feature regression", "qa": "image question answering"}
+
+
+@dataclass(frozen=True)
+class PretrainData:
+    """The data flags (comma-separated paths), the sample data's filled in when no --train-json is given."""
+
+    train_json: str | None = None
+    valid_json: str | None = None
+    valid_batches: int = 50
+    features: str | None = None
+    answer_table: str | None = None
+    tokenizer: str | None = None
+    sample_data_dir: str = "sample_data"
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class PretrainTasks:
+    tasks: tuple[str, ...] = TASKS
+    qa_from_epoch: int = 0
+    model_config: str = "lxmert_small"
 
 
 def build_parser():
@@ -40,28 +62,29 @@ def build_parser():
 def resolve(argv=None):
     """The run's RunConfig: flags, the sample data's paths when no --train-json is given, the model preset."""
     parser = build_parser()
-    args = run_config.parse_args_with_config(parser, argv)
-    flags = vars(args)
-    flags["tasks"] = [t for t in TASKS if not flags[f"no_{t}"]]
+    flags, _ = run_config.parse_args_with_config(parser, argv)
+    flags["tasks"] = tuple(t for t in TASKS if not flags[f"no_{t}"])
     if not flags["tasks"]:
         parser.error("every task is switched off")
-    if args.train_json is None:
+    if flags["train_json"] is None:
         from lxmert_fast.data import ensure_sample_data
 
-        sample = ensure_sample_data(args.sample_data_dir)  # safe when every rank calls it
-        flags.update(train_json=str(sample.train_json), valid_json=args.valid_json or str(sample.valid_json),
-                     features=args.features or str(sample.features_tsv),
-                     answer_table=args.answer_table or str(sample.answer_table),
-                     tokenizer=args.tokenizer or str(sample.tokenizer_dir))
+        sample = ensure_sample_data(flags["sample_data_dir"])  # safe when every rank calls it
+        flags.update(train_json=str(sample.train_json), valid_json=flags["valid_json"] or str(sample.valid_json),
+                     features=flags["features"] or str(sample.features_tsv),
+                     answer_table=flags["answer_table"] or str(sample.answer_table),
+                     tokenizer=flags["tokenizer"] or str(sample.tokenizer_dir))
     missing = [f"--{f.replace('_', '-')}" for f in ("features", "answer_table", "tokenizer") if flags[f] is None]
     if missing:
         parser.error(f"--train-json given without {', '.join(missing)}")
     run_config.check_files(flags, ("train_json", "valid_json", "features", "answer_table"))
-    model_file = run_config.find_config(args.model_config)
+    model_file = run_config.find_config(flags["model_config"])
     model = run_config.read_json(model_file, "a model config (LxmertConfig fields)")
     check_model_fields(model, model_file)
     return run_config.resolve("pretrain", flags, default_deepspeed="ds_zero2_fp16.json",
-                              model=model_with_tasks(model, flags["tasks"]))
+                              model=model_with_tasks(model, flags["tasks"]),
+                              data=run_config.section(PretrainData, flags),
+                              task=run_config.section(PretrainTasks, flags))
 
 
 def model_with_tasks(fields, tasks):
@@ -76,15 +99,15 @@ def build_data(config, model_config):
     from lxmert_fast import data as lxdata
     from lxmert_fast.model.checks import check_features
 
-    stores = [lxdata.FeatureStore.from_tsv(path) for path in _split(config.features)]  # converted once, mapped
-    # features travel as stored (float16, half the bytes); training.to_device casts them to the model's dtype
-    common = dict(seed=config.seed, task_matched="matched" in config.tasks, feature_dtype="float16",
-                  strict=config.strict)
-    train = lxdata.PretrainDataset(_split(config.train_json), stores, lxdata.AnswerTable(config.answer_table),
-                                   str(config.tokenizer), qa_from_epoch=config.qa_from_epoch, **common)
+    stores = [lxdata.FeatureStore.from_tsv(path) for path in _split(config.data.features)]  # converted once, mapped
+    # features travel as stored (float16, half the bytes); lxmert_fast.data.to_device casts them to the model's dtype
+    common = dict(seed=config.run.seed, task_matched="matched" in config.task.tasks, feature_dtype="float16",
+                  strict=config.data.strict)
+    train = lxdata.PretrainDataset(_split(config.data.train_json), stores, lxdata.AnswerTable(config.data.answer_table),
+                                   str(config.data.tokenizer), qa_from_epoch=config.task.qa_from_epoch, **common)
     valid = None
-    if config.valid_json and config.valid_batches > 0:  # QA always on: the validation loss covers every task
-        valid = lxdata.PretrainDataset(_split(config.valid_json), stores, train.answer_table, train.tokenizer,
+    if config.data.valid_json and config.data.valid_batches > 0:  # QA always on: the validation loss covers every task
+        valid = lxdata.PretrainDataset(_split(config.data.valid_json), stores, train.answer_table, train.tokenizer,
                                        **common)
     model_config.vocab_size = train.vocab_size
     model_config.num_qa_labels = len(train.answer_table)
@@ -104,37 +127,32 @@ def pretrain(config):
 
     from lxmert_fast import LxmertConfig, LxmertForPreTraining
     from lxmert_fast.model.static_shapes import StaticShapes
-    from lxmert_fast.train import training
-    from lxmert_fast.train.engines import build_engine
-    from lxmert_fast.train.loop import Trainer, plan_steps, start
+    from lxmert_fast.train import distributed
+    from lxmert_fast.train.loop import build_trainer, start
     from lxmert_fast.train.objectives import PretrainingObjective, ValidationLoss, model_saver
-    from lxmert_fast.train.optimization import build_optimizer, build_scheduler
 
-    training.init_distributed()  # the data is read and checked before start() claims the output folder
+    distributed.init_distributed()  # the data is read and checked before start() claims the output folder
     model_config = LxmertConfig(**config.model)
-    train_set, valid_set, collate = training.main_first(lambda: build_data(config, model_config))
+    train_set, valid_set, collate = distributed.main_first(lambda: build_data(config, model_config))
     start(config)
-    shapes = StaticShapes.from_statistics(config.micro_batch, train_set.max_seq_length,
+    shapes = StaticShapes.from_statistics(config.engine.micro_batch, train_set.max_seq_length,
                                           *train_set.text_length_stats(), mask_rate=train_set.word_mask_rate)
-    torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
-    model = LxmertForPreTraining(model_config, backend=config.model_backend)
-    objective = PretrainingObjective(model, shapes)
-    optimizer = build_optimizer(objective.parameters(), config.optimizer, config.lr, config.weight_decay)
-    scheduler = build_scheduler(optimizer, plan_steps(config, len(train_set), config.epochs)[1], config.warmup)
-    engine = build_engine(config, objective, optimizer, scheduler)
-    trainer = Trainer(config, engine, objective, scheduler, train_set, collate, epochs=config.epochs,
-                      save_model=model_saver(model, train_set.tokenizer), name="pretrain",
-                      hooks=ValidationLoss(train_set, valid_set, collate, config.valid_batches))
+    torch.manual_seed(config.run.seed)  # the same initial weights on every rank and every run
+    model = LxmertForPreTraining(model_config, backend=config.engine.model_backend)
+    trainer = build_trainer(config, PretrainingObjective(model, shapes), train_set, collate, name="pretrain",
+                            save_model=model_saver(model, train_set.tokenizer),
+                            hooks=ValidationLoss(train_set, valid_set, collate, config.data.valid_batches))
+    engine = trainer.engine
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 leaves p empty
-    training.print0(
-        f"LXMERT pre-training: {n_params / 1e6:.1f}M parameters, {len(train_set)} samples, {config.world_size} "
+    distributed.print0(
+        f"LXMERT pre-training: {n_params / 1e6:.1f}M parameters, {len(train_set)} samples, {config.engine.world_size} "
         f"rank(s) on {engine.device}, {engine.describe()}, {trainer.total_steps} steps, tasks "
-        f"{','.join(config.tasks)}, optimizer {config.optimizer} lr {config.lr}"
+        f"{','.join(config.task.tasks)}, optimizer {config.optimisation.optimizer} lr {config.optimisation.lr}"
     )
     trainer.fit()
-    final_dir = os.path.join(config.output_dir, "final_model")
+    final_dir = os.path.join(config.run.output_dir, "final_model")
     trainer.save_model(final_dir)
     total_time = trainer.finish()
-    training.print0(f"done: {trainer.position.step} steps in {total_time:.1f} s, loss {trainer.first_loss} -> "
+    distributed.print0(f"done: {trainer.position.step} steps in {total_time:.1f} s, loss {trainer.first_loss} -> "
                     f"{trainer.last_loss}; model in {final_dir}, metrics in {trainer.metrics.path}")
     return final_dir

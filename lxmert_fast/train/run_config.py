@@ -2,10 +2,10 @@
 
 ``resolve`` reads and checks everything a run is told, makes every adjustment to the machine in one place (fp16 ->
 fp32 without CUDA, fp16 -> bf16 for ``--engine torch``, ``--micro-batch-size`` written into the DeepSpeed config,
-DeepSpeed's ``"auto"`` values filled in as transformers' Trainer fills them) and returns a frozen ``RunConfig``,
-which the run prints once and saves as ``run_config.json`` in its output folder. A resumed run is compared with
-the saved one: what would change the data order or the model (seed, batch geometry, ranks, model config) must be
-the same.
+DeepSpeed's ``"auto"`` values filled in as transformers' Trainer fills them) and returns a frozen
+``RunConfig`` of typed sections (run, optimisation, engine; the script's data and task), which the run prints once
+and saves as ``run_config.json`` in its output folder. A resumed run is compared with the saved one: what would
+change the data order or the model (seed, batch geometry, ranks, model config) must be the same.
 
 Nothing heavy is imported here (no torch at import time): ``--help`` and a bad flag answer at once, before
 DeepSpeed starts.
@@ -18,7 +18,8 @@ import contextlib
 import copy
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from lxmert_fast.errors import ConfigError, JSONFileError
 
@@ -85,7 +86,7 @@ def add_training_arguments(parser, *, output_dir, save_every, log_every=10, work
                      help="start afresh in an OUTPUT_DIR that holds another run (its metrics and checkpoints go)")
     run.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
     opt = parser.add_argument_group("optimiser")
-    opt.add_argument("--optimizer", choices=("bertadam", "adamw"), default=DEFAULT_OPTIMIZER,
+    opt.add_argument("--optimizer", choices=("bertadam", "adamw"), default="bertadam",
                      help="bertadam: the original's Adam without bias correction (fine-tuning on the sample data "
                      "without a starting point: adamw, unless given)")
     opt.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the task's)")
@@ -111,14 +112,6 @@ def add_training_arguments(parser, *, output_dir, save_every, log_every=10, work
                         help="torch.compile the model (with the Triton kernels on a GPU)")
 
 
-class FlagDefault(str):
-    """A flag's default value that a script can tell apart from the same value given by the user: argparse keeps
-    this very object when the flag is not given (``flags[name] is DEFAULT_OPTIMIZER``)."""
-
-
-DEFAULT_OPTIMIZER = FlagDefault("bertadam")
-
-
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows every default and keeps the description's layout."""
 
@@ -129,10 +122,13 @@ def make_parser(description):
     return parser
 
 
-def parse_args_with_config(parser, argv=None):
+def parse_args_with_config(parser, argv=None) -> tuple[dict, frozenset]:
     """Parse ``argv``, taking defaults from the JSON file named by ``--config`` (keys are flag names; keys starting
-    with "_" are comments; the command line wins). Unknown keys are an error naming the file."""
+    with "_" are comments; the command line wins). Unknown keys are an error naming the file. Returns the flags'
+    values and the names of those given (on the command line or in the file), so a script can tell a default from
+    the same value given."""
     args, _ = parser.parse_known_args(argv)
+    given = set()
     if args.config:
         try:
             loaded = read_json(args.config, "a JSON object of flag names and values")
@@ -145,7 +141,18 @@ def parse_args_with_config(parser, argv=None):
         if unknown:
             parser.error(f"{args.config}: unknown keys {sorted(unknown)}")
         parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
+        given |= set(defaults)
+    flags = vars(parser.parse_args(argv))
+    return flags, frozenset(given | _given_on_command_line(parser, argv))
+
+
+def _given_on_command_line(parser, argv):
+    """The flags ``argv`` gives: parsed once more into a namespace that already holds a marker for every flag,
+    which argparse keeps where no value is given."""
+    unset = object()
+    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parsed, _ = parser.parse_known_args(argv, namespace=probe)
+    return {name for name, value in vars(parsed).items() if value is not unset}
 
 
 def check_files(flags: dict, names) -> None:
@@ -157,31 +164,52 @@ def check_files(flags: dict, names) -> None:
                 raise ConfigError(f"--{name.replace('_', '-')} {path}: no such file or folder")
 
 
-# ------------------------------------------------------------------------------------------------- RunConfig
+# ---------------------------------------------------------------------------------------------- the sections
+def section(cls, flags: dict):
+    """The dataclass ``cls`` filled from the flags of its fields' names; a flag not there keeps the default."""
+    return cls(**{f.name: flags[f.name] for f in fields(cls) if f.name in flags})
+
+
 @dataclass(frozen=True)
-class RunConfig:
-    """Everything a run was told, resolved. ``flags`` holds every flag's final value (also readable as an
-    attribute: ``config.lr``); ``deepspeed`` is the DeepSpeed JSON exactly as the DeepSpeed engine gets it."""
+class RunSettings:
+    """Where a run writes, how long it trains, how often it logs and checkpoints."""
 
-    script: str
-    flags: dict
-    deepspeed_file: str
-    deepspeed: dict
-    model: dict | None  # the model config's fields for a model built from a config (None: from a checkpoint)
-    engine: str  # deepspeed | torch
-    precision: str  # fp16 | bf16 | fp32
-    cuda_graphs: bool
-    compile: bool
-    micro_batch: int
-    accumulation: int
-    world_size: int
-    adjustments: tuple[str, ...] = field(default_factory=tuple)
+    output_dir: str = "output"
+    seed: int = 9595
+    epochs: int = 0
+    max_steps: int | None = None
+    save_every: int | None = None  # None: at epoch ends only
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    num_workers: int | None = None  # None: the loop's default for this machine
+    resume: bool = False
+    overwrite: bool = False
 
-    def __getattr__(self, name):
-        flags = self.__dict__.get("flags", {})
-        if name in flags:
-            return flags[name]
-        raise AttributeError(name)
+
+@dataclass(frozen=True)
+class Optimisation:
+    optimizer: str = "bertadam"  # bertadam | adamw
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.05  # fraction of the steps
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The engine and the batch, resolved from the flags and the DeepSpeed JSON; ``deepspeed`` is that JSON exactly
+    as DeepSpeed gets it, for deepspeed.initialize only: everything else reads the typed fields."""
+
+    name: str = "deepspeed"  # deepspeed | torch
+    precision: str = "fp32"  # fp16 | bf16 | fp32
+    micro_batch: int = 1
+    accumulation: int = 1
+    world_size: int = 1
+    gradient_clipping: float = 0.0  # 0: none
+    zero_stage: int = 0
+    cuda_graphs: bool = False
+    compile: bool = False
+    deepspeed_file: str = ""
+    deepspeed: dict = field(default_factory=dict)
 
     @property
     def global_batch(self) -> int:
@@ -197,16 +225,33 @@ class RunConfig:
     def deepspeed_config(self) -> dict:
         return copy.deepcopy(self.deepspeed)
 
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run was told, resolved, in sections. ``data`` and ``task`` are the script's own sections
+    (lxmert_fast.train.pretrain_run, lxmert_fast.finetune); ``model`` the model config's fields for a model built
+    from a config (None: from a checkpoint)."""
+
+    script: str
+    run: RunSettings
+    optimisation: Optimisation
+    engine: EngineSettings
+    data: Any = None
+    task: Any = None
+    model: dict | None = None
+    adjustments: tuple[str, ...] = ()
+
     def summary(self) -> str:
-        how = "DeepSpeed" if self.engine == "deepspeed" else "plain PyTorch"
-        if self.engine == "deepspeed":
-            how += f" ZeRO-{self.deepspeed.get('zero_optimization', {}).get('stage', 0)}"
-        how += ", CUDA graphs" if self.cuda_graphs else ""
-        how += ", compiled" if self.compile else ""
+        engine = self.engine
+        how = "DeepSpeed" if engine.name == "deepspeed" else "plain PyTorch"
+        if engine.name == "deepspeed":
+            how += f" ZeRO-{engine.zero_stage}"
+        how += ", CUDA graphs" if engine.cuda_graphs else ""
+        how += ", compiled" if engine.compile else ""
         lines = [
-            f"run config ({self.script}): {how}, {self.precision}, micro-batch {self.micro_batch} x accumulation "
-            f"{self.accumulation} x {self.world_size} rank(s) = {self.global_batch}, seed {self.seed}, "
-            f"DeepSpeed JSON {self.deepspeed_file}"
+            f"run config ({self.script}): {how}, {engine.precision}, micro-batch {engine.micro_batch} x accumulation "
+            f"{engine.accumulation} x {engine.world_size} rank(s) = {engine.global_batch}, seed {self.run.seed}, "
+            f"DeepSpeed JSON {engine.deepspeed_file}"
         ]
         lines += [f"  adjusted: {note}" for note in self.adjustments]
         return "\n".join(lines)
@@ -232,18 +277,23 @@ class RunConfig:
 
 
 def _identity(saved: dict) -> dict:
-    """What a resumed run must share with the run it resumes (from a run_config.json)."""
-    identity = {name: saved.get(name) for name in ("micro_batch", "accumulation", "world_size", "model")}
-    return {"seed": saved.get("flags", {}).get("seed"), **identity}
+    """What a resumed run must share with the run it resumes, from a run_config.json: in sections, or flat with a
+    ``flags`` dict as written before the sections."""
+    if "flags" in saved:
+        seed, engine = saved["flags"].get("seed"), saved
+    else:
+        seed, engine = saved.get("run", {}).get("seed"), saved.get("engine", {})
+    batch = {name: engine.get(name) for name in ("micro_batch", "accumulation", "world_size")}
+    return {"seed": seed, **batch, "model": saved.get("model")}
 
 
-def resolve(script: str, flags: dict, *, default_deepspeed: str, model: dict | None = None,
+def resolve(script: str, flags: dict, *, default_deepspeed: str, model: dict | None = None, data=None, task=None,
             world_size: int | None = None, notes: tuple[str, ...] = ()) -> RunConfig:
-    """The RunConfig of ``flags`` (the parsed flags, data paths filled in). World size from the launcher's
-    WORLD_SIZE (1 for a plain process). ``notes``: the script's own adjustments, printed with the others."""
+    """The RunConfig of ``flags`` (the parsed flags, data paths filled in) and the script's ``data`` and ``task``
+    sections. World size from the launcher's WORLD_SIZE (1 for a plain process). ``notes``: the script's own
+    adjustments, printed with the others."""
     import torch
 
-    flags = {**flags, "optimizer": str(flags.get("optimizer") or DEFAULT_OPTIMIZER)}
     cuda = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     ds_file = find_config(flags.get("deepspeed_config") or default_deepspeed)
@@ -253,14 +303,17 @@ def resolve(script: str, flags: dict, *, default_deepspeed: str, model: dict | N
     notes = list(notes)
     ds = resolve_deepspeed(raw, ds_file, flags, world, cuda, model, notes)
     precision = "fp16" if ds.get("fp16", {}).get("enabled") else "bf16" if ds.get("bf16", {}).get("enabled") else "fp32"
-    engine, graphs = flags["engine"], False
-    if engine == "torch":
+    name, graphs = flags.get("engine", "deepspeed"), False
+    if name == "torch":
         precision, graphs = _plan_torch_engine(precision, world, cuda, flags, ds[ACCUM], notes)
-    return RunConfig(
-        script=script, flags=dict(flags), deepspeed_file=ds_file, deepspeed=ds, model=model, engine=engine,
-        precision=precision, cuda_graphs=graphs, compile=bool(flags.get("compile")), micro_batch=ds[MICRO],
-        accumulation=ds[ACCUM], world_size=world, adjustments=tuple(notes),
+    engine = EngineSettings(
+        name=name, precision=precision, micro_batch=ds[MICRO], accumulation=ds[ACCUM], world_size=world,
+        gradient_clipping=float(ds.get("gradient_clipping") or 0.0),
+        zero_stage=int(ds.get("zero_optimization", {}).get("stage", 0)), cuda_graphs=graphs,
+        compile=bool(flags.get("compile")), deepspeed_file=ds_file, deepspeed=ds,
     )
+    return RunConfig(script=script, run=section(RunSettings, flags), optimisation=section(Optimisation, flags),
+                     engine=engine, data=data, task=task, model=model, adjustments=tuple(notes))
 
 
 def _plan_torch_engine(precision, world, cuda, flags, accum, notes):

@@ -4,11 +4,11 @@ Why a second engine: at LXMERT's sizes a training step is a few thousand small k
 from Python the CPU cannot keep a GPU busy; DeepSpeed cannot replay its step as a graph (its gradient hooks and loss
 scaling run on the host). For several GPUs, or ZeRO's memory savings, use the DeepSpeed engine.
 
-Per micro-batch (``train_step``): the losses and gradients, on a GPU under bf16 autocast and, from the fourth call
-on, as a CUDA graph replay (lxmert_fast.train.cuda_graphs.GraphedStep) of the objective with its static shapes; a batch
-that does not fit them runs eagerly, into the graph's gradient buffers. Then the loop's check of the losses, and at
-an accumulation boundary gradient clipping (the DeepSpeed JSON's ``gradient_clipping``), the optimiser and the
-schedule, launched eagerly: a non-finite loss never updates the weights.
+Per micro-batch (``forward_backward``): the losses and gradients, on a GPU under bf16 autocast and, from the fourth
+call on, as a CUDA graph replay (lxmert_fast.train.cuda_graphs.GraphedStep) of the objective with its static shapes;
+a batch that does not fit them runs eagerly, into the graph's gradient buffers. Then the loop's check of the losses,
+and ``step``: at an accumulation boundary gradient clipping (the DeepSpeed JSON's ``gradient_clipping``), the
+optimiser and the schedule, launched eagerly: a non-finite loss never updates the weights.
 
 It speaks the loop's engine protocol (lxmert_fast.train.engines.Engine). A checkpoint is one ``state.pt`` per tag:
 model, optimiser and schedule state and the loop's client state, read back with ``torch.load(weights_only=True)``.
@@ -87,12 +87,6 @@ class SingleDeviceEngine:
         if self.eager_steps == 1:
             warnings.warn(f"a batch the CUDA graph was not recorded for runs eagerly: {why}", stacklevel=2)
         return self.graphed.run_eagerly(batch, self._eager_step)
-
-    def train_step(self, batch, check, static=False):
-        losses = self.forward_backward(batch, static)
-        checked = check(losses)  # before the update: a non-finite loss raises here
-        self.step()
-        return checked
 
     def step(self):
         """End of a micro-batch: at an accumulation boundary clip, update the weights and move the schedule on."""

@@ -1,0 +1,84 @@
+"""The checkpoint folder: ``stepNNNNNNNNN`` folders written by the engine, the ``latest`` pointer moved atomically
+once every rank has written, rotation, and a failed write that keeps the last good checkpoint."""
+
+import os
+import shutil
+
+from lxmert_fast.errors import CheckpointError
+from lxmert_fast.files import write_text
+from lxmert_fast.train.distributed import barrier, is_main
+
+CKPT_LATEST = "latest"
+
+
+def checkpoint_tag(step):
+    return f"step{step:09d}"
+
+
+def latest_tag(ckpt_dir):
+    """The tag ``latest`` points to, or None when there is no pointer. A pointer to a missing folder is an error:
+    the checkpoints beside it may be complete, and starting afresh would rotate them away."""
+    path = os.path.join(ckpt_dir, CKPT_LATEST)
+    if not os.path.isfile(path):
+        return None
+    tag = open(path).read().strip()
+    if not tag or not os.path.isdir(os.path.join(ckpt_dir, tag)):
+        others = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step"))
+        raise CheckpointError(
+            f"{path} points to {tag!r}, which is not in {ckpt_dir} (it holds {others or 'no checkpoint'}); "
+            "point it at a complete checkpoint, or start afresh with --overwrite"
+        )
+    return tag
+
+
+def save_checkpoint(engine, ckpt_dir, step, client_state, keep=2, describe=None):
+    """Save the engine's checkpoint tagged ``step{N}``; ``latest`` moves to it only once every rank has finished.
+
+    A crash (even SIGKILL) while writing leaves ``latest`` on the previous complete checkpoint; a write that fails
+    (a full disk) removes the partial folder and raises CheckpointError naming it and the cause. After the pointer
+    has moved, checkpoints beyond ``keep`` are removed: never the new one, and the newest first kept.
+    ``describe(folder)``, on rank 0, adds what the engine does not write (the model's config and tokenizer).
+    """
+    tag = checkpoint_tag(step)
+    folder = os.path.join(ckpt_dir, tag)
+    try:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        engine.save(ckpt_dir, tag, client_state)
+        if describe is not None and is_main():
+            describe(folder)
+    except OSError as error:
+        shutil.rmtree(folder, ignore_errors=True)
+        kept = _pointer(ckpt_dir)
+        raise CheckpointError(
+            f"could not write checkpoint {folder}: {error.strerror or error}; "
+            + (f"the last good checkpoint {os.path.join(ckpt_dir, kept)} is kept" if kept else "no checkpoint kept")
+        ) from error
+    barrier()  # every rank's shard is on disk before the pointer moves
+    if is_main():
+        write_text(os.path.join(ckpt_dir, CKPT_LATEST), tag)
+        _rotate(ckpt_dir, tag, keep)
+    barrier()
+    return tag
+
+
+def _pointer(ckpt_dir):
+    path = os.path.join(ckpt_dir, CKPT_LATEST)
+    return open(path).read().strip() if os.path.isfile(path) else None
+
+
+def _rotate(ckpt_dir, current, keep):
+    """Keep ``current`` and the ``keep - 1`` newest checkpoints before it; tags after it (left by a killed run
+    that this one resumed before) are stale and go too."""
+    tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step") and os.path.isdir(os.path.join(ckpt_dir, t)))
+    older = [t for t in tags if t < current]
+    stale = [t for t in tags if t > current] + older[: max(len(older) - (keep - 1), 0)]
+    for tag in stale:
+        shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+
+
+def load_checkpoint(engine, ckpt_dir):
+    """Load the latest complete checkpoint into ``engine``; returns (tag, client_state) or (None, None)."""
+    tag = latest_tag(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    if tag is None:
+        return None, None
+    return tag, engine.load(ckpt_dir, tag)
