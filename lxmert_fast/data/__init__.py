@@ -5,6 +5,7 @@
                         over several stores
     tokenizer.py        load_tokenizer (folder or hub name) and check_tokenizer (a real vocabulary for the data)
     pretrain_dataset.py PretrainDataset (the five pre-training tasks' inputs / labels) and pretrain_collate
+    pretrain_batch.py   the compact batch (each value once) and pretrain_inputs, which expands it on the device
     sample.py           ensure_sample_data: a small learnable data set in the released formats + a WordPiece vocab
     fsutil.py           atomic directory publishing and build locks
 
@@ -33,7 +34,8 @@ from .formats import (
     read_pretrain_json,
     write_feature_tsv,
 )
-from .pretrain_dataset import IGNORE_INDEX, PretrainDataset, pretrain_collate, to_device
+from .pretrain_batch import CompactBatch, pretrain_inputs
+from .pretrain_dataset import IGNORE_INDEX, PretrainDataset, compact_pretrain_collate, pretrain_collate, to_device
 from .sample import (
     ATTRIBUTE_NAMES,
     OBJECT_NAMES,
@@ -50,6 +52,7 @@ __all__ = [
     "OBJECT_NAMES",
     "AnnotationFormatError",
     "AnswerTable",
+    "CompactBatch",
     "FeatureFormatError",
     "FeatureStore",
     "ImageFeatures",
@@ -59,6 +62,7 @@ __all__ = [
     "TokenizerError",
     "build_wordpiece_vocab",
     "check_tokenizer",
+    "compact_pretrain_collate",
     "convert_tsv",
     "default_store_dir",
     "ensure_sample_data",
@@ -68,6 +72,7 @@ __all__ = [
     "make_uid",
     "normalize_answer",
     "pretrain_collate",
+    "pretrain_inputs",
     "to_device",
     "read_feature_tsv",
     "read_pretrain_json",
