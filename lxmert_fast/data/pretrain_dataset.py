@@ -43,6 +43,7 @@ Public API
 from __future__ import annotations
 
 import logging
+from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -51,7 +52,7 @@ import numpy as np
 import torch
 
 from .feature_store import FeatureStore, index_images
-from .formats import AnnotationFormatError, AnswerTable, make_uid, read_pretrain_json
+from .formats import AnnotationFormatError, AnswerTable, iter_pretrain_json, make_uid
 from .pretrain_batch import (
     IGNORE_INDEX,
     KEPT,
@@ -90,18 +91,19 @@ def missing_images_message(missing: dict, stores) -> str:
 
 
 class _SentenceColumns:
-    """The sentences read so far as flat columns; packed into numpy arrays once all files are read."""
+    """The sentences read so far as flat typed columns (8 bytes or less a value, not a Python object each), viewed
+    as numpy arrays once all files are read."""
 
     def __init__(self):
         self.text = bytearray()  # the UTF-8 sentences back to back; sentence k ends at text_end[k]
-        self.text_end: list[int] = []
-        self.img: list[int] = []  # index into the global image index
-        self.src: list[int] = []  # source id
-        self.idx: list[int] = []  # position of the sentence within its record's source
-        self.is_question: list[bool] = []
-        self.ans: list[int] = []  # answer labels of all questions back to back; sentence k's end at lab_end[k]
-        self.score: list[float] = []
-        self.lab_end: list[int] = []
+        self.text_end = array("q")
+        self.img = array("q")  # index into the global image index
+        self.src = array("h")  # source id
+        self.idx = array("i")  # position of the sentence within its record's source
+        self.is_question = array("b")
+        self.ans = array("q")  # answer labels of all questions back to back; sentence k's end at lab_end[k]
+        self.score = array("d")
+        self.lab_end = array("q")
 
 
 class PretrainDataset(torch.utils.data.Dataset):
@@ -191,15 +193,15 @@ class PretrainDataset(torch.utils.data.Dataset):
         if not cols.text_end:
             raise ValueError(f"no usable sentences in {', '.join(str(p) for p in paths)}: {message}")
 
-        self._text = np.frombuffer(bytes(cols.text), dtype=np.uint8)
-        self._text_end = np.asarray(cols.text_end, dtype=np.int64)
-        self._img = np.asarray(cols.img, dtype=np.int64)
-        self._src = np.asarray(cols.src, dtype=np.int16)
-        self._sent_idx = np.asarray(cols.idx, dtype=np.int32)
-        self._is_question = np.asarray(cols.is_question, dtype=bool)
-        self._lab_end = np.asarray(cols.lab_end, dtype=np.int64)
-        self._ans = np.asarray(cols.ans, dtype=np.int64)
-        self._score = np.asarray(cols.score, dtype=np.float64)
+        self._text = np.frombuffer(cols.text, dtype=np.uint8)  # views, no copies: the columns are the arrays
+        self._text_end = np.frombuffer(cols.text_end, dtype=np.int64)
+        self._img = np.frombuffer(cols.img, dtype=np.int64)
+        self._src = np.frombuffer(cols.src, dtype=np.int16)
+        self._sent_idx = np.frombuffer(cols.idx, dtype=np.int32)
+        self._is_question = np.frombuffer(cols.is_question, dtype=np.int8).view(bool)
+        self._lab_end = np.frombuffer(cols.lab_end, dtype=np.int64)
+        self._ans = np.frombuffer(cols.ans, dtype=np.int64)
+        self._score = np.frombuffer(cols.score, dtype=np.float64)
         self._img_store = np.asarray([k for k, _ in located.values()], dtype=np.int16)
         self._img_row = np.asarray([row for _, row in located.values()], dtype=np.int64)
         self._img_ids = list(located)
@@ -225,7 +227,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         dropped_sents = 0
         missing: dict[str, list[str]] = {}
         for path in paths:
-            for datum in read_pretrain_json(path):
+            for datum in iter_pretrain_json(path):  # one record at a time: never the whole file
                 img = image_of.get(datum["img_id"])
                 labelf = datum.get("labelf", {})
                 for src, sents in datum["sentf"].items():
