@@ -4,6 +4,8 @@ import json
 import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -522,3 +524,34 @@ def test_ensure_sample_data_regenerates_for_other_parameters(tmp_path):
     second = ensure_sample_data(tmp_path / "s", num_images=12, seed=0, feat_dim=8)
     assert len(json.loads(second.train_json.read_text())) == 11
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s", "s.lock"]
+
+
+def test_workers_forked_after_parallel_tokenization_do_not_hang(sample):
+    """With TOKENIZERS_PARALLELISM=true tokenizers' own fork guard is off: a worker forked after the parent tokenized
+    in parallel used to wait forever on the thread pool that did not survive the fork."""
+    script = (
+        "import sys, torch\n"
+        "from lxmert_fast.data import AnswerTable, FeatureStore, PretrainDataset, compact_pretrain_collate\n"
+        "tsv, train, table, tok = sys.argv[1:]\n"
+        "ds = PretrainDataset(train, [FeatureStore.from_tsv(tsv, progress=False)], AnswerTable(table), tok)\n"
+        "ds.tokenizer([ds.sentence(i % len(ds)) for i in range(20000)])  # the thread pool starts, in parallel\n"
+        "batches = [list(range(k, k + 16)) for k in range(0, 64, 16)]\n"
+        "loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=2,\n"
+        "                                     collate_fn=compact_pretrain_collate)\n"
+        "print(sum(len(b) for b in loader))\n"
+    )
+    args = [str(p) for p in (sample.features_tsv, sample.train_json, sample.answer_table, sample.tokenizer_dir)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "true"}
+    out = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "64", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("chunk_chars", [1, 7, 1 << 22])
+def test_annotations_stream_in_chunks_to_the_same_records_and_errors(tmp_path, sample, chunk_chars):
+    from lxmert_fast.data.formats import _json_list_items
+
+    assert list(_json_list_items(sample.train_json, chunk_chars)) == json.loads(sample.train_json.read_text())
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n  {"img_id": "a", "sentf": {}},\n  {"img_id": "b" "sentf": {}}\n]\n')
+    with pytest.raises(AnnotationFormatError, match=r"broken\.json:3:18: not valid JSON"):
+        list(_json_list_items(broken, chunk_chars))

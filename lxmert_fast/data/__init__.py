@@ -5,6 +5,7 @@
                         over several stores
     tokenizer.py        load_tokenizer (folder or hub name) and check_tokenizer (a real vocabulary for the data)
     pretrain_dataset.py PretrainDataset (the five pre-training tasks' inputs / labels) and pretrain_collate
+    pretrain_batch.py   the compact batch (each value once) and pretrain_inputs, which expands it on the device
     sample.py           ensure_sample_data: a small learnable data set in the released formats + a WordPiece vocab
     fsutil.py           atomic directory publishing and build locks
 
@@ -27,7 +28,9 @@ _HOMES = {
     "feature_store": ("FeatureStore", "StoreError", "convert_tsv", "default_store_dir", "index_images"),
     "formats": ("AnnotationFormatError", "AnswerTable", "FeatureFormatError", "ImageFeatures", "make_uid",
                 "normalize_answer", "read_feature_tsv", "read_pretrain_json", "write_feature_tsv"),
-    "pretrain_dataset": ("IGNORE_INDEX", "PretrainDataset", "pretrain_collate", "to_device"),
+    "pretrain_batch": ("CompactBatch", "pretrain_inputs"),
+    "pretrain_dataset": ("IGNORE_INDEX", "PretrainDataset", "compact_pretrain_collate", "pretrain_collate",
+                         "to_device"),
     "sample": ("ATTRIBUTE_NAMES", "OBJECT_NAMES", "SamplePaths", "build_wordpiece_vocab", "ensure_sample_data",
                "make_sample_data"),
     "tokenizer": ("TokenizerError", "check_tokenizer", "load_tokenizer"),
@@ -40,6 +43,7 @@ __all__ = [
     "OBJECT_NAMES",
     "AnnotationFormatError",
     "AnswerTable",
+    "CompactBatch",
     "FeatureFormatError",
     "FeatureStore",
     "ImageFeatures",
@@ -49,6 +53,7 @@ __all__ = [
     "TokenizerError",
     "build_wordpiece_vocab",
     "check_tokenizer",
+    "compact_pretrain_collate",
     "convert_tsv",
     "default_store_dir",
     "ensure_sample_data",
@@ -58,6 +63,7 @@ __all__ = [
     "make_uid",
     "normalize_answer",
     "pretrain_collate",
+    "pretrain_inputs",
     "to_device",
     "read_feature_tsv",
     "read_pretrain_json",

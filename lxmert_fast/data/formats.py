@@ -14,6 +14,7 @@ Public API
     write_feature_tsv(path, records: Iterable[ImageFeatures]) -> None
     AnnotationFormatError(ValueError)  a bad pre-training JSON record (names file, record, img_id)
     read_pretrain_json(path) -> list[dict]   validated list of {img_id, sentf, labelf}
+    iter_pretrain_json(path) -> Iterator[dict]   the same records, parsed one at a time as the file is read
     make_uid(img_id, source, index) -> str   "{img_id}_{source}_{index}", the original's sentence id
     normalize_answer(ans) -> str       the original's answer normalisation (fine-tuning reuses it)
     AnswerTable(path, dsets=None)      all_ans.json: answer <-> label index; .label_scores(label) maps a
@@ -24,7 +25,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,50 +256,135 @@ def make_uid(img_id: str, source: str, index: int) -> str:
     return f"{img_id}_{source}_{index}"
 
 
+_PRETRAIN_JSON = "a pre-training annotation file: a JSON list of {img_id, sentf, labelf} objects"
+
+
 def read_pretrain_json(path) -> list[dict]:
     """Load and validate a pre-training annotation file: a list of {img_id, sentf{src: [sent]}, labelf{src: [{ans:
     score}]}}. `labelf` may be missing (captions only); `labelf[src]` must parallel `sentf[src]`. Empty sentences
     and negative or non-finite scores are rejected with an AnnotationFormatError naming file, record and img_id."""
+    return list(iter_pretrain_json(path))
+
+
+def iter_pretrain_json(path) -> Iterator[dict]:
+    """The records of read_pretrain_json one at a time, parsed as the file is read: the release's 9M sentences never
+    sit in memory as Python objects. The same records and the same errors."""
+    for k, datum in enumerate(_json_list_items(path)):
+        _check_record(path, k, datum)
+        yield datum
+
+
+class _NotAList(Exception):
+    """The streaming reader met something it does not parse itself (read_json then reads the file, for the error)."""
+
+
+def _json_list_items(path, chunk_chars: int = 1 << 22) -> Iterator:
+    """The items of the JSON list in `path`, decoded one at a time from chunks of the file. Anything else (not a list,
+    invalid JSON, not UTF-8) is read again the ordinary way, whose error names file, line and column as before."""
+    count = 0
     try:
-        data = read_json(path, "a pre-training annotation file: a JSON list of {img_id, sentf, labelf} objects")
-    except JSONFileError as err:
-        raise AnnotationFormatError(str(err)) from None
-    if not isinstance(data, list):
-        raise AnnotationFormatError(f"{path}: expected a JSON list of image records, got {type(data).__name__}")
-    for k, datum in enumerate(data):
-        img_id = datum.get("img_id") if isinstance(datum, dict) else None
-        where = f"{path}: record {k} (img_id {img_id!r})"
-        if not isinstance(img_id, str) or not img_id:
-            raise AnnotationFormatError(f"{where}: missing or non-string 'img_id'")
-        sentf = datum.get("sentf")
-        if not isinstance(sentf, dict):
-            raise AnnotationFormatError(f"{where}: 'sentf' must be an object {{source: [sentences]}}")
-        labelf = datum.get("labelf", {})
-        if not isinstance(labelf, dict):
-            raise AnnotationFormatError(f"{where}: 'labelf' must be an object {{source: [{{answer: score}}]}}")
-        for src, sents in sentf.items():
-            if not isinstance(sents, list):
-                raise AnnotationFormatError(f"{where}: sentf[{src!r}] must be a list of sentences")
-            for i, sent in enumerate(sents):
-                if not isinstance(sent, str) or not sent.strip():
-                    raise AnnotationFormatError(f"{where}: sentf[{src!r}][{i}] is empty or not a string: {sent!r}")
-        for src, labels in labelf.items():
-            if src not in sentf:
-                raise AnnotationFormatError(f"{where}: labelf[{src!r}] has no matching sentf[{src!r}]")
-            if not isinstance(labels, list) or len(labels) != len(sentf[src]):
-                raise AnnotationFormatError(
-                    f"{where}: labelf[{src!r}] must be a list parallel to sentf[{src!r}] ({len(sentf[src])} sentences)"
-                )
-            for i, label in enumerate(labels):
-                if not isinstance(label, dict):
-                    raise AnnotationFormatError(f"{where}: labelf[{src!r}][{i}] must be an object {{answer: score}}")
-                for ans, score in label.items():
-                    ok = isinstance(score, int | float) and not isinstance(score, bool)
-                    if not ok or not math.isfinite(score) or score < 0:
-                        raise AnnotationFormatError(
-                            f"{where}: labelf[{src!r}][{i}] answer {ans!r} has invalid score {score!r}"
-                        )
-    return data
+        with open(path, encoding="utf-8") as f:
+            stream = _TextStream(f, chunk_chars)
+            if stream.next_char() != "[":
+                raise _NotAList
+            stream.pos += 1
+            separator = stream.next_char()
+            if separator == "]":  # an empty list
+                stream.pos += 1
+            while separator != "]":
+                item = stream.value()
+                count += 1
+                yield item
+                separator = stream.next_char()
+                if separator not in (",", "]"):
+                    raise _NotAList
+                stream.pos += 1
+            if stream.next_char() != "":
+                raise _NotAList
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, _NotAList):
+        try:
+            data = read_json(path, _PRETRAIN_JSON)
+        except JSONFileError as err:
+            raise AnnotationFormatError(str(err)) from None
+        if not isinstance(data, list):
+            kind = type(data).__name__
+            raise AnnotationFormatError(f"{path}: expected a JSON list of image records, got {kind}") from None
+        yield from data[count:]
+
+
+class _TextStream:
+    """A text file read in chunks, with a read position in the current chunk."""
+
+    _NOT_SPACE = re.compile(r"[^ \t\n\r]")
+    _DECODER = json.JSONDecoder()
+
+    def __init__(self, f, chunk_chars: int):
+        self.f, self.chunk_chars, self.buf, self.pos = f, chunk_chars, "", 0
+
+    def _more(self) -> bool:
+        data = self.f.read(self.chunk_chars)
+        if data:
+            self.buf, self.pos = self.buf[self.pos :] + data, 0
+        return bool(data)
+
+    def next_char(self) -> str:
+        """The next character that is not JSON white space, not consumed; "" at the end of the file."""
+        while (found := self._NOT_SPACE.search(self.buf, self.pos)) is None:
+            self.pos = len(self.buf)
+            if not self._more():
+                return ""
+        self.pos = found.start()
+        return self.buf[self.pos]
+
+    def value(self):
+        """The JSON value at the read position, consumed (more of the file is read while it is cut off)."""
+        while True:
+            try:
+                value, end = self._DECODER.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError:
+                if not self._more():
+                    raise
+                continue
+            if end < len(self.buf) or not self._more():  # a number at the chunk's end may go on in the next
+                self.pos = end
+                return value
+
+
+def _check_record(path, k: int, datum) -> None:
+    img_id = datum.get("img_id") if isinstance(datum, dict) else None
+    where = f"{path}: record {k} (img_id {img_id!r})"
+    if not isinstance(img_id, str) or not img_id:
+        raise AnnotationFormatError(f"{where}: missing or non-string 'img_id'")
+    sentf = datum.get("sentf")
+    if not isinstance(sentf, dict):
+        raise AnnotationFormatError(f"{where}: 'sentf' must be an object {{source: [sentences]}}")
+    labelf = datum.get("labelf", {})
+    if not isinstance(labelf, dict):
+        raise AnnotationFormatError(f"{where}: 'labelf' must be an object {{source: [{{answer: score}}]}}")
+    for src, sents in sentf.items():
+        if not isinstance(sents, list):
+            raise AnnotationFormatError(f"{where}: sentf[{src!r}] must be a list of sentences")
+        for i, sent in enumerate(sents):
+            if not isinstance(sent, str) or not sent.strip():
+                raise AnnotationFormatError(f"{where}: sentf[{src!r}][{i}] is empty or not a string: {sent!r}")
+    for src, labels in labelf.items():
+        _check_labels(where, src, labels, sentf)
+
+
+def _check_labels(where: str, src: str, labels, sentf: dict) -> None:
+    if src not in sentf:
+        raise AnnotationFormatError(f"{where}: labelf[{src!r}] has no matching sentf[{src!r}]")
+    if not isinstance(labels, list) or len(labels) != len(sentf[src]):
+        raise AnnotationFormatError(
+            f"{where}: labelf[{src!r}] must be a list parallel to sentf[{src!r}] ({len(sentf[src])} sentences)"
+        )
+    for i, label in enumerate(labels):
+        if not isinstance(label, dict):
+            raise AnnotationFormatError(f"{where}: labelf[{src!r}][{i}] must be an object {{answer: score}}")
+        for ans, score in label.items():
+            ok = isinstance(score, int | float) and not isinstance(score, bool)
+            if not ok or not math.isfinite(score) or score < 0:
+                raise AnnotationFormatError(f"{where}: labelf[{src!r}][{i}] answer {ans!r} has invalid score {score!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

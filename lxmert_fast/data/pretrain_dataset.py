@@ -32,14 +32,18 @@ Public API
         .uid(index) -> "{img_id}_{source}_{index}", .num_dropped (sentences without features, left out unless
         strict),
         .text_length_stats() -> (mean, std) of the text lengths in tokens,
-        .__getitems__(indices) -> StackedItems: a whole batch at once (a DataLoader calls it), the same values
+        .__getitems__(indices) -> PretrainBatch: a whole batch at once (a DataLoader calls it), the same values,
+        built compact (pretrain_batch.py)
     pretrain_collate(items) -> dict of tensors: exactly the keyword arguments of LxmertForPreTraining.forward
+    compact_pretrain_collate(items) -> CompactBatch: the batch as it should travel to the device, where
+        pretrain_batch.pretrain_inputs expands it into the same keyword arguments
     missing_images_message(missing, stores) -> str   names the records whose image no store holds (per file)
 """
 
 from __future__ import annotations
 
 import logging
+from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -50,7 +54,17 @@ import torch
 from lxmert_fast.model.static_shapes import IGNORE_INDEX
 
 from .feature_store import FeatureStore, index_images
-from .formats import AnnotationFormatError, AnswerTable, make_uid, read_pretrain_json
+from .formats import AnnotationFormatError, AnswerTable, iter_pretrain_json, make_uid
+from .pretrain_batch import (
+    KEPT,
+    REPLACED,
+    UNMASKED,
+    ZEROED,
+    CompactBatch,
+    compact_fields,
+    dense_arrays,
+    forward_kwargs,
+)
 from .tokenizer import check_tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -78,18 +92,19 @@ def missing_images_message(missing: dict, stores) -> str:
 
 
 class _SentenceColumns:
-    """The sentences read so far as flat columns; packed into numpy arrays once all files are read."""
+    """The sentences read so far as flat typed columns (8 bytes or less a value, not a Python object each), viewed
+    as numpy arrays once all files are read."""
 
     def __init__(self):
         self.text = bytearray()  # the UTF-8 sentences back to back; sentence k ends at text_end[k]
-        self.text_end: list[int] = []
-        self.img: list[int] = []  # index into the global image index
-        self.src: list[int] = []  # source id
-        self.idx: list[int] = []  # position of the sentence within its record's source
-        self.is_question: list[bool] = []
-        self.ans: list[int] = []  # answer labels of all questions back to back; sentence k's end at lab_end[k]
-        self.score: list[float] = []
-        self.lab_end: list[int] = []
+        self.text_end = array("q")
+        self.img = array("q")  # index into the global image index
+        self.src = array("h")  # source id
+        self.idx = array("i")  # position of the sentence within its record's source
+        self.is_question = array("b")
+        self.ans = array("q")  # answer labels of all questions back to back; sentence k's end at lab_end[k]
+        self.score = array("d")
+        self.lab_end = array("q")
 
 
 class PretrainDataset(torch.utils.data.Dataset):
@@ -179,15 +194,15 @@ class PretrainDataset(torch.utils.data.Dataset):
         if not cols.text_end:
             raise ValueError(f"no usable sentences in {', '.join(str(p) for p in paths)}: {message}")
 
-        self._text = np.frombuffer(bytes(cols.text), dtype=np.uint8)
-        self._text_end = np.asarray(cols.text_end, dtype=np.int64)
-        self._img = np.asarray(cols.img, dtype=np.int64)
-        self._src = np.asarray(cols.src, dtype=np.int16)
-        self._sent_idx = np.asarray(cols.idx, dtype=np.int32)
-        self._is_question = np.asarray(cols.is_question, dtype=bool)
-        self._lab_end = np.asarray(cols.lab_end, dtype=np.int64)
-        self._ans = np.asarray(cols.ans, dtype=np.int64)
-        self._score = np.asarray(cols.score, dtype=np.float64)
+        self._text = np.frombuffer(cols.text, dtype=np.uint8)  # views, no copies: the columns are the arrays
+        self._text_end = np.frombuffer(cols.text_end, dtype=np.int64)
+        self._img = np.frombuffer(cols.img, dtype=np.int64)
+        self._src = np.frombuffer(cols.src, dtype=np.int16)
+        self._sent_idx = np.frombuffer(cols.idx, dtype=np.int32)
+        self._is_question = np.frombuffer(cols.is_question, dtype=np.int8).view(bool)
+        self._lab_end = np.frombuffer(cols.lab_end, dtype=np.int64)
+        self._ans = np.frombuffer(cols.ans, dtype=np.int64)
+        self._score = np.frombuffer(cols.score, dtype=np.float64)
         self._img_store = np.asarray([k for k, _ in located.values()], dtype=np.int16)
         self._img_row = np.asarray([row for _, row in located.values()], dtype=np.int64)
         self._img_ids = list(located)
@@ -213,7 +228,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         dropped_sents = 0
         missing: dict[str, list[str]] = {}
         for path in paths:
-            for datum in read_pretrain_json(path):
+            for datum in iter_pretrain_json(path):  # one record at a time: never the whole file
                 img = image_of.get(datum["img_id"])
                 labelf = datum.get("labelf", {})
                 for src, sents in datum["sentf"].items():
@@ -283,17 +298,26 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, item) -> dict[str, np.ndarray]:
         return self.__getitems__([item])[0]
 
-    def __getitems__(self, items: Sequence) -> StackedItems:
-        """Many items at once, stacked (the DataLoader calls this for a whole batch): the same values as stacking
-        ``ds[i]`` for each, with one tokenizer call and the features read straight into the batch's array instead
-        of copied per item and again by the collate function."""
+    def __getitems__(self, items: Sequence) -> PretrainBatch:
+        """Many items at once (the DataLoader calls this for a whole batch): the same values as ``ds[i]`` for each,
+        with one tokenizer call and the features read straight into the batch's one buffer (compact: each value
+        once; pretrain_collate expands it, compact_pretrain_collate ships it as it is)."""
         keys = [item if isinstance(item, tuple) else (self.epoch, item) for item in items]
         draws = [self._draw(int(epoch), int(index)) for epoch, index in keys]
-        out = self._text_inputs(draws)
-        out.update(self._visual_inputs(draws))
-        out["matched_label"] = np.array([d.matched for d in draws], dtype=np.int64)
-        out["ans"] = np.array([d.ans for d in draws], dtype=np.int64)
-        return StackedItems(out)
+        sentences = [self.sentence(d.sent_index) for d in draws]
+        encoded = self.tokenizer(sentences, add_special_tokens=False)["input_ids"]
+        tokens = [np.asarray(t[: self.max_seq_length - 2], dtype=np.int64) for t in encoded]
+        masked_words = sum(int((d.word_p[: len(t)] < self.word_mask_rate).sum()) for d, t in zip(draws, tokens,
+                                                                                                   strict=True))
+        replaced = sum(len(d.replaced) for d in draws)
+        batch = CompactBatch.allocate(compact_fields(len(draws), self.max_seq_length, self.max_boxes, self.feat_dim,
+                                                     self.feature_dtype, masked_words, replaced))
+        arrays = batch.arrays()
+        self._fill_text(arrays, draws, tokens)
+        self._fill_objects(arrays, draws)
+        arrays["matched_label"][:] = [d.matched for d in draws]
+        arrays["ans"][:] = [d.ans for d in draws]
+        return PretrainBatch(batch)
 
     def _draw(self, epoch: int, index: int) -> _Draw:
         """Every random choice of one item, in a fixed order from its own generator."""
@@ -338,66 +362,49 @@ class PretrainDataset(torch.utils.data.Dataset):
             ans = int(self._ans[start + choice])
         return _Draw(sent_index, matched, word_p, word_random_ids, img, obj_p, masked, replaced, ans)
 
-    def _text_inputs(self, draws: list[_Draw]) -> dict[str, np.ndarray]:
+    def _fill_text(self, arrays: dict, draws: list[_Draw], tokens: list[np.ndarray]) -> None:
         cls_id, sep_id, pad_id, mask_id = self._special
-        batch, length = len(draws), self.max_seq_length
-        sentences = [self.sentence(d.sent_index) for d in draws]
-        encoded = self.tokenizer(sentences, add_special_tokens=False)["input_ids"]
-        input_ids = np.full((batch, length), pad_id, dtype=np.int64)
-        labels = np.full((batch, length), IGNORE_INDEX, dtype=np.int64)
-        attention_mask = np.zeros((batch, length), dtype=np.int64)
-        rate = self.word_mask_rate
-        for k, (d, tokens) in enumerate(zip(draws, encoded, strict=True)):
-            tokens = np.asarray(tokens[: length - 2], dtype=np.int64)
-            n = len(tokens)
+        input_ids, word_masked, masked_words = arrays["input_ids"], arrays["word_masked"], arrays["masked_words"]
+        input_ids[:], word_masked[:] = pad_id, 0
+        rate, at = self.word_mask_rate, 0
+        for k, (d, words) in enumerate(zip(draws, tokens, strict=True)):
+            n = len(words)
             # One uniform per token decides both "masked?" (p < rate) and which replacement: the original rescales
             # p by 1/rate and compares with 0.8 / 0.9, i.e. p < 0.8 rate -> [MASK], p < 0.9 rate -> random, else
             # kept.
             p, random_ids = d.word_p[:n], d.word_random_ids[:n]
-            masked_tokens = tokens.copy()
+            masked_tokens = words.copy()
             masked_tokens[p < 0.8 * rate] = mask_id
             swap = (p >= 0.8 * rate) & (p < 0.9 * rate)
             masked_tokens[swap] = random_ids[swap]
             input_ids[k, 0], input_ids[k, 1 : n + 1], input_ids[k, n + 1] = cls_id, masked_tokens, sep_id
-            labels[k, 1 : n + 1] = np.where(p < rate, tokens, IGNORE_INDEX)
-            attention_mask[k, : n + 2] = 1
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "token_type_ids": np.zeros((batch, length), dtype=np.int64),
-            "labels": labels,
-        }
+            masked = p < rate
+            word_masked[k, 1 : n + 1] = masked
+            labelled = words[masked]
+            masked_words[at : at + len(labelled)] = labelled
+            at += len(labelled)
+        arrays["text_length"][:] = [len(words) + 2 for words in tokens]
 
-    def _visual_inputs(self, draws: list[_Draw]) -> dict[str, np.ndarray]:
-        batch, boxes = len(draws), self.max_boxes
-        feats = np.empty((batch, boxes, self.feat_dim), dtype=self.feature_dtype)
-        out = {
-            "visual_pos": np.empty((batch, boxes, 4), dtype=np.float32),
-            "visual_attention_mask": np.empty((batch, boxes), dtype=np.int64),
-            "obj_ids": np.empty((batch, boxes), dtype=np.int64),
-            "obj_conf": np.empty((batch, boxes), dtype=np.float32),
-            "attr_ids": np.empty((batch, boxes), dtype=np.int64),
-            "attr_conf": np.empty((batch, boxes), dtype=np.float32),
-        }
+    def _fill_objects(self, arrays: dict, draws: list[_Draw]) -> None:
+        features, rate = arrays["features"], self.obj_mask_rate
         for k, d in enumerate(draws):
             store, row = self._image(d.img)
-            feats[k] = store.features[row]  # read (and converted) in one pass, in place
-            out["visual_pos"][k] = store.boxes[row]
-            out["visual_attention_mask"][k] = np.arange(boxes) < int(store.num_boxes[row])
-            out["obj_ids"][k] = store.obj_ids[row]
-            out["obj_conf"][k] = store.obj_conf[row]
-            out["attr_ids"][k] = store.attr_ids[row]
-            out["attr_conf"][k] = store.attr_conf[row]
-
-        masked = np.stack([d.masked for d in draws])
-        rate = self.obj_mask_rate
-        masked_feats = feats.copy()
-        masked_feats[masked & (np.stack([d.obj_p for d in draws]) < 0.8 * rate)] = 0.0
-        for k, d in enumerate(draws):
-            for i, other_store, other_row, j in d.replaced:
-                masked_feats[k, i] = other_store.features[other_row, j]
-        out.update({"visual_feats": masked_feats, "feat_target": feats, "feat_mask": masked.astype(np.float32)})
-        return out
+            features[k] = store.features[row]  # read (and converted) in one pass, in place
+            arrays["visual_pos"][k] = store.boxes[row]
+            arrays["num_boxes"][k] = store.num_boxes[row]
+            arrays["obj_ids"][k] = store.obj_ids[row]
+            arrays["obj_conf"][k] = store.obj_conf[row]
+            arrays["attr_ids"][k] = store.attr_ids[row]
+            arrays["attr_conf"][k] = store.attr_conf[row]
+        # As for words: of the masked objects, p < 0.8 rate zeroed, < 0.9 rate replaced, the rest kept.
+        obj_p = np.stack([d.obj_p for d in draws])
+        how = np.where(obj_p < 0.8 * rate, ZEROED, np.where(obj_p < 0.9 * rate, REPLACED, KEPT))
+        arrays["object_codes"][:] = np.where(np.stack([d.masked for d in draws]), how, UNMASKED)
+        replaced = [(k * self.max_boxes + i, other_store, other_row, j)
+                    for k, d in enumerate(draws) for i, other_store, other_row, j in d.replaced]
+        for n, (at, other_store, other_row, j) in enumerate(replaced):
+            arrays["replaced_at"][n] = at
+            arrays["replacement_features"][n] = other_store.features[other_row, j]
 
 
 class _Draw(NamedTuple):
@@ -414,15 +421,26 @@ class _Draw(NamedTuple):
     ans: int
 
 
-class StackedItems(list):
-    """What ``PretrainDataset.__getitems__`` returns: a list of items, as the DataLoader protocol expects (torch's
-    default_collate stacks them as usual), each a view into ``arrays``, the batch already stacked along a first
-    dimension, which pretrain_collate takes without copying."""
+class PretrainBatch(Sequence):
+    """What ``PretrainDataset.__getitems__`` returns: the batch as a CompactBatch (``.compact``), and the sequence of
+    dense items that the DataLoader protocol expects (torch's default_collate stacks them as usual), each a view into
+    ``arrays``: the dense batch, stacked along a first dimension, built on first use."""
 
-    def __init__(self, arrays: dict[str, np.ndarray]):
-        self.arrays = arrays
-        size = len(next(iter(arrays.values())))
-        super().__init__({key: value[i] for key, value in arrays.items()} for i in range(size))
+    def __init__(self, compact: CompactBatch):
+        self.compact = compact
+        self._arrays = None
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = dense_arrays(self.compact)
+        return self._arrays
+
+    def __len__(self) -> int:
+        return len(self.compact)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {key: value[i] for key, value in self.arrays.items()}
 
 
 def pretrain_collate(items) -> dict:
@@ -432,31 +450,18 @@ def pretrain_collate(items) -> dict:
     conf (B, 36) float32), "attr": (ids, conf), "feat": (features (B, 36, F) float32, mask (B, 36) float32)},
     matched_label (B,) long, ans (B,) long (-100: no QA label).
 
-    From the StackedItems that the dataset's ``__getitems__`` gives a DataLoader, nothing is copied."""
-    if isinstance(items, StackedItems):
+    From the PretrainBatch that the dataset's ``__getitems__`` gives a DataLoader, the dense batch is built once."""
+    if isinstance(items, PretrainBatch):
         stacked = items.arrays
     else:
         stacked = {key: np.stack([item[key] for item in items]) for key in items[0]}
+    return forward_kwargs({key: torch.from_numpy(value) for key, value in stacked.items()})
 
-    def get(key):
-        return torch.from_numpy(stacked[key])
 
-    return {
-        "input_ids": get("input_ids"),
-        "attention_mask": get("attention_mask"),
-        "token_type_ids": get("token_type_ids"),
-        "visual_feats": get("visual_feats"),
-        "visual_pos": get("visual_pos"),
-        "visual_attention_mask": get("visual_attention_mask"),
-        "labels": get("labels"),
-        "obj_labels": {
-            "obj": (get("obj_ids"), get("obj_conf")),
-            "attr": (get("attr_ids"), get("attr_conf")),
-            "feat": (get("feat_target"), get("feat_mask")),
-        },
-        "matched_label": get("matched_label"),
-        "ans": get("ans"),
-    }
+def compact_pretrain_collate(items):
+    """The batch as it should travel: the CompactBatch of a PretrainBatch (the objective's prepare expands it on
+    the device: pretrain_batch.pretrain_inputs); other items are stacked densely as by pretrain_collate."""
+    return items.compact if isinstance(items, PretrainBatch) else pretrain_collate(items)
 
 
 def to_device(batch, device, float_dtype=None):

@@ -9,6 +9,7 @@ Public API
     load_tokenizer(tokenizer) -> tokenizer
         a tokenizer object as is; a folder (with vocab.txt or tokenizer.json) or a hub name (cached, or downloaded
         when online) through BertTokenizerFast. A path that does not exist is named as a missing folder.
+    tokenize_serially_in_forked_children()   forked processes (DataLoader workers) tokenize serially (a fork hazard)
     check_tokenizer(tokenizer, texts, vocab_size=None)
         [CLS] [SEP] [PAD] [MASK] [UNK] in the vocabulary, at most vocab_size tokens (the model's), and the first
         sentences of `texts` not mostly [UNK]
@@ -46,8 +47,28 @@ def _in_hub_cache(name: str) -> bool:
     return any(isinstance(try_to_load_from_cache(name, f), str) for f in TOKENIZER_FILES)
 
 
+def tokenize_serially_in_forked_children() -> None:
+    """Make a process forked from this one (a DataLoader worker) tokenize serially. The Rust tokenizer's thread pool
+    does not survive a fork; tokenizers' own guard turns parallelism off in the child only while
+    TOKENIZERS_PARALLELISM is unset, so with it set to true a worker's first batch waited on the lost pool forever.
+    Registered once per process; this process keeps its setting."""
+    global _FORK_HOOK_REGISTERED
+    if not _FORK_HOOK_REGISTERED:
+        os.register_at_fork(after_in_child=_tokenize_serially)
+        _FORK_HOOK_REGISTERED = True
+
+
+_FORK_HOOK_REGISTERED = False
+
+
+def _tokenize_serially() -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the tokenizer at each call
+
+
 def load_tokenizer(tokenizer):
-    """A tokenizer object as is, or BertTokenizerFast from a folder or hub name (see the module docstring)."""
+    """A tokenizer object as is, or BertTokenizerFast from a folder or hub name (see the module docstring); either
+    way forked children of this process tokenize serially (tokenize_serially_in_forked_children)."""
+    tokenize_serially_in_forked_children()
     if not isinstance(tokenizer, str | Path):
         return tokenizer
     from transformers import BertTokenizerFast

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lxmert_fast.data.pretrain_batch import pretrain_inputs
 from lxmert_fast.model.folder import save_model_folder
 from lxmert_fast.model.static_shapes import StaticShapes
 from lxmert_fast.tasks.registry import get_task
@@ -60,7 +61,7 @@ class PretrainingObjective(Objective):
     """LxmertForPreTraining and its five tasks' losses."""
 
     def prepare(self, batch):
-        return batch
+        return pretrain_inputs(batch, next(self.parameters()).device)
 
     def forward(self, batch, static=False):
         return pretraining_losses(self.model, batch, self.shapes(static))

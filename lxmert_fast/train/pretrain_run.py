@@ -112,7 +112,7 @@ def build_data(config, model_config):
     model_config.vocab_size = train.vocab_size
     model_config.num_qa_labels = len(train.answer_table)
     check_features(stores, model_config, labels=model_config.visual_obj_loss or model_config.visual_attr_loss)
-    return train, valid, lxdata.pretrain_collate
+    return train, valid, lxdata.compact_pretrain_collate
 
 
 def _split(value):
