@@ -71,6 +71,17 @@ def pick(op, impl):
 
 
 @triton.jit
+def row_block(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's block of rows of a row-major (M, N) matrix: row and column indices, their masks, the 2-D mask
+    and the element offsets (BLOCK_M, BLOCK_N)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    return rows, cols, row_ok, col_ok, row_ok[:, None] & col_ok[None, :], rows[:, None] * N + cols[None, :]
+
+
+@triton.jit
 def layernorm_rows(x, ok, N, eps):
     """(x - mean) * rstd over the valid part of each row of a (BLOCK_M, BLOCK_N) fp32 tile, and the fp32
     (mean, rstd) per row; shared by the fused LayerNorm kernels."""

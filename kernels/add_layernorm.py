@@ -23,7 +23,17 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._utils import block_size, dropout_scale, dropout_seed, layernorm_rows, num_programs, pick, rows_2d, seed_slot
+from ._utils import (
+    block_size,
+    dropout_scale,
+    dropout_seed,
+    layernorm_rows,
+    num_programs,
+    pick,
+    row_block,
+    rows_2d,
+    seed_slot,
+)
 
 MAX_HIDDEN = 8192
 
@@ -73,12 +83,7 @@ def _add_layernorm_fwd_kernel(
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # power of two >= N
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
-    ok = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None] * N + cols[None, :]  # (BLOCK_M, BLOCK_N)
+    rows, cols, row_ok, col_ok, ok, offs = row_block(M, N, BLOCK_M, BLOCK_N)  # offs: (BLOCK_M, BLOCK_N)
     x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
     r = tl.load(R + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_DROPOUT:

@@ -94,6 +94,16 @@ def _load_tile(Ptr, b, h, stride_b, stride_h, stride_l, n, D, BLOCK: tl.constexp
 
 
 @triton.jit
+def _load_qkv(Q, K, V, b, h, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, Lq, Lk, D,
+              BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Head (b, h)'s query (BLOCK_Q, BLOCK_D), key and value (BLOCK_K, BLOCK_D) tiles."""
+    q = _load_tile(Q, b, h, sq_b, sq_h, sq_l, Lq, D, BLOCK_Q, BLOCK_D)
+    k = _load_tile(K, b, h, sk_b, sk_h, sk_l, Lk, D, BLOCK_K, BLOCK_D)
+    v = _load_tile(V, b, h, sv_b, sv_h, sv_l, Lk, D, BLOCK_K, BLOCK_D)
+    return q, k, v
+
+
+@triton.jit
 def _store_tile(Ptr, val, b, h, H, n, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """Store into a (B, H, n, D) view of (B, n, H, D) contiguous storage (the layout outputs and gradients use)."""
     rows = tl.arange(0, BLOCK)
@@ -128,9 +138,8 @@ def _attend_fwd(
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
 ):
-    q = _load_tile(Q, b, h, sq_b, sq_h, sq_l, Lq, D, BLOCK_Q, BLOCK_D)  # (BLOCK_Q, BLOCK_D)
-    k = _load_tile(K, b, h, sk_b, sk_h, sk_l, Lk, D, BLOCK_K, BLOCK_D)  # (BLOCK_K, BLOCK_D)
-    v = _load_tile(V, b, h, sv_b, sv_h, sv_l, Lk, D, BLOCK_K, BLOCK_D)  # (BLOCK_K, BLOCK_D)
+    q, k, v = _load_qkv(Q, K, V, b, h, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, Lq, Lk, D,
+                        BLOCK_Q, BLOCK_K, BLOCK_D)
     p = _probs(q, k, _key_mask(KeyMask, b, sm_b, Lk, HAS_MASK, BLOCK_K), scale, DOT_PRECISION)
     if HAS_DROPOUT:
         keep = _dropout_keep(Seed, tile_id, dropout_p, BLOCK_Q, BLOCK_K, TILE)
@@ -184,9 +193,8 @@ def _attend_bwd(
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
 ):
-    q = _load_tile(Q, b, h, sq_b, sq_h, sq_l, Lq, D, BLOCK_Q, BLOCK_D)  # (BLOCK_Q, BLOCK_D)
-    k = _load_tile(K, b, h, sk_b, sk_h, sk_l, Lk, D, BLOCK_K, BLOCK_D)  # (BLOCK_K, BLOCK_D)
-    v = _load_tile(V, b, h, sv_b, sv_h, sv_l, Lk, D, BLOCK_K, BLOCK_D)  # (BLOCK_K, BLOCK_D)
+    q, k, v = _load_qkv(Q, K, V, b, h, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, Lq, Lk, D,
+                        BLOCK_Q, BLOCK_K, BLOCK_D)
     do = _load_tile(DO, b, h, so_b, so_h, so_l, Lq, D, BLOCK_Q, BLOCK_D)  # (BLOCK_Q, BLOCK_D)
     p = _probs(q, k, _key_mask(KeyMask, b, sm_b, Lk, HAS_MASK, BLOCK_K), scale, DOT_PRECISION)  # (BLOCK_Q, BLOCK_K)
     dp = _mm(do, tl.trans(v), DOT_PRECISION)  # d(dropped probs), (BLOCK_Q, BLOCK_K)

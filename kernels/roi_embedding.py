@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._utils import block_size, layernorm_rows, num_programs, pick, rows_2d
+from ._utils import block_size, layernorm_rows, num_programs, pick, row_block, rows_2d
 
 MAX_HIDDEN = 8192
 
@@ -80,12 +80,7 @@ def _roi_embedding_fwd_kernel(
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # power of two >= N
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
-    ok = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None] * N + cols[None, :]  # (BLOCK_M, BLOCK_N)
+    rows, cols, row_ok, col_ok, ok, offs = row_block(M, N, BLOCK_M, BLOCK_N)  # offs: (BLOCK_M, BLOCK_N)
     a = tl.load(A + offs, mask=ok, other=0.0).to(tl.float32)
     w0, w1, w2, w3 = _box_columns(WpT, cols, col_ok, N)
     b0, b1, b2, b3 = _box_rows(Boxes, rows, row_ok)
