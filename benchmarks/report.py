@@ -216,12 +216,25 @@ def markdown(doc, plots=()):
 
 
 # -- plots -------------------------------------------------------------------------------------------------------
-def plot_kernel_speedups(doc, path):
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path, title):
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_kernel_speedups(doc, path):
+    plt = _pyplot()
     recs = [r for r in doc["records"] if r["suite"] == "kernels" and r["role"] == "ours" and r.get("speedup")]
     if not recs:
         return None
@@ -241,19 +254,11 @@ def plot_kernel_speedups(doc, path):
         ax.set_ylabel("speed-up of ours (x)")
         ax.set_title(f"{kernel}: ours vs baselines")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{doc['device']['name']} ({doc['mode']} mode)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, f"{doc['device']['name']} ({doc['mode']} mode)")
 
 
 def plot_throughput(doc, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     recs = [r for r in doc["records"] if r["suite"] == "model" and r.get("samples_per_s") and "batch" in r["params"]]
     if not recs:
         return None
@@ -271,11 +276,7 @@ def plot_throughput(doc, path):
         ax.set_ylabel("samples/s")
         ax.set_title("training step" if step == "train" else "inference")
         ax.legend(fontsize=7)
-    fig.suptitle(f"LxmertForPreTraining throughput, {doc['device']['name']} ({doc['mode']} mode)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, f"LxmertForPreTraining throughput, {doc['device']['name']} ({doc['mode']} mode)")
 
 
 def write_report(json_path):
