@@ -4,6 +4,11 @@ true / false; JSON out.
     python -m lxmert_fast.predict --model DIR --features x.tsv --questions q.json [--top-k K] [--out preds.json]
     python -m lxmert_fast.predict --model DIR --features x.tsv --img-id ID --question "what color is the dog?"
     python -m lxmert_fast.predict --model DIR --features x.tsv --img-ids LEFT RIGHT --statement "..."
+    python -m lxmert_fast.predict --model DIR --image cat.jpg --question "what color is the cat?"
+    python -m lxmert_fast.predict --model DIR --images left.jpg right.jpg --statement "..."
+
+With --image / --images, your own pictures' region features are extracted first (lxmert_fast.detector: the
+bottom-up-attention Faster R-CNN, weights from --detector; needs `pip install -e ".[extract]"`).
 
 The library behind it is lxmert_fast.use.predictor (the Predictor, for Python); the model folder is read by
 lxmert_fast.model.folder. The flags are checked before torch and transformers load.
@@ -21,11 +26,12 @@ from lxmert_fast.files import write_json
 from lxmert_fast.tasks.registry import TASK_NAMES
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, features_required: bool = True) -> None:
     """The flags that load a Predictor (shared with lxmert_fast.evaluate)."""
     p = parser.add_argument_group("model and features")
     p.add_argument("--model", required=True, help="fine-tuned model folder (or hub id, read from the hub cache)")
-    p.add_argument("--features", required=True, help="comma-separated object-feature TSVs (or feature stores)")
+    p.add_argument("--features", required=features_required,
+                   help="comma-separated object-feature TSVs (or feature stores)")
     p.add_argument("--answers", help="label2ans / ans2label JSON, for a model whose config has no id2label")
     p.add_argument("--tokenizer", help="tokenizer folder or name, for a model folder without one")
     p.add_argument("--task", choices=TASK_NAMES, help="default: what the model and the file say")
@@ -41,7 +47,7 @@ def load_predictor(args):
 
     return Predictor.from_pretrained(
         args.model,
-        args.features,
+        args.features or (),
         answers=args.answers,
         tokenizer=args.tokenizer,
         task=args.task,
@@ -57,13 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m lxmert_fast.predict",
         description="Answer VQA / GQA questions or judge NLVR2 statements with a fine-tuned LXMERT; JSON out.",
     )
-    add_model_arguments(p)
+    add_model_arguments(p, features_required=False)
     what = p.add_argument_group("what to predict (one of)")
     what.add_argument("--questions", help="a VQA / GQA / NLVR2 annotation JSON file (labels optional)")
-    what.add_argument("--question", help="one VQA / GQA question, about --img-id")
-    what.add_argument("--img-id", help="the image of --question")
-    what.add_argument("--statement", help="one NLVR2 statement, about --img-ids LEFT RIGHT")
+    what.add_argument("--question", help="one VQA / GQA question, about --img-id or --image")
+    what.add_argument("--img-id", help="the image of --question, in --features")
+    what.add_argument("--image", help="the image of --question: your own picture (its features are extracted)")
+    what.add_argument("--statement", help="one NLVR2 statement, about --img-ids or --images LEFT RIGHT")
     what.add_argument("--img-ids", nargs=2, metavar=("LEFT", "RIGHT"), help="the image pair of --statement")
+    what.add_argument("--images", nargs=2, metavar=("LEFT", "RIGHT"), help="the picture pair of --statement")
+    p.add_argument("--detector", default="unc-nlp/frcnn-vg-finetuned",
+                   help="detector weights for --image / --images: a hub id, a folder or a file")
     p.add_argument("--top-k", type=int, help="VQA / GQA: also list the k best answers with their scores")
     p.add_argument("--out", help="write the JSON here (default: print it)")
     return p
@@ -76,14 +86,7 @@ def parse_args(argv=None):
                                       ("--statement", args.statement)) if value is not None]
     if len(given) != 1:
         parser.error(f"give exactly one of --questions, --question, --statement (got {', '.join(given) or 'none'})")
-    if args.question is not None and args.img_id is None:
-        parser.error("--question needs --img-id (the image it asks about)")
-    if args.statement is not None and args.img_ids is None:
-        parser.error("--statement needs --img-ids LEFT RIGHT (the image pair it is about)")
-    if args.img_id is not None and args.question is None:
-        parser.error("--img-id goes with --question")
-    if args.img_ids is not None and args.statement is None:
-        parser.error("--img-ids goes with --statement")
+    _check_images(parser, args)
     if args.top_k is not None and args.top_k < 1:
         parser.error(f"--top-k must be at least 1, got {args.top_k}")
     if args.batch_size < 1:
@@ -91,10 +94,27 @@ def parse_args(argv=None):
     return args
 
 
+def _check_images(parser, args) -> None:
+    """Which image(s) a typed question or statement is about: exactly one way, and features to find them in."""
+    for text, one, own in (("--question", "--img-id", "--image"), ("--statement", "--img-ids", "--images")):
+        given = getattr(args, text[2:]) is not None
+        ways = [flag for flag in (one, own) if getattr(args, flag[2:].replace("-", "_")) is not None]
+        if given and len(ways) != 1:
+            parser.error(f"{text} needs one of {one} (in --features) or {own} (your own pictures)")
+        if not given and ways:
+            parser.error(f"{ways[0]} goes with {text}")
+    if args.features is None and args.image is None and args.images is None:
+        parser.error("give --features (object-feature TSVs), or --image / --images for your own pictures")
+
+
 def main(argv=None):
     """Run the command line; returns the results (a list, or one dict for a typed question or statement)."""
     args = parse_args(argv)
     predictor = load_predictor(args)
+    if args.image is not None:
+        (args.img_id,) = predictor.add_images([args.image], args.detector)
+    if args.images is not None:
+        args.img_ids = predictor.add_images(args.images, args.detector)
     if args.questions is not None:
         results = predictor.predict_file(args.questions, top_k=args.top_k)
     elif args.question is not None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -42,6 +43,7 @@ from torch import nn
 from lxmert_fast.data.finetune_dataset import read_annotations
 from lxmert_fast.data.pretrain_dataset import as_feature_store, load_tokenizer
 from lxmert_fast.errors import PredictionError
+from lxmert_fast.files import write_text
 from lxmert_fast.model.folder import read_task_model
 from lxmert_fast.model.modeling import LxmertForNLVR2, LxmertForQuestionAnswering
 from lxmert_fast.tasks.registry import ANSWER_TASKS, TASK_NAMES, TASKS, get_task
@@ -179,6 +181,33 @@ class Predictor:
             self.feature_names.append(str(source))
             for img_id in store.img_ids:
                 self._where.setdefault(img_id, (k, store.row(img_id)))
+
+    def add_images(self, images, detector, img_ids=None, folder=None) -> list[str]:
+        """Your own pictures (paths, PIL images or (h, w, 3) uint8 RGB arrays): their region features extracted by
+        `detector` (a lxmert_fast.detector FeatureExtractor, or what load_detector takes: a hub id, a folder or a
+        file) into a feature TSV in `folder` (a new temporary folder by default), then added like a feature file.
+        Returns their img_ids (a path's file stem, else "image0", "image1", ...) for ask / judge / predict."""
+        from lxmert_fast.data.formats import encode_tsv_row
+        from lxmert_fast.detector import FeatureExtractor, load_detector
+        from lxmert_fast.detector.extract import to_image_features
+
+        images = list(images) if isinstance(images, list | tuple) else [images]
+        ids = list(img_ids) if img_ids is not None else [
+            Path(image).stem if isinstance(image, str | Path) else f"image{k}" for k, image in enumerate(images)]
+        taken = [i for i in ids if i in self._where]
+        if taken or len(set(ids)) != len(ids):
+            raise PredictionError(f"img_id {(taken or ids)[0]!r} is already taken: give each picture its own img_id")
+        extractor = detector if isinstance(detector, FeatureExtractor) else FeatureExtractor(
+            load_detector(detector), device=self.device)
+        if extractor.cfg.feature_dim != self.model.config.visual_feat_dim:
+            raise PredictionError(f"the detector gives {extractor.cfg.feature_dim}-d region features, {self.name} "
+                                  f"expects {self.model.config.visual_feat_dim}")
+        records = extractor.extract_features(images, img_ids=ids)
+        folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="lxmert_fast_images_"))
+        tsv = folder / f"images_{len(self.stores)}.tsv"
+        write_text(tsv, "".join(encode_tsv_row(to_image_features(record)) for record in records))
+        self.add_features(str(tsv))
+        return ids
 
     # -- questions in, answers out --------------------------------------------------------------------------------
     def ask(self, question: str, img_id: str, top_k: int | None = None) -> dict:
