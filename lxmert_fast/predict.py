@@ -21,11 +21,12 @@ from lxmert_fast.files import write_json
 from lxmert_fast.tasks.registry import TASK_NAMES
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that load a Predictor (shared with lxmert_fast.evaluate)."""
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The flags that load a Predictor (shared with lxmert_fast.evaluate, where a predictions file can stand in for
+    --model and --features: required=False)."""
     p = parser.add_argument_group("model and features")
-    p.add_argument("--model", required=True, help="fine-tuned model folder (or hub id, read from the hub cache)")
-    p.add_argument("--features", required=True, help="comma-separated object-feature TSVs (or feature stores)")
+    p.add_argument("--model", required=required, help="fine-tuned model folder (or hub id, read from the hub cache)")
+    p.add_argument("--features", required=required, help="comma-separated object-feature TSVs (or feature stores)")
     p.add_argument("--answers", help="label2ans / ans2label JSON, for a model whose config has no id2label")
     p.add_argument("--tokenizer", help="tokenizer folder or name, for a model folder without one")
     p.add_argument("--task", choices=TASK_NAMES, help="default: what the model and the file say")
