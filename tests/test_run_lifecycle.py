@@ -170,7 +170,7 @@ def test_help_is_quick_and_shows_every_default(script):
     (["--save-every", "0"], "argument --save-every: must be 1 or more, got 0"),
     (["--log-every", "0"], "argument --log-every: must be 1 or more, got 0"),
     (["--features", "missing.tsv", "--train-json", "missing.json", "--answer-table", "a", "--tokenizer", "t"],
-     "--train-json missing.json: no such file or folder"),
+     "no such file or folder: --train-json missing.json; --features missing.tsv; --answer-table a"),
     (["--deepspeed_config", "nowhere.json", "--train-json", README, "--features", README, "--answer-table", README,
       "--tokenizer", "t"], "nowhere.json': no such file, and no shipped config of that name"),
 ])
