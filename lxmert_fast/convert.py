@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 from lxmert_fast.cli import run
+from lxmert_fast.files import publish_files
 from lxmert_fast.model.checks import load_model_config
 
 
@@ -25,6 +26,7 @@ def original_to_hf(source: Path, target: Path, config=None, missing_heads: str =
 
     model = LxmertForPreTraining.from_pretrained(source, config=config, backend="torch", missing_heads=missing_heads)
     model.save_pretrained(target)
+    publish_files(target)  # safetensors writes its file 0600: readable by the group, as the umask allows
     return model
 
 

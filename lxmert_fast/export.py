@@ -16,6 +16,19 @@ from lxmert_fast.cli import run
 from lxmert_fast.errors import CheckpointError
 
 
+def check_one_checkpoint(folder) -> None:
+    """A folder of checkpoints (a run's ``checkpoints/``) is not one: say which it holds and which is the latest."""
+    tags = sorted(t for t in os.listdir(folder) if t.startswith("step") and os.path.isdir(os.path.join(folder, t)))
+    if not tags:
+        return
+    latest = os.path.join(folder, "latest")
+    pointer = open(latest).read().strip() if os.path.isfile(latest) else None
+    shown = ", ".join(f"{t} (latest)" if t == pointer else t for t in tags)
+    example = os.path.join(folder, pointer if pointer in tags else tags[-1])
+    raise CheckpointError(f"{folder} is a folder of checkpoints, not one: it holds {shown}; export one, e.g. "
+                          f"python -m lxmert_fast.export {example} OUT_DIR")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Export a training checkpoint to a self-contained model folder.")
     parser.add_argument("checkpoint", help="a checkpoint folder, e.g. output/pretrain/checkpoints/step000000008")
@@ -23,6 +36,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not os.path.isdir(args.checkpoint):
         raise CheckpointError(f"{args.checkpoint}: no such checkpoint folder")
+    check_one_checkpoint(args.checkpoint)
     from lxmert_fast.model.folder import export_checkpoint
 
     export_checkpoint(args.checkpoint, args.out_dir)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from lxmert_fast.cli import run
+from lxmert_fast.cli import plural, run
 from lxmert_fast.errors import InputError
 
 
@@ -75,7 +75,7 @@ def extract(args) -> dict:
         paths, args.out, extractor, args.batch_size, args.workers, args.skip_bad, progress=not args.no_progress
     )
     print(
-        f"{args.out}: {counts['written']} images written, {counts['done_before']} there before, "
+        f"{args.out}: {plural(counts['written'], 'image')} written, {counts['done_before']} there before, "
         f"{counts['skipped']} skipped"
     )
     return counts

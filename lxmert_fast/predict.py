@@ -26,10 +26,13 @@ from lxmert_fast.files import write_json
 from lxmert_fast.tasks.registry import TASK_NAMES
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, features_required: bool = True) -> None:
-    """The flags that load a Predictor (shared with lxmert_fast.evaluate)."""
+def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = True,
+                        features_required: bool = True) -> None:
+    """The flags that load a Predictor (shared with lxmert_fast.evaluate, where a predictions file can stand in for
+    --model and --features; predict's own pictures (--image) stand in for --features)."""
     p = parser.add_argument_group("model and features")
-    p.add_argument("--model", required=True, help="fine-tuned model folder (or hub id, read from the hub cache)")
+    p.add_argument("--model", required=model_required,
+                   help="fine-tuned model folder (or hub id, read from the hub cache)")
     p.add_argument("--features", required=features_required,
                    help="comma-separated object-feature TSVs (or feature stores)")
     p.add_argument("--answers", help="label2ans / ans2label JSON, for a model whose config has no id2label")

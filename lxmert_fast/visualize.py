@@ -15,9 +15,11 @@ Writes one PNG per attention kind, a panel per layer (heads averaged, or head N)
 The maps are computed and drawn by lxmert_fast.use.attention (the Python API); the flags are checked before torch
 and transformers load.
 
-Objects are labelled "index:class" with the detector's class ids from the features, or their names when
---objects-vocab gives the detector's vocabulary (one class per line, the original's objects_vocab.txt; of
-"name,synonym" lines the first name). Needs matplotlib (`pip install -e ".[plot]"`); --image also needs Pillow.
+Objects are labelled "index:name" with the names of the detector's vocabulary (one class per line, the original's
+objects_vocab.txt; of "name,synonym" lines the first name): --objects-vocab, or an objects_vocab.txt beside the
+features (the sample data has one); without either, "index:class id". Needs matplotlib
+(`pip install -e ".[plot]"`); --image also needs Pillow, and the image the features were extracted from (another
+shape is refused; a scaled copy is fitted).
 """
 
 from __future__ import annotations
@@ -51,9 +53,11 @@ def main(argv=None) -> list[Path]:
     args = parser.parse_args(argv)
     from lxmert_fast.use.attention import (
         attention_maps,
+        check_image_size,
         draw,
         load_image_features,
         object_labels,
+        objects_vocab_beside,
         pyplot,
         read_objects_vocab,
     )
@@ -66,7 +70,7 @@ def main(argv=None) -> list[Path]:
     model = LxmertModel.from_pretrained(args.model, backend="torch").eval()
     tokenizer = load_tokenizer(args.tokenizer or (args.model if has_tokenizer(args.model) else "bert-base-uncased"))
     try:
-        feats, boxes, class_ids, _ = load_image_features(args.features, args.img_id)
+        feats, boxes, class_ids, image_hw = load_image_features(args.features, args.img_id)
     except KeyError as e:
         raise InputError(f"--img-id {args.img_id}: {e.args[0]}") from None
     if feats.shape[-1] != model.config.visual_feat_dim:
@@ -74,12 +78,15 @@ def main(argv=None) -> list[Path]:
             f"--features {args.features}: {feats.shape[-1]}-d features, the model expects "
             f"{model.config.visual_feat_dim}"
         )
-    vocab = read_objects_vocab(args.objects_vocab) if args.objects_vocab else None
+    vocab_file = args.objects_vocab or objects_vocab_beside(args.features)
+    vocab = read_objects_vocab(vocab_file) if vocab_file else None
     try:
         maps = attention_maps(model, tokenizer, args.sentence, feats, boxes, args.head)
     except ValueError as e:
         raise InputError(str(e)) from None
     labels = object_labels(class_ids, vocab)
+    if args.image:
+        check_image_size(args.image, image_hw)
     paths = draw(maps, labels, args.out_dir, args.sentence, args.head, args.image, boxes[0].numpy())
     for p in paths:
         print(f"wrote {p}")

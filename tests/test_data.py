@@ -290,8 +290,8 @@ def test_annotations_without_features_are_dropped_and_counted(tmp_path, sample, 
     with caplog.at_level("WARNING"):
         ds = PretrainDataset(path, [store], table, sample.tokenizer_dir)
     assert len(ds) == 3 and ds.num_dropped == 3 and "left out 3 sentences" in caplog.text
-    assert f"{path}: 1 records (img_id 'missing')" in caplog.text and "--strict" in caplog.text
-    with pytest.raises(AnnotationFormatError, match=r"a\.json: 1 records \(img_id 'missing'\).*strict"):
+    assert f"{path}: 1 record (img_id 'missing')" in caplog.text and "--strict" in caplog.text
+    with pytest.raises(AnnotationFormatError, match=r"a\.json: 1 record \(img_id 'missing'\).*strict"):
         PretrainDataset(path, [store], table, sample.tokenizer_dir, strict=True)
     with pytest.raises(ValueError, match="no usable sentences"):
         PretrainDataset(_write_json(tmp_path / "b.json", data[2:]), [store], table, sample.tokenizer_dir)

@@ -170,7 +170,7 @@ def test_help_is_quick_and_shows_every_default(script):
     (["--save-every", "0"], "argument --save-every: must be 1 or more, got 0"),
     (["--log-every", "0"], "argument --log-every: must be 1 or more, got 0"),
     (["--features", "missing.tsv", "--train-json", "missing.json", "--answer-table", "a", "--tokenizer", "t"],
-     "--train-json missing.json: no such file or folder"),
+     "no such file or folder: --train-json missing.json; --features missing.tsv; --answer-table a"),
     (["--deepspeed_config", "nowhere.json", "--train-json", README, "--features", README, "--answer-table", README,
       "--tokenizer", "t"], "nowhere.json': no such file, and no shipped config of that name"),
 ])
@@ -239,11 +239,63 @@ def test_a_failed_checkpoint_write_names_the_path_and_cause_and_keeps_the_last_g
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step000000004: No space left "
-                                                       r"on device; the last good checkpoint .*step000000002 is kept"):
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step000000004: the disk is full writing "
+                                              r".*step000000004/state.pt \(No space left on device\); \d+ MiB free "
+                                              r".*; the last good checkpoint .*step000000002 is kept \(latest still"):
         checkpoints.save_checkpoint(engine, str(ckpt), 4, {"step": 4})
     assert (ckpt / "latest").read_text() == "step000000002" and not (ckpt / "step000000004").exists()
     assert checkpoints.load_checkpoint(engine, str(ckpt))[1] == {"step": 2}
+
+
+def test_torch_saves_short_write_is_named_as_a_full_disk_and_keeps_the_last_good_one(tmp_path):
+    """A real short write: the file size limit (RLIMIT_FSIZE) stops torch.save part-way as a full disk does, with
+    its RuntimeError "[enforce fail at inline_container.cc:...] . unexpected pos ..." and no errno."""
+    import signal
+
+    engine, ckpt = _engine(), tmp_path / "checkpoints"
+    checkpoints.save_checkpoint(engine, str(ckpt), 2, {"step": 2})
+    size = (ckpt / "step000000002" / "state.pt").stat().st_size
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, limits[1]))
+    try:
+        with pytest.raises(CheckpointError, match=r"step000000004: writing .*step000000004/state.pt stopped "
+                                                  r"part-way, most likely the disk is full \(torch.save: \[enforce "
+                                                  r"fail at inline_container.cc:\d+\] . unexpected pos"):
+            checkpoints.save_checkpoint(engine, str(ckpt), 4, {"step": 4})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert (ckpt / "latest").read_text() == "step000000002" and not (ckpt / "step000000004").exists()
+    assert checkpoints.load_checkpoint(engine, str(ckpt))[1] == {"step": 2}
+
+
+class PartialWriter:
+    """An engine that writes its files in place, as DeepSpeed's does, and fails on the second with torch.save's
+    short-write error."""
+
+    def save(self, ckpt_dir, tag, client_state):
+        os.makedirs(os.path.join(ckpt_dir, tag))
+        with open(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"), "wb") as f:
+            f.write(b"complete")
+        os.utime(f.name, (1, 1))  # written well before the next (file times are coarser than two quick writes)
+        with open(os.path.join(ckpt_dir, tag, "zero_pp_rank_0_mp_rank_00_optim_states.pt"), "wb") as f:
+            f.write(b"part")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4736 vs 4624")
+
+
+def test_an_engine_writing_in_place_names_the_file_it_stopped_in(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    with pytest.raises(CheckpointError, match=r"writing .*step000000004/zero_pp_rank_0_mp_rank_00_optim_states.pt "
+                                              r"stopped part-way, most likely the disk is full.*; no checkpoint kept"):
+        checkpoints.save_checkpoint(PartialWriter(), str(ckpt), 4, {"step": 4})
+    assert not (ckpt / "step000000004").exists()
+
+    class Buggy(PartialWriter):
+        def save(self, *args):
+            raise RuntimeError("a bug of ours")
+
+    with pytest.raises(RuntimeError, match="a bug of ours"):  # not a write failure: not turned into one
+        checkpoints.save_checkpoint(Buggy(), str(ckpt), 4, {"step": 4})
 
 
 def test_rotation_keeps_the_newest_and_drops_a_killed_runs_later_tags(tmp_path):

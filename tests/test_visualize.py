@@ -142,3 +142,39 @@ def test_missing_matplotlib_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingDependencyError, match=r'pip install -e "\.\[plot\]"'):
         visualize.main(["--model", "m", "--features", "f.tsv", "--img-id", "i", "--sentence", "s"])
+
+
+def test_object_names_from_the_samples_vocabulary_one_scale_and_a_wrong_image_refused(sample, model_dir, tmp_path):
+    from PIL import Image
+
+    from lxmert_fast.data.sample import OBJECT_NAMES
+
+    vocab = attention.objects_vocab_beside(sample.features_tsv)
+    assert vocab is not None and attention.read_objects_vocab(vocab) == list(OBJECT_NAMES)
+    store = FeatureStore.from_tsv(sample.features_tsv, progress=False)
+    img_id = store.img_ids[0]
+    img_h, img_w = (int(v) for v in store.img_hw[store.row(img_id)])
+    common = ["--model", str(model_dir), "--features", str(sample.features_tsv), "--img-id", img_id, "--sentence",
+              "a dog", "--tokenizer", str(sample.tokenizer_dir)]
+    wrong = tmp_path / "wrong.jpg"
+    Image.fromarray(np.full((img_h, img_w * 2, 3), 200, dtype=np.uint8)).save(wrong)
+    with pytest.raises(InputError, match=rf"wrong.jpg: {img_w * 2}x{img_h} pixels, but the features were extracted "
+                                         rf"from an image of {img_w}x{img_h}"):
+        visualize.main([*common, "--out-dir", str(tmp_path / "a"), "--image", str(wrong)])
+    half = tmp_path / "half.jpg"  # the same image at half the size: fitted
+    Image.fromarray(np.full((img_h // 2, img_w // 2, 3), 200, dtype=np.uint8)).save(half)
+    assert len(visualize.main([*common, "--out-dir", str(tmp_path / "b"), "--image", str(half)])) == 5
+    drawn = []
+    original = attention.plot_layers
+
+    def spy(maps, rows, cols, *args, **kwargs):
+        drawn.append((rows, cols))
+        return original(maps, rows, cols, *args, **kwargs)
+
+    attention.plot_layers = spy
+    try:
+        visualize.main([*common, "--out-dir", str(tmp_path / "c")])
+    finally:
+        attention.plot_layers = original
+    names = {label.split(":", 1)[1] for rows, _ in drawn[1:2] for label in rows}
+    assert names <= set(OBJECT_NAMES) and names, names  # names, not class ids

@@ -55,7 +55,7 @@ def test_official_report_and_reading_the_official_files(tmp_path):
     assert report["questions"] == 2
 
     (tmp_path / "q.json").write_text(json.dumps({"questions": [{"question_id": 1}]}))
-    with pytest.raises(AnnotationFormatError, match=r"q\.json: 1 annotated questions are not in it .*question_id 2"):
+    with pytest.raises(AnnotationFormatError, match=r"q\.json: 1 annotated question not in it .*question_id 2"):
         read_official_annotations(tmp_path / "ann.json", tmp_path / "q.json")
     (tmp_path / "bad.json").write_text(json.dumps({"annotations": [{"question_id": 1, "answers": "yes"}]}))
     with pytest.raises(AnnotationFormatError, match=r"bad\.json: annotation 0: expected question_id and a list"):

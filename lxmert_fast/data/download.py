@@ -48,6 +48,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lxmert_fast.cli import plural
 from lxmert_fast.errors import DownloadError
 from lxmert_fast.files import atomic_path, write_text
 
@@ -365,6 +366,30 @@ def verify(parts, root, log=print) -> list[str]:
     return problems
 
 
+def download_hint(paths) -> str:
+    """"; fetch them with: python -m lxmert_fast.data.download pretrain --dir data" for missing `paths` that are
+    all release files (as the parts lay them out under one --dir), naming the fewest parts that hold them all; ""
+    when some are not release files."""
+    holders, roots = [], set()
+    for path in map(Path, paths):
+        parts = {part for part, remotes in RELEASE.items() for r in remotes
+                 if len(path.parts) > len(Path(r.dest).parts) and path.as_posix().endswith("/" + r.dest)}
+        if not parts:
+            return ""
+        dest = next(r.dest for r in RELEASE[min(parts)] if path.as_posix().endswith("/" + r.dest))
+        roots.add(Path(*path.parts[: len(path.parts) - len(Path(dest).parts)]).as_posix())
+        holders.append(parts)
+    if len(roots) != 1:
+        return ""
+    chosen = []
+    while holders:  # greedily, the part that holds most of what is still missing
+        best = max(RELEASE, key=lambda part: sum(part in h for h in holders))
+        chosen.append(best)
+        holders = [h for h in holders if best not in h]
+    parts = " ".join(sorted(chosen, key=list(RELEASE).index))
+    return f"; fetch them with: python -m lxmert_fast.data.download {parts} --dir {roots.pop()}"
+
+
 # ---------------------------------------------------------------------------------------------- the commands
 def commands(parts, root) -> list[str]:
     """The pre-training / fine-tuning commands for data fetched under `root` (paths as given, e.g. "data")."""
@@ -446,7 +471,7 @@ def main(argv=None) -> list[Path]:
         return []
     paths = fetch(args.parts, args.dir, args.base_url, progress=not args.no_progress, retries=args.retries,
                   retry_wait=args.retry_wait)
-    print(f"\n{len(paths)} files in place under {args.dir}. Train on them with:\n")
+    print(f"\n{plural(len(paths), 'file')} in place under {args.dir}. Train on them with:\n")
     for command in commands(args.parts, args.dir):
         print(command + "\n")
     return paths

@@ -6,7 +6,7 @@ test the held-out valid images. Questions and statements are made from what each
 and attribute labels in the feature store, which determine its features), in the generator's vocabulary:
     VQA    "how many dogs are there?" (the pre-training sample's own count question, answers normalised),
            "what color is the dog?", "is there a cat in the picture?" / "are there any cats?"; soft scores with
-           occasional secondary answers, some of them outside the answer vocabulary (dropped, as in the real data)
+           occasional secondary answers; as in the released files, a label holds only answers of the vocabulary
     GQA    "what is the red object?", "what color is the dog?", "is the dog red?"
     NLVR2  statements on object presence in a pair: "there is a dog in each image", "exactly one image contains a
            dog", "the left image contains a dog and the right image does not", ...; each statement comes with four
@@ -35,8 +35,7 @@ from .fsutil import build_lock, publish_dir, remove_stale_staging, staging_dir
 # The pre-training sample generator's scheme: object k < NUM_FOREGROUND is a foreground kind, with its plural.
 from .sample import ATTRIBUTE_NAMES, NUM_FOREGROUND, OBJECT_NAMES, OBJECTS, SamplePaths
 
-_VERSION = 1
-_OUT_OF_VOCABULARY = ("unsure", "not sure", "dunno")  # rare secondary answers, absent from ans2label
+_VERSION = 2  # 2: labels hold only answers of the vocabulary, as the released files' do
 
 
 @dataclass(frozen=True)
@@ -95,8 +94,6 @@ def _vqa(rng, img_id: str, contents: dict[int, int], annotation: dict, qid: int)
         if rng.random() < 0.3:  # annotators disagree a little
             other = ATTRIBUTE_NAMES[int(rng.integers(len(ATTRIBUTE_NAMES)))]
             label.setdefault(other, 0.3)
-        if rng.random() < 0.1:
-            label[str(rng.choice(_OUT_OF_VOCABULARY))] = 0.3
         add(f"what color is the {OBJECT_NAMES[obj]}?", label, "other", "what color is the")
     present = list(contents)
     absent = [k for k in range(NUM_FOREGROUND) if k not in contents]
@@ -171,6 +168,7 @@ def make_finetune_sample(sample: SamplePaths, out_dir, seed: int = 0) -> Finetun
     paths = FinetuneSamplePaths(Path(out_dir), sample.features_tsv, sample.tokenizer_dir, sample.answer_table)
     store = FeatureStore.from_tsv(sample.features_tsv, progress=False)
     rng = np.random.default_rng(seed)
+    splits = {}
     for split, source in (("train", sample.train_json), ("valid", sample.valid_json)):
         annotations = [a for a in read_pretrain_json(source) if a["img_id"] in store]
         contents = {a["img_id"]: _image_contents(store, a["img_id"]) for a in annotations}
@@ -182,7 +180,19 @@ def make_finetune_sample(sample: SamplePaths, out_dir, seed: int = 0) -> Finetun
             vqa += _vqa(rng, a["img_id"], contents[a["img_id"]], a, base + len(vqa))
             gqa += _gqa(rng, a["img_id"], contents[a["img_id"]], base + len(gqa))
         nlvr2 = _nlvr2(rng, split, contents, num_sentences=max(4, int(1.5 * len(annotations))))
-        for task, records in (("vqa", vqa), ("gqa", gqa), ("nlvr2", nlvr2)):
+        splits[split] = {"vqa": vqa, "gqa": gqa, "nlvr2": nlvr2}
+    for task in ("vqa", "gqa"):
+        # trainval: every answer given with full confidence in train or valid; the labels keep only those, as the
+        # released preprocessing kept only the vocabulary's answers
+        records = splits["train"][task] + splits["valid"][task]
+        vocabulary = {a for r in records for a, s in r["label"].items() if s >= 1.0}
+        answers = sorted(vocabulary)
+        for r in records:
+            r["label"] = {a: s for a, s in r["label"].items() if a in vocabulary}
+        _write_json(paths.ans2label(task), {a: i for i, a in enumerate(answers)})
+        _write_json(paths.label2ans(task), answers)
+    for split, tasks in splits.items():
+        for task, records in tasks.items():
             _write_json(paths.split(task, split), records)
             if split == "valid":
                 if task == "nlvr2":  # NLVR2's public test split is labelled
@@ -190,15 +200,6 @@ def make_finetune_sample(sample: SamplePaths, out_dir, seed: int = 0) -> Finetun
                 else:
                     test = [{k: v for k, v in r.items() if k != "label"} for r in records]
                 _write_json(paths.split(task, "test"), test)
-        if split == "train":
-            train_qa = {"vqa": vqa, "gqa": gqa}
-        else:
-            for task, records in (("vqa", vqa), ("gqa", gqa)):
-                # trainval: every answer given with full confidence in train or valid (the out-of-vocabulary
-                # secondary answers never are)
-                answers = sorted({a for r in train_qa[task] + records for a, s in r["label"].items() if s >= 1.0})
-                _write_json(paths.ans2label(task), {a: i for i, a in enumerate(answers)})
-                _write_json(paths.label2ans(task), answers)
     return paths
 
 

@@ -51,6 +51,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from lxmert_fast.cli import plural
 from lxmert_fast.model.static_shapes import IGNORE_INDEX
 
 from .feature_store import FeatureStore, index_images
@@ -86,7 +87,7 @@ def missing_images_message(missing: dict, stores) -> str:
     for path, img_ids in missing.items():
         distinct = list(dict.fromkeys(img_ids))
         shown = ", ".join(repr(i) for i in distinct[:5]) + (", ..." if len(distinct) > 5 else "")
-        parts.append(f"{path}: {len(img_ids)} records (img_id {shown})")
+        parts.append(f"{path}: {plural(len(img_ids), 'record')} (img_id {shown})")
     files = ", ".join(s.source_name for s in stores)
     return f"annotation records whose image is in none of the feature files ({files}): {'; '.join(parts)}"
 

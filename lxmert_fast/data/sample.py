@@ -75,7 +75,8 @@ _BACKGROUND_COLOURS = {
 }
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 _QA_DSETS = ("vqa", "gqa", "visual7w")
-_VERSION = 1
+_VERSION = 2  # 2: objects_vocab.txt beside the features
+OBJECTS_VOCAB = "objects_vocab.txt"  # the detector's class names, one per line, as the original's file
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,8 @@ def make_sample_data(out_dir, num_images: int = 300, seed: int = 0, feat_dim: in
     for p in (paths.features_tsv, paths.train_json):
         p.parent.mkdir(parents=True, exist_ok=True)
     write_feature_tsv(paths.features_tsv, records)
+    # the class names of the features' obj_ids, where lxmert_fast.visualize looks for them
+    (paths.features_tsv.parent / OBJECTS_VOCAB).write_text("".join(f"{name}\n" for name in OBJECT_NAMES))
     num_valid = max(1, num_images // 10)
     for path, part in ((paths.train_json, annotations[:-num_valid]), (paths.valid_json, annotations[-num_valid:])):
         with open(path, "w", encoding="utf-8") as f:

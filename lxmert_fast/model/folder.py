@@ -47,7 +47,7 @@ def save_model_folder(model, folder, tokenizer, labels=None, weights=True):
     ``weights`` is False), the tokenizer, and for a classifier its ``labels`` (the answer of each output row)."""
     import torch
 
-    from lxmert_fast.files import write_json
+    from lxmert_fast.files import publish_files, write_json
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.config)
@@ -65,6 +65,7 @@ def save_model_folder(model, folder, tokenizer, labels=None, weights=True):
     tokenizer.save_pretrained(folder)
     if labels is not None and type(model).__name__ == QA_MODEL:
         write_json(Path(folder) / LABEL2ANS_FILE, list(labels), indent=None)
+    publish_files(folder)  # safetensors writes its file 0600
 
 
 def checkpoint_weights(folder) -> dict:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lxmert_fast.cli import plural
 from lxmert_fast.data.formats import AnswerTable
 from lxmert_fast.errors import CheckpointError
 from lxmert_fast.files import read_json
@@ -163,7 +164,8 @@ def init_answer_head_from_qa(model, state: dict, answer_table, label2ans, source
                 bias[label].copy_(state["answer_head.logit_fc.3.bias"][row])
                 matched += 1
     unmatched = len(label2ans) - matched
-    log(f"Loaded {matched} answers from LXMERT QA pre-training and {unmatched} not ({source}, table {table.path})")
+    log(f"Loaded {plural(matched, 'answer')} from LXMERT QA pre-training and {unmatched} not ({source}, table "
+        f"{table.path})")
     return matched, unmatched
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from lxmert_fast.cli import plural
 from lxmert_fast.errors import AnnotationFormatError
 from lxmert_fast.files import read_json
 
@@ -116,6 +117,6 @@ def read_official_annotations(annotation_file, question_file=None) -> list[dict]
         known = {q.get("question_id") for q in questions.get("questions", [])} if isinstance(questions, dict) else set()
         missing = [r["question_id"] for r in records if r["question_id"] not in known]
         if missing:
-            raise AnnotationFormatError(f"{question_file}: {len(missing)} annotated questions are not in it "
+            raise AnnotationFormatError(f"{question_file}: {plural(len(missing), 'annotated question')} not in it "
                                         f"(e.g. question_id {missing[0]}): the two files are not of one split")
     return records

@@ -1,14 +1,17 @@
 """The checkpoint folder: ``stepNNNNNNNNN`` folders written by the engine, the ``latest`` pointer moved atomically
 once every rank has written, rotation, and a failed write that keeps the last good checkpoint."""
 
+import errno
 import os
 import shutil
 
 from lxmert_fast.errors import CheckpointError
-from lxmert_fast.files import write_text
+from lxmert_fast.files import write_text, written_file
 from lxmert_fast.train.distributed import barrier, is_main
 
 CKPT_LATEST = "latest"
+# how torch.save reports a write that came up short (a full disk): a RuntimeError, not an OSError
+TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "inline_container.cc")
 
 
 def checkpoint_tag(step):
@@ -35,7 +38,8 @@ def save_checkpoint(engine, ckpt_dir, step, client_state, keep=2, describe=None)
     """Save the engine's checkpoint tagged ``step{N}``; ``latest`` moves to it only once every rank has finished.
 
     A crash (even SIGKILL) while writing leaves ``latest`` on the previous complete checkpoint; a write that fails
-    (a full disk) removes the partial folder and raises CheckpointError naming it and the cause. After the pointer
+    (a full disk: an OSError, or torch.save's RuntimeError) removes the partial folder and raises CheckpointError
+    naming it, the file and the cause. After the pointer
     has moved, checkpoints beyond ``keep`` are removed: never the new one, and the newest first kept.
     ``describe(folder)``, on rank 0, adds what the engine does not write (the model's config and tokenizer).
     """
@@ -46,12 +50,16 @@ def save_checkpoint(engine, ckpt_dir, step, client_state, keep=2, describe=None)
         engine.save(ckpt_dir, tag, client_state)
         if describe is not None and is_main():
             describe(folder)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
+        if not isinstance(error, OSError) and not any(m in str(error) for m in TORCH_WRITE_FAILURES):
+            raise
+        failed = written_file(error) or getattr(error, "filename", None) or _newest_file(folder) or folder
         shutil.rmtree(folder, ignore_errors=True)
         kept = _pointer(ckpt_dir)
         raise CheckpointError(
-            f"could not write checkpoint {folder}: {error.strerror or error}; "
-            + (f"the last good checkpoint {os.path.join(ckpt_dir, kept)} is kept" if kept else "no checkpoint kept")
+            f"could not write checkpoint {folder}: {_write_failure(error, failed, ckpt_dir)}; "
+            + (f"the last good checkpoint {os.path.join(ckpt_dir, kept)} is kept ({CKPT_LATEST} still points to it)"
+               if kept else "no checkpoint kept")
         ) from error
     barrier()  # every rank's shard is on disk before the pointer moves
     if is_main():
@@ -59,6 +67,25 @@ def save_checkpoint(engine, ckpt_dir, step, client_state, keep=2, describe=None)
         _rotate(ckpt_dir, tag, keep)
     barrier()
     return tag
+
+
+def _write_failure(error, failed, ckpt_dir) -> str:
+    """What went wrong, for the message: a full disk said as such, with the file and the space left now."""
+    if isinstance(error, OSError) and error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return f"{error.strerror or error} writing {failed}"
+    free = shutil.disk_usage(ckpt_dir).free / 2**20
+    if isinstance(error, OSError):
+        what = f"the disk is full writing {failed} ({error.strerror})"
+    else:  # torch.save's only sign of a short write; a full disk is the usual cause
+        what = (f"writing {failed} stopped part-way, most likely the disk is full (torch.save: "
+                f"{str(error).splitlines()[0].strip()})")
+    return f"{what}; {free:.0f} MiB free there with the partial checkpoint removed"
+
+
+def _newest_file(folder):
+    """The file written last under `folder` (a DeepSpeed checkpoint's files are written in place), or None."""
+    files = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+    return max(files, key=os.path.getmtime, default=None)
 
 
 def _pointer(ckpt_dir):

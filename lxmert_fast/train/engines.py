@@ -72,6 +72,18 @@ def _eager_if(condition):
     return torch.compiler.set_stance("force_eager") if condition else contextlib.nullcontext()
 
 
+def declare_zero_safe(optimizer_class) -> None:
+    """Tell DeepSpeed that ZeRO may partition ``optimizer_class``'s state (else it warns "You are using ZeRO with an
+    untested optimizer"): our BertAdam updates every element from that element's gradient and state alone, so a
+    rank's slice of a flat fp32 partition gets exactly the update the whole tensor would."""
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+
+    from lxmert_fast.train.optimization import BertAdam
+
+    if issubclass(optimizer_class, BertAdam) and optimizer_class not in ZERO_SUPPORTED_OPTIMIZERS:
+        ZERO_SUPPORTED_OPTIMIZERS.append(optimizer_class)
+
+
 class DeepSpeedEngine:
     """DeepSpeed owns precision, ZeRO, clipping and accumulation; this adapter speaks the loop's protocol."""
 
@@ -79,6 +91,7 @@ class DeepSpeedEngine:
         """``settings``: the run config's EngineSettings; its DeepSpeed JSON goes to DeepSpeed as it is."""
         import deepspeed
 
+        declare_zero_safe(type(optimizer))
         self.engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=settings.deepspeed_config())
         self.compiled, self.zero_stage = settings.compile, settings.zero_stage

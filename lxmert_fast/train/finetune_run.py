@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from lxmert_fast.cli import plural
 from lxmert_fast.data import FeatureStore
 from lxmert_fast.data.finetune_dataset import AnswerVocab, NLVR2Dataset, QADataset, finetune_collate
 from lxmert_fast.data.tokenizer import check_tokenizer
@@ -94,7 +95,7 @@ def finetune(config):
         f"LXMERT fine-tuning ({config.task.name}): {model.num_parameters() / 1e6:.1f}M parameters, "
         f"{len(train_set) if train_set else 0} train / {len(valid_set) if valid_set else 0} valid samples"
         f"{f', {len(label2ans)} answers' if label2ans else ''}, {config.engine.world_size} rank(s) on {engine.device}, "
-        f"{engine.describe()}, {trainer.total_steps} steps, lr {config.optimisation.lr}"
+        f"{engine.describe()}, {plural(trainer.total_steps, 'step')}, lr {config.optimisation.lr}"
     )
     trainer.fit()
     if trainer.total_steps > 0:
@@ -103,8 +104,9 @@ def finetune(config):
     if test_set is not None:
         result.update(test(trainer, hooks, model, test_set))
     total_time = trainer.finish(best_eval_score=hooks.best)
-    distributed.print0(f"done: {trainer.position.step} steps in {total_time:.1f} s; best eval_score {hooks.best}; "
-                    f"output in {config.run.output_dir}")
+    best = "none" if hooks.best is None else f"{hooks.best:.4f}"
+    distributed.print0(f"done: {plural(trainer.position.step, 'step')} in {total_time:.1f} s; best eval_score {best}; "
+                       f"output in {config.run.output_dir}")
     distributed.barrier()
     return result
 

@@ -6,6 +6,7 @@ lxmert_fast/pretrain.py is the command.
 import os
 from dataclasses import dataclass
 
+from lxmert_fast.cli import plural
 from lxmert_fast.model.checks import check_model_fields
 from lxmert_fast.train import run_config
 
@@ -87,6 +88,11 @@ def resolve(argv=None):
                               task=run_config.section(PretrainTasks, flags))
 
 
+def _rounded(loss) -> str:
+    """A loss for the final message, to 2 decimals ("none" before any step)."""
+    return "none" if loss is None else f"{loss:.2f}"
+
+
 def model_with_tasks(fields, tasks):
     """The model config's fields with the heads of exactly the enabled tasks."""
     return {**fields, "task_mask_lm": "mlm" in tasks, "task_matched": "matched" in tasks,
@@ -146,13 +152,14 @@ def pretrain(config):
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 leaves p empty
     distributed.print0(
         f"LXMERT pre-training: {n_params / 1e6:.1f}M parameters, {len(train_set)} samples, {config.engine.world_size} "
-        f"rank(s) on {engine.device}, {engine.describe()}, {trainer.total_steps} steps, tasks "
+        f"rank(s) on {engine.device}, {engine.describe()}, {plural(trainer.total_steps, 'step')}, tasks "
         f"{','.join(config.task.tasks)}, optimizer {config.optimisation.optimizer} lr {config.optimisation.lr}"
     )
     trainer.fit()
     final_dir = os.path.join(config.run.output_dir, "final_model")
     trainer.save_model(final_dir)
     total_time = trainer.finish()
-    distributed.print0(f"done: {trainer.position.step} steps in {total_time:.1f} s, loss {trainer.first_loss} -> "
-                    f"{trainer.last_loss}; model in {final_dir}, metrics in {trainer.metrics.path}")
+    distributed.print0(f"done: {plural(trainer.position.step, 'step')} in {total_time:.1f} s, loss "
+                       f"{_rounded(trainer.first_loss)} -> {_rounded(trainer.last_loss)}; model in {final_dir}, "
+                       f"metrics in {trainer.metrics.path}")
     return final_dir

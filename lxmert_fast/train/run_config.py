@@ -156,12 +156,19 @@ def _given_on_command_line(parser, argv):
 
 
 def check_files(flags: dict, names) -> None:
-    """Every comma-separated path of the flags ``names`` exists (hub names aside: a tokenizer may be one)."""
+    """Every comma-separated path of the flags ``names`` exists (hub names aside: a tokenizer may be one); the
+    error lists every missing one, and the download command that fetches them where they are release files."""
+    missing = []
     for name in names:
         value = flags.get(name)
         for path in ([] if value is None else value if isinstance(value, (list, tuple)) else str(value).split(",")):
             if path and not os.path.exists(path):
-                raise ConfigError(f"--{name.replace('_', '-')} {path}: no such file or folder")
+                missing.append((f"--{name.replace('_', '-')}", path))
+    if missing:
+        from lxmert_fast.data.download import download_hint
+
+        listed = "; ".join(f"{flag} {path}" for flag, path in missing)
+        raise ConfigError(f"no such file or folder: {listed}{download_hint([path for _, path in missing])}")
 
 
 # ---------------------------------------------------------------------------------------------- the sections

@@ -16,13 +16,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lxmert_fast.errors import MissingDependencyError
+from lxmert_fast.errors import ImageError, MissingDependencyError
 
 
 def read_objects_vocab(path) -> list[str]:
     """Class names by id from a detector vocabulary file: one class per line, the first of comma-separated names."""
     with open(path, encoding="utf-8") as f:
         return [line.strip().split(",")[0] for line in f]
+
+
+def objects_vocab_beside(features) -> Path | None:
+    """The objects_vocab.txt in the folder of the (first) feature file, where the sample data writes it, or None."""
+    first = Path(str(features).split(",")[0])
+    candidate = (first if first.is_dir() else first.parent) / "objects_vocab.txt"
+    return candidate if candidate.is_file() else None
+
+
+def check_image_size(image_path, image_hw, tolerance: float = 0.02) -> None:
+    """Refuse an image whose shape is not the one the features were extracted from (its boxes would land in the
+    wrong places); a scaled copy of it is fitted (the boxes are drawn in fractions of the image)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise MissingDependencyError("--image needs Pillow: pip install pillow") from None
+    with Image.open(image_path) as image:
+        width, height = image.size
+    img_h, img_w = image_hw
+    if abs((width / height) / (img_w / img_h) - 1) > tolerance:
+        raise ImageError(f"{image_path}: {width}x{height} pixels, but the features were extracted from an image of "
+                         f"{img_w}x{img_h} (width x height): another image, or a crop; give the image the features "
+                         "were extracted from")
 
 
 def object_labels(class_ids, vocab: list[str] | None = None) -> list[str]:
@@ -121,26 +144,31 @@ def pyplot():
     return plt
 
 
-def plot_layers(maps, row_labels, col_labels, title: str, layer_name: str, path) -> Path:
-    """One heat map per layer (rows: queries, columns: keys), side by side, to `path`."""
+def plot_layers(maps, row_labels, col_labels, title: str, layer_name: str, path, axes_names=("queries", "keys")
+                ) -> Path:
+    """One heat map per layer (rows: the queries, who attends; columns: the keys, whom they attend to), side by
+    side on ONE colour scale (panels on their own scales make a near-uniform map look structured), to `path`."""
     plt = pyplot()
     n = len(maps)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     cell = 0.22
-    width = max(3.5, cell * len(col_labels) + 1.5)
-    height = max(3.0, cell * len(row_labels) + 1.5)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.6), squeeze=False)
+    width = max(3.5, cell * len(col_labels) + 1.8)
+    height = max(3.0, cell * len(row_labels) + 1.8)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 1.0, height * rows + 0.6), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[n:]:
         ax.axis("off")
+    high = max(float(m.max()) for m in maps)  # from 0: a weight is a share, and 1/36 everywhere should look flat
     for i, (ax, m) in enumerate(zip(axes.flat, maps, strict=False)):
-        image = ax.imshow(m, cmap="viridis", aspect="auto")  # each panel on its own scale
+        image = ax.imshow(m, cmap="viridis", aspect="auto", vmin=0.0, vmax=high)
         ax.set_title(f"{layer_name} {i}", fontsize=9)
         ax.set_xticks(range(len(col_labels)), col_labels, rotation=90, fontsize=6)
         ax.set_yticks(range(len(row_labels)), row_labels, fontsize=6)
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+        ax.set_xlabel(f"attended to ({axes_names[1]})", fontsize=7)
+        ax.set_ylabel(f"attending ({axes_names[0]})", fontsize=7)
+    fig.colorbar(image, ax=list(axes.flat[:n]), fraction=0.046, pad=0.02, label="attention weight")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
@@ -197,6 +225,7 @@ def draw(maps, labels, out_dir, sentence: str, head: int | None, image=None, box
             f"Language self-attention: {about}",
             "language layer",
             out_dir / "language_self_attention.png",
+            ("words", "words"),
         ),
         plot_layers(
             maps["vision"],
@@ -205,6 +234,7 @@ def draw(maps, labels, out_dir, sentence: str, head: int | None, image=None, box
             f"Object-relationship attention: {about}",
             "relationship layer",
             out_dir / "object_relationship_attention.png",
+            ("objects", "objects"),
         ),
         plot_layers(
             maps["language_to_vision"],
@@ -213,6 +243,7 @@ def draw(maps, labels, out_dir, sentence: str, head: int | None, image=None, box
             f"Cross-attention, words -> objects: {about}",
             "cross layer",
             out_dir / "cross_attention_language_to_vision.png",
+            ("words", "objects"),
         ),
         plot_layers(
             maps["vision_to_language"],
@@ -221,6 +252,7 @@ def draw(maps, labels, out_dir, sentence: str, head: int | None, image=None, box
             f"Cross-attention, objects -> words: {about}",
             "cross layer",
             out_dir / "cross_attention_vision_to_language.png",
+            ("objects", "words"),
         ),
     ]
     if image is not None:
