@@ -67,3 +67,86 @@ def test_bertadam_gate_handles_half_precision_gradients():
     p.grad = torch.full_like(p, float("nan"))
     opt.step()
     assert torch.equal(p, torch.ones(4, dtype=torch.bfloat16))
+
+
+# ------------------------------------------------------------------------------------------------- the loader
+FEAT_DIM = 16
+
+
+@pytest.fixture(scope="module")
+def pretrain_set(tmp_path_factory):
+    from lxmert_fast.data import AnswerTable, FeatureStore, PretrainDataset, ensure_sample_data
+
+    sample = ensure_sample_data(tmp_path_factory.mktemp("feed") / "data", num_images=24, seed=5, feat_dim=FEAT_DIM)
+    store = FeatureStore.from_tsv(sample.features_tsv, progress=False)
+    # qa_from_epoch=1: epochs 0 and 1 differ in what an item holds, not only in their order
+    return PretrainDataset(sample.train_json, [store], AnswerTable(sample.answer_table), sample.tokenizer_dir, seed=3,
+                           feature_dtype="float16", qa_from_epoch=1)
+
+
+@pytest.mark.parametrize("start", [0, 2])
+def test_epoch_batches_give_the_order_of_sampling(start):
+    from lxmert_fast.train import feed, sampling
+
+    for keyed in (False, True):
+        batches = feed.EpochBatches(103, 4, seed=7, rank=1, world=3, keyed=keyed)
+        for epoch in (0, 1, 5):
+            batches.set_epoch(epoch, start, 6)
+            expected = sampling.epoch_batches(103, 4, 7, epoch, 1, 3, start=start)[: 6 - start]
+            got = list(batches)
+            assert len(got) == len(batches) == 6 - start
+            assert got == ([[(epoch, i) for i in b] for b in expected] if keyed else expected)
+
+
+def test_persistent_workers_give_the_batches_of_a_loader_made_per_epoch(pretrain_set):
+    from lxmert_fast.data import compact_pretrain_collate
+    from lxmert_fast.train import feed, sampling
+
+    batches = feed.EpochBatches(len(pretrain_set), 4, seed=1, rank=0, world=1, keyed=feed.epoch_keyed(pretrain_set))
+    loader = feed.training_loader(pretrain_set, batches, compact_pretrain_collate, num_workers=1, device="cpu")
+    assert loader.persistent_workers and not loader.pin_memory  # a CPU engine: nothing to pin
+    per_epoch = sampling.num_micro_batches(len(pretrain_set), 4, 1)
+    for epoch, start in ((0, 0), (1, 0), (2, 1)):
+        batches.set_epoch(epoch, start, per_epoch)
+        persistent = [b.buffer.clone() for b in loader]
+        pretrain_set.set_epoch(epoch)  # as before: the epoch set on the dataset, a new loader
+        order = sampling.epoch_batches(len(pretrain_set), 4, 1, epoch, 0, 1, start=start)
+        fresh = torch.utils.data.DataLoader(pretrain_set, batch_sampler=order, collate_fn=compact_pretrain_collate,
+                                            num_workers=1)
+        expected = [b.buffer for b in fresh]
+        assert len(persistent) == len(expected) == per_epoch - start
+        assert all(torch.equal(a, b) for a, b in zip(persistent, expected, strict=True)), epoch
+    pretrain_set.set_epoch(0)
+
+
+def test_a_gpu_engine_pins_the_loader_memory(pretrain_set):
+    from lxmert_fast.train import feed
+
+    batches = feed.EpochBatches(len(pretrain_set), 4, seed=1, rank=0, world=1, keyed=True)
+    assert feed.training_loader(pretrain_set, batches, None, num_workers=0, device="cuda:0").pin_memory
+    assert not feed.training_loader(pretrain_set, batches, None, num_workers=0, device="cpu").pin_memory
+
+
+def test_prefetch_prepares_in_order_on_the_cpu():
+    from lxmert_fast.train.feed import DevicePrefetch
+
+    prepared = []
+
+    def prepare(x):
+        prepared.append(x)
+        return x * 10
+
+    assert list(DevicePrefetch(range(5), prepare, "cpu")) == [0, 10, 20, 30, 40]
+    assert prepared == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side-stream prefetch runs on a CUDA device only")
+def test_prefetch_on_a_side_stream_gives_the_batches_in_order():
+    from lxmert_fast.train.feed import DevicePrefetch
+
+    host = [torch.arange(1 << 20, dtype=torch.float32).pin_memory() + i for i in range(6)]
+    seen = []
+    for i, batch in enumerate(DevicePrefetch(host, lambda x: {"x": x.to("cuda", non_blocking=True) * 2}, "cuda")):
+        torch.cuda._sleep(1_000_000)  # a slow step on the step's stream while the next copy is queued
+        seen.append(torch.equal(batch["x"].cpu(), host[i] * 2))
+    assert all(seen) and len(seen) == 6

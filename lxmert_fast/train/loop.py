@@ -30,7 +30,7 @@ from lxmert_fast.data.pretrain_dataset import to_device
 from lxmert_fast.errors import ConfigError, NonFiniteLossError
 from lxmert_fast.files import write_text
 from lxmert_fast.model.folder import MODEL_SPEC
-from lxmert_fast.train import checkpoints, distributed, metrics, sampling, seeding
+from lxmert_fast.train import checkpoints, distributed, feed, metrics, sampling, seeding
 from lxmert_fast.train.engines import build_engine
 from lxmert_fast.train.optimization import build_optimizer, build_scheduler
 from lxmert_fast.train.run_config import RUN_CONFIG_FILE, RunConfig
@@ -153,6 +153,7 @@ class Trainer:
         self.guard = metrics.LossGuard(engine.device)
         engine.skip_updates_while(self.guard.found_inf)
         self.first_loss, self.last_loss = None, None
+        self._loader = None  # the run's one training DataLoader (feed.training_loader), made once
         self.t_start = time.perf_counter()
 
     @property
@@ -198,16 +199,16 @@ class Trainer:
                 self.checkpoint()
         finally:
             self.bar.close()
+            self._loader = None  # its persistent workers stop
 
     def _train_epoch(self):
         p, config = self.position, self.config
         self.hooks.on_epoch_start(self)
-        batches = sampling.epoch_batches(len(self.train_set), config.engine.micro_batch, config.run.seed, p.epoch,
-                                         distributed.rank(), config.engine.world_size, start=p.pos)
-        for batch in self.loader(self.train_set, batches[: self.micro_per_epoch - p.pos]):
+        self.training_loader().batch_sampler.set_epoch(p.epoch, p.pos, self.micro_per_epoch)
+        for batch, static in feed.DevicePrefetch(self._loader, self.to_device, self.engine.device):
             seeding.seed_step(config.run.seed, p.micro_step, distributed.rank())
             lr = self.scheduler.get_last_lr()[0]  # the rate this update uses (the scheduler moves on in step())
-            losses = self.engine.forward_backward(*self.to_device(batch))
+            losses = self.engine.forward_backward(batch, static)
             self.guard.add({k: v for k, v in losses.items() if k.endswith("loss")}, p.micro_step)
             self.engine.step()  # skipped on the device from a non-finite loss on
             p.micro_step, p.pos = p.micro_step + 1, p.pos + 1
@@ -223,9 +224,16 @@ class Trainer:
             if config.run.save_every and p.step % config.run.save_every == 0 and p.pos < self.micro_per_epoch:
                 self.checkpoint()
 
-    def loader(self, dataset, batches):
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=self.collate,
-                                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+    def training_loader(self):
+        """The run's one training DataLoader, its workers kept from epoch to epoch (lxmert_fast.train.feed)."""
+        if self._loader is None:
+            config = self.config
+            batches = feed.EpochBatches(len(self.train_set), config.engine.micro_batch, config.run.seed,
+                                        distributed.rank(), config.engine.world_size,
+                                        keyed=feed.epoch_keyed(self.train_set))
+            self._loader = feed.training_loader(self.train_set, batches, self.collate, self.num_workers,
+                                                self.engine.device)
+        return self._loader
 
     def to_device(self, batch):
         """The host batch prepared by the objective, on the engine's device; and whether it fits the static shapes
