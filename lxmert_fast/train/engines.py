@@ -34,6 +34,10 @@ class Engine(Protocol):
     def step(self) -> None:
         """End of a micro-batch: at an accumulation boundary clip, update the weights and move the schedule on."""
 
+    def skip_updates_while(self, found_inf: torch.Tensor) -> None:
+        """Skip every update, on the device, while ``found_inf`` (a 0-dim float tensor on ``device``, changed in
+        place by the loop) is nonzero; the step never reads it back to the host."""
+
     def evaluate(self, batch, static: bool) -> dict:
         """The objective's outputs without gradients."""
 
@@ -92,6 +96,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         declare_zero_safe(type(optimizer))
+        self.optimizer = optimizer  # ours: DeepSpeed's wrappers (ZeRO, bf16, fp16) call its step()
         self.engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=settings.deepspeed_config())
         self.compiled, self.zero_stage = settings.compile, settings.zero_stage
@@ -110,6 +115,9 @@ class DeepSpeedEngine:
 
     def step(self):
         self.engine.step()  # DeepSpeed counts the micro-batches and updates at the accumulation boundary
+
+    def skip_updates_while(self, found_inf):
+        self.optimizer.found_inf = found_inf  # read by the optimiser's step (lxmert_fast.train.optimization)
 
     def evaluate(self, batch, static):
         with torch.no_grad(), _eager_if(self.compiled and not static):

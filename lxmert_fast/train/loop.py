@@ -4,10 +4,12 @@ The loop knows a run's life cycle and nothing of the model: it is given a resolv
 in lxmert_fast.train.engines), an objective (lxmert_fast.train.objectives: the model and its losses, the host-side batch
 preparation and the static shapes) and hooks for the task's own parts (evaluation at an epoch's end, what goes
 into a checkpoint's client state). Per micro-batch: seed every RNG from (seed, micro-step, rank), prepare the batch
-on the host, ask whether it fits the static shapes, move it, the engine's losses and gradients, the losses checked
-for NaN on every rank, then the engine's step (the update, at an accumulation boundary): a NaN never updates the
-weights; per optimiser step: log, checkpoint; per epoch: the hooks. ``build_trainer`` plans the steps once, for
-the schedule and the loop.
+on the host, ask whether it fits the static shapes, move it, the engine's losses and gradients, the losses added up
+on the device with a flag for NaN or inf on any rank (metrics.LossGuard), then the engine's step (the update, at an
+accumulation boundary), which the flag skips on the device: a NaN never updates the weights, and nothing waits for
+the device. The losses are read back only to log (every --log-every steps), before a checkpoint and at an epoch's
+end: a non-finite loss stops every rank there, naming its step. Per epoch: the hooks. ``build_trainer`` plans the
+steps once, for the schedule and the loop.
 
 The output folder: a new run refuses a folder that holds another run's metrics or checkpoints unless told
 ``--resume`` or ``--overwrite``; ``run_config.json`` is written at the start; a resumed run must match it.
@@ -28,7 +30,7 @@ from lxmert_fast.data.pretrain_dataset import to_device
 from lxmert_fast.errors import ConfigError, NonFiniteLossError
 from lxmert_fast.files import write_text
 from lxmert_fast.model.folder import MODEL_SPEC
-from lxmert_fast.train import checkpoints, distributed, metrics, sampling, seeding
+from lxmert_fast.train import checkpoints, distributed, feed, metrics, sampling, seeding
 from lxmert_fast.train.engines import build_engine
 from lxmert_fast.train.optimization import build_optimizer, build_scheduler
 from lxmert_fast.train.run_config import RUN_CONFIG_FILE, RunConfig
@@ -148,7 +150,10 @@ class Trainer:
         self.metrics = metrics.MetricsLogger(config.run.output_dir, enabled=distributed.is_main())
         self.bar = metrics.progress_bar(self.total_steps, desc=name)
         self.timer = metrics.Timer()
-        self.sums, self.count, self.first_loss, self.last_loss = {}, 0, None, None
+        self.guard = metrics.LossGuard(engine.device)
+        engine.skip_updates_while(self.guard.found_inf)
+        self.first_loss, self.last_loss = None, None
+        self._loader = None  # the run's one training DataLoader (feed.training_loader), made once
         self.t_start = time.perf_counter()
 
     @property
@@ -187,26 +192,27 @@ class Trainer:
         try:
             while p.step < self.total_steps and p.epoch < self.epochs:
                 self._train_epoch()
+                self._read_losses()  # a non-finite loss stops the run before the epoch's evaluation
                 if p.pos >= self.micro_per_epoch:
                     p.epoch, p.pos = p.epoch + 1, 0
                 self.hooks.on_epoch_end(self)
                 self.checkpoint()
         finally:
             self.bar.close()
+            self._loader = None  # its persistent workers stop
 
     def _train_epoch(self):
         p, config = self.position, self.config
         self.hooks.on_epoch_start(self)
-        batches = sampling.epoch_batches(len(self.train_set), config.engine.micro_batch, config.run.seed, p.epoch,
-                                         distributed.rank(), config.engine.world_size, start=p.pos)
-        for batch in self.loader(self.train_set, batches[: self.micro_per_epoch - p.pos]):
+        self.training_loader().batch_sampler.set_epoch(p.epoch, p.pos, self.micro_per_epoch)
+        for batch, static in feed.DevicePrefetch(self._loader, self.to_device, self.engine.device):
             seeding.seed_step(config.run.seed, p.micro_step, distributed.rank())
             lr = self.scheduler.get_last_lr()[0]  # the rate this update uses (the scheduler moves on in step())
-            losses = self.engine.forward_backward(*self.to_device(batch))
-            values = self._check_losses(losses)  # a non-finite loss raises here, before the update
-            self.engine.step()
+            losses = self.engine.forward_backward(batch, static)
+            self.guard.add({k: v for k, v in losses.items() if k.endswith("loss")}, p.micro_step)
+            self.engine.step()  # skipped on the device from a non-finite loss on
             p.micro_step, p.pos = p.micro_step + 1, p.pos + 1
-            self._add(values)
+            self.timer.add(config.engine.micro_batch * config.engine.world_size)
             if p.micro_step % config.engine.accumulation:
                 continue
             p.step += 1
@@ -218,9 +224,16 @@ class Trainer:
             if config.run.save_every and p.step % config.run.save_every == 0 and p.pos < self.micro_per_epoch:
                 self.checkpoint()
 
-    def loader(self, dataset, batches):
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=self.collate,
-                                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+    def training_loader(self):
+        """The run's one training DataLoader, its workers kept from epoch to epoch (lxmert_fast.train.feed)."""
+        if self._loader is None:
+            config = self.config
+            batches = feed.EpochBatches(len(self.train_set), config.engine.micro_batch, config.run.seed,
+                                        distributed.rank(), config.engine.world_size,
+                                        keyed=feed.epoch_keyed(self.train_set))
+            self._loader = feed.training_loader(self.train_set, batches, self.collate, self.num_workers,
+                                                self.engine.device)
+        return self._loader
 
     def to_device(self, batch):
         """The host batch prepared by the objective, on the engine's device; and whether it fits the static shapes
@@ -229,43 +242,39 @@ class Trainer:
         static = self.engine.needs_static_shapes and self.objective.fits(batch)
         return to_device(batch, self.engine.device, self.engine.batch_dtype), static
 
-    def _add(self, values):
-        self.timer.add(self.config.engine.micro_batch * self.config.engine.world_size)
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
-
-    def _check_losses(self, losses):
-        """The losses averaged over ranks; a NaN or inf stops the run before the weights are updated."""
-        scalars = {k: v for k, v in losses.items() if k.endswith("loss")}
-        values, bad = metrics.reduce_losses(scalars, self.engine.device)
-        if bad:
-            p = self.position
+    def _read_losses(self):
+        """The mean losses since the last log, read back from the device (every rank at the same point); a NaN or
+        inf seen on any rank since the start stops the run here (its updates were skipped on the device)."""
+        reading = self.guard.read()
+        if reading.bad_micro_step is not None:
+            bad, accumulation = reading.bad_micro_step, self.config.engine.accumulation
             where = (f"the last good checkpoint is {os.path.join(self.ckpt_dir, self.last_checkpoint)}"
                      if self.last_checkpoint else "no checkpoint was written yet")
             raise NonFiniteLossError(
-                f"non-finite loss at step {p.step + 1} (epoch {p.epoch}, micro-batch {p.pos}): "
-                f"{ {k: scalars[k].item() for k in sorted(scalars)} }; weights were not updated; {where}"
+                f"non-finite loss at step {bad // accumulation + 1} (epoch {bad // self.micro_per_epoch}, "
+                f"micro-batch {bad % self.micro_per_epoch}): {reading.bad_losses}; weights were not updated from "
+                f"it on; {where}"
             )
-        return values
+        return reading.means
 
     def _log_step(self, lr):
         p = self.position
         record = {"event": "train", "step": p.step, "epoch": p.epoch, "lr": lr}
-        record.update({k: v / self.count for k, v in sorted(self.sums.items())})
+        record.update(self._read_losses())
         record["samples_per_s"] = self.timer.rate()
         record.update(self.engine.counters())
         self.log(record)
         self.bar.set_postfix(loss=f"{record['loss']:.3f}")
         self.first_loss = record["loss"] if self.first_loss is None else self.first_loss
         self.last_loss = record["loss"]
-        self.sums, self.count = {}, 0
+        self.guard.reset_means()
 
     def log(self, record):
         self.metrics.log(record)
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def checkpoint(self):
+        self._read_losses()  # never a checkpoint after a non-finite loss
         rngs = [None] * self.config.engine.world_size
         torch.distributed.all_gather_object(rngs, seeding.rng_state())
         state = {"position": asdict(self.position), "rng": rngs, "task": self.hooks.client_state()}

@@ -1,10 +1,12 @@
 """What a run reports: metrics.jsonl (TensorBoard too when installed), the progress bar on rank 0, samples per second,
-and the losses averaged over ranks with the non-finite-loss flag that stops every rank together."""
+and the losses averaged over ranks with the non-finite-loss flag that stops every rank together: read back every
+micro-step for evaluation (``reduce_losses``), kept on the device during training (``LossGuard``)."""
 
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -119,3 +121,64 @@ def reduce_losses(losses, device):
         vec[:-1] /= world_size()
     values = vec.tolist()
     return dict(zip(keys, values[:-1], strict=True)), values[-1] > 0
+
+
+@dataclass
+class LossReading:
+    """What a LossGuard read back: the mean of each loss since the last ``reset_means`` (averaged over ranks) and,
+    if a micro-step's loss was non-finite on some rank, the first such micro-step and this rank's losses there."""
+
+    means: dict
+    bad_micro_step: int | None
+    bad_losses: dict
+
+
+class LossGuard:
+    """The training losses kept on the device, read back only when asked (``read``): no host-device sync per step.
+
+    Each micro-step's losses are averaged over ranks (one small all-reduce, queued on the device like the step)
+    with a flag that any rank saw a NaN or inf. ``found_inf`` turns 1 at the first such micro-step and stays 1, on
+    every rank: the engine's optimiser skips every update from then on, on the device (lxmert_fast.train.optimization:
+    ``optimizer.found_inf``), so no weight is ever updated from a non-finite loss, and the loop stops at its next
+    read-back, all ranks at the same one."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.found_inf = torch.zeros((), device=self.device)
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._keys, self._bad_losses, self._sums, self._count = None, None, None, 0
+
+    def add(self, losses: dict, micro_step: int) -> None:
+        """Accumulate one micro-step's scalar losses (device tensors); ``micro_step`` names it if non-finite."""
+        keys = sorted(losses)
+        vec = torch.stack([losses[k].detach().float().reshape(()) for k in keys]).to(self.device)
+        bad = (~torch.isfinite(vec)).any().float().reshape(1)
+        reduced = torch.cat([torch.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0), bad])
+        if world_size() > 1:
+            dist.all_reduce(reduced)
+            reduced[:-1] /= world_size()
+        first = (reduced[-1] > 0) & (self.found_inf == 0)
+        if self._keys is None:
+            self._keys, self._bad_losses = keys, torch.zeros_like(vec)
+        self._first_bad = torch.where(first, micro_step, self._first_bad)
+        self._bad_losses = torch.where(first, vec, self._bad_losses)
+        torch.maximum(self.found_inf, (reduced[-1] > 0).float(), out=self.found_inf)
+        # in float64, in order, as Python floats were summed when each step was read back
+        step_sum = reduced[:-1].double()
+        self._sums = step_sum if self._sums is None else self._sums + step_sum
+        self._count += 1
+
+    def read(self) -> LossReading:
+        """One read-back (a sync): the means since ``reset_means`` and the first non-finite micro-step, if any."""
+        if self._keys is None:
+            return LossReading({}, None, {})
+        n = len(self._keys)
+        sums = self._sums if self._sums is not None else torch.zeros(n, dtype=torch.float64, device=self.device)
+        values = torch.cat([self._first_bad.double().reshape(1), self._bad_losses.double(), sums]).tolist()
+        first_bad = int(values[0])
+        means = {k: v / self._count for k, v in zip(self._keys, values[1 + n :], strict=True)} if self._count else {}
+        return LossReading(means, None if first_bad < 0 else first_bad,
+                           dict(zip(self._keys, values[1 : 1 + n], strict=True)))
+
+    def reset_means(self) -> None:
+        self._sums, self._count = None, 0

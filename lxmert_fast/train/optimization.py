@@ -5,6 +5,10 @@ WITHOUT bias correction and with decoupled weight decay 0.01 applied to EVERY pa
 included. Without bias correction the first steps are tiny (m is still near zero), which the 5% linear warm-up
 hides anyway. Clipping is not done here: DeepSpeed clips (``gradient_clipping`` in its JSON), and a plain PyTorch
 caller clips before ``step()``.
+
+Both optimisers skip an update on the device, as torch's fused optimisers do for a gradient scaler: while the
+tensor ``optimizer.found_inf`` (set by the training loop, lxmert_fast.train.metrics.LossGuard) is nonzero, ``step()``
+leaves the weights and the optimiser's moments as they were, without reading the flag back to the host.
 """
 
 import torch
@@ -48,20 +52,26 @@ class BertAdam(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
+            found_inf = getattr(self, "found_inf", None)
+            gate = None if found_inf is None else _SkipGate(found_inf, group, params[0].device)
             for chunk in _chunks(params, chunk_elements(params[0].device)):
-                self._update(chunk, group)
+                self._update(chunk, group, gate)
         return loss
 
-    def _update(self, params, group):
+    def _update(self, params, group, gate=None):
         # one multi-tensor launch per operation instead of one per parameter (about 470 in LXMERT): the same
         # element-wise arithmetic, in the same order, as the per-parameter formulas in the class docstring
         b1, b2 = group["betas"]
         grads = [p.grad for p in params]
+        decay1, decay2 = b1, b2
+        if gate is not None:
+            gate.zero_gradients_if_skipped(grads)
+            decay1, decay2 = gate.b1, gate.b2
         m = [self.state[p]["exp_avg"] for p in params]
         v = [self.state[p]["exp_avg_sq"] for p in params]
-        torch._foreach_mul_(m, b1)
+        torch._foreach_mul_(m, decay1)
         torch._foreach_add_(m, grads, alpha=1.0 - b1)
-        torch._foreach_mul_(v, b2)
+        torch._foreach_mul_(v, decay2)
         torch._foreach_addcmul_(v, grads, grads, value=1.0 - b2)
         denominator = torch._foreach_sqrt(v)
         torch._foreach_add_(denominator, group["eps"])
@@ -69,7 +79,34 @@ class BertAdam(torch.optim.Optimizer):
         del denominator
         if group["weight_decay"] > 0.0:
             torch._foreach_add_(update, params, alpha=group["weight_decay"])
+        if gate is not None:
+            torch._foreach_mul_(update, gate.keep)
         torch._foreach_add_(params, update, alpha=-group["lr"])
+
+
+class _SkipGate:
+    """BertAdam's update made a no-op on the device when ``found_inf`` is nonzero, bit for bit, and left exactly as
+    without the gate otherwise: the gradients' BITS are multiplied by 0 (a float multiply would keep a NaN), so m
+    and v only decay, by factors that become 1; the update, finite then, is multiplied by 0."""
+
+    def __init__(self, found_inf, group, device):
+        found = found_inf.to(device, non_blocking=True) != 0  # (a no-op on the flag's own device)
+        b1, b2 = group["betas"]
+        self.b1, self.b2 = torch.where(found, 1.0, b1), torch.where(found, 1.0, b2)  # float32, as the moments
+        self.keep = (~found).float()
+        self._keep_bits, self._found = {}, found
+
+    def zero_gradients_if_skipped(self, grads):
+        by_size = {}
+        for g in grads:
+            by_size.setdefault(g.element_size(), []).append(g.view(_SAME_SIZE_INT[g.element_size()]))
+        for size, views in by_size.items():
+            if size not in self._keep_bits:
+                self._keep_bits[size] = (~self._found).to(_SAME_SIZE_INT[size])
+            torch._foreach_mul_(views, self._keep_bits[size])
+
+
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def chunk_elements(device) -> int:
@@ -99,7 +136,8 @@ def build_optimizer(params, name="bertadam", lr=1e-4, weight_decay=0.01):
     if name == "bertadam":
         return BertAdam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=1e-6)
+        # fused: the implementation that honours ``found_inf`` (the others refuse it)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=1e-6, fused=True)
     raise ValueError(f"unknown optimizer {name!r}: expected 'bertadam' or 'adamw'")
 
 

@@ -6,9 +6,10 @@ scaling run on the host). For several GPUs, or ZeRO's memory savings, use the De
 
 Per micro-batch (``forward_backward``): the losses and gradients, on a GPU under bf16 autocast and, from the fourth
 call on, as a CUDA graph replay (lxmert_fast.train.cuda_graphs.GraphedStep) of the objective with its static shapes;
-a batch that does not fit them runs eagerly, into the graph's gradient buffers. Then the loop's check of the losses,
-and ``step``: at an accumulation boundary gradient clipping (the DeepSpeed JSON's ``gradient_clipping``), the
-optimiser and the schedule, launched eagerly: a non-finite loss never updates the weights.
+a batch that does not fit them runs eagerly, into the graph's gradient buffers. Then ``step``: at an accumulation
+boundary gradient clipping (the DeepSpeed JSON's ``gradient_clipping``), the optimiser and the schedule, launched
+eagerly; the optimiser skips the update on the device after a non-finite loss (``skip_updates_while``), so a NaN never
+updates the weights and nothing waits for the device.
 
 It speaks the loop's engine protocol (lxmert_fast.train.engines.Engine). A checkpoint is one ``state.pt`` per tag:
 model, optimiser and schedule state and the loop's client state, read back with ``torch.load(weights_only=True)``.
@@ -99,6 +100,9 @@ class SingleDeviceEngine:
                 # a graph's replay overwrites the gradients it owns; dropping them would detach them from it
                 self.optimizer.zero_grad(set_to_none=True)
         self.micro_steps += 1
+
+    def skip_updates_while(self, found_inf):
+        self.optimizer.found_inf = found_inf  # read by the optimiser's step (lxmert_fast.train.optimization)
 
     def evaluate(self, batch, static=False):
         """The objective's outputs, without gradients."""

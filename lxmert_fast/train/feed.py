@@ -1,0 +1,114 @@
+"""How training batches reach the step: one DataLoader for the whole run, and the next batch moved to the device
+while the current step runs.
+
+- ``EpochBatches``: the batch sampler of that DataLoader. Its workers persist across epochs (no fork and no warm-up
+  per epoch), so they never see the main process's ``set_epoch``: the sampler carries the epoch instead, as
+  (epoch, index) keys for a dataset whose draws depend on it (PretrainDataset), and gives exactly the batches of
+  ``sampling.epoch_batches``, so the data order is the one of a loader made per epoch.
+- ``DevicePrefetch``: on a GPU, the objective's preparation of batch k + 1 (its copy from pinned memory and its
+  expansion on the device) is queued on a side stream while step k runs; the step's stream waits for it on the
+  device, not on the host. Elsewhere the batches are prepared one by one, as they come.
+
+The loader pins memory only when the engine's device is a GPU: the pinning copy is wasted work for a CPU engine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lxmert_fast.train import sampling
+
+PREFETCH_PER_WORKER = 4  # batches each worker keeps ready: rides over one slow batch without starving the step
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """One rank's micro-batches of the epoch set by ``set_epoch`` (sampling.epoch_batches), from a micro-batch on;
+    keyed by (epoch, index) when ``keyed`` (the dataset's items depend on the epoch)."""
+
+    def __init__(self, num_samples, micro_batch, seed, rank, world, keyed):
+        self.num_samples, self.micro_batch, self.seed, self.rank, self.world = (num_samples, micro_batch, seed,
+                                                                                rank, world)
+        self.keyed = keyed
+        self.epoch, self.start, self.stop = 0, 0, 0
+
+    def set_epoch(self, epoch, start, stop):
+        """The micro-batches ``start`` to ``stop`` (exclusive) of ``epoch`` are the next iteration's."""
+        self.epoch, self.start, self.stop = int(epoch), int(start), int(stop)
+
+    def __iter__(self):
+        batches = sampling.epoch_batches(self.num_samples, self.micro_batch, self.seed, self.epoch, self.rank,
+                                         self.world, start=self.start)[: self.stop - self.start]
+        for batch in batches:
+            yield [(self.epoch, i) for i in batch] if self.keyed else batch
+
+    def __len__(self):
+        return max(min(self.stop, sampling.num_micro_batches(self.num_samples, self.micro_batch, self.world))
+                   - self.start, 0)
+
+
+def training_loader(dataset, batches: EpochBatches, collate, num_workers, device) -> torch.utils.data.DataLoader:
+    """The run's one training DataLoader: persistent workers, ``PREFETCH_PER_WORKER`` batches ahead each, memory
+    pinned only for a GPU."""
+    workers = int(num_workers)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+                                       persistent_workers=workers > 0,
+                                       prefetch_factor=PREFETCH_PER_WORKER if workers > 0 else None,
+                                       pin_memory=torch.device(device).type == "cuda")
+
+
+def epoch_keyed(dataset) -> bool:
+    """Whether ``dataset`` draws its items per epoch (``set_epoch``) and so must be indexed by (epoch, index)."""
+    return callable(getattr(dataset, "set_epoch", None))
+
+
+class DevicePrefetch:
+    """Iterates ``prepare(host_batch)`` over ``host_batches``; on a CUDA ``device`` one batch ahead, on a side
+    stream. ``prepare`` returns what the step consumes (tensors nested in dicts, tuples and lists, and flags)."""
+
+    def __init__(self, host_batches, prepare, device):
+        self.host_batches, self.prepare = host_batches, prepare
+        device = torch.device(device)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __iter__(self):
+        if self.stream is None:
+            for batch in self.host_batches:
+                yield self.prepare(batch)
+            return
+        pending = None
+        for batch in self.host_batches:
+            ready = self._queue(batch)
+            if pending is not None:
+                yield self._take(pending)
+            pending = ready
+        if pending is not None:
+            yield self._take(pending)
+
+    def _queue(self, batch):
+        """Queue the batch's preparation on the side stream, after what the step's stream has queued so far (its
+        buffers may be ones the allocator handed back from a finished step)."""
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            prepared = self.prepare(batch)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return prepared, done
+
+    def _take(self, pending):
+        prepared, done = pending
+        step_stream = torch.cuda.current_stream(self.stream.device)
+        step_stream.wait_event(done)
+        _record_stream(prepared, step_stream)  # freed after the step's use, not after the side stream's
+        return prepared
+
+
+def _record_stream(value, stream):
+    if isinstance(value, torch.Tensor):
+        if value.is_cuda:
+            value.record_stream(stream)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _record_stream(v, stream)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            _record_stream(v, stream)
