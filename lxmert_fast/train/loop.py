@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lxmert_fast.data.pretrain_dataset import to_device
-from lxmert_fast.errors import ConfigError, NonFiniteLossError
+from lxmert_fast.errors import ConfigError, NonFiniteLossError, RankTimeoutError
 from lxmert_fast.files import write_text
 from lxmert_fast.model.folder import MODEL_SPEC
 from lxmert_fast.train import checkpoints, distributed, metrics, sampling, seeding
@@ -65,7 +65,7 @@ class Hooks:
 
 def start(config: RunConfig) -> None:
     """A run's start: join the process group, print the resolved config once, check and claim the output folder."""
-    distributed.init_distributed()
+    distributed.init_distributed(config.run.process_group_timeout)
     if distributed.world_size() != config.engine.world_size:
         raise ConfigError(f"the run config was resolved for {config.engine.world_size} rank(s), the process group has "
                           f"{distributed.world_size()}")
@@ -191,6 +191,14 @@ class Trainer:
                     p.epoch, p.pos = p.epoch + 1, 0
                 self.hooks.on_epoch_end(self)
                 self.checkpoint()
+        except RuntimeError as error:
+            if not distributed.timed_out(error):
+                raise
+            raise RankTimeoutError(
+                f"rank {distributed.rank()} waited {self.config.run.process_group_timeout:g} s "
+                f"(--process-group-timeout) for the other ranks at step {p.step + 1}: one of them froze, died or fell "
+                f"behind; {self._last_good()}; continue with --resume"
+            ) from error
         finally:
             self.bar.close()
 
@@ -241,13 +249,15 @@ class Trainer:
         values, bad = metrics.reduce_losses(scalars, self.engine.device)
         if bad:
             p = self.position
-            where = (f"the last good checkpoint is {os.path.join(self.ckpt_dir, self.last_checkpoint)}"
-                     if self.last_checkpoint else "no checkpoint was written yet")
             raise NonFiniteLossError(
                 f"non-finite loss at step {p.step + 1} (epoch {p.epoch}, micro-batch {p.pos}): "
-                f"{ {k: scalars[k].item() for k in sorted(scalars)} }; weights were not updated; {where}"
+                f"{ {k: scalars[k].item() for k in sorted(scalars)} }; weights were not updated; {self._last_good()}"
             )
         return values
+
+    def _last_good(self):
+        return (f"the last good checkpoint is {os.path.join(self.ckpt_dir, self.last_checkpoint)}"
+                if self.last_checkpoint else "no checkpoint was written yet")
 
     def _log_step(self, lr):
         p = self.position

@@ -131,7 +131,8 @@ def pretrain(config):
     from lxmert_fast.train.loop import build_trainer, start
     from lxmert_fast.train.objectives import PretrainingObjective, ValidationLoss, model_saver
 
-    distributed.init_distributed()  # the data is read and checked before start() claims the output folder
+    # the data is read and checked before start() claims the output folder
+    distributed.init_distributed(config.run.process_group_timeout)
     model_config = LxmertConfig(**config.model)
     train_set, valid_set, collate = distributed.main_first(lambda: build_data(config, model_config))
     start(config)
