@@ -13,6 +13,7 @@ import datetime
 import importlib
 import os
 import re
+import secrets
 import socket
 import sys
 
@@ -170,6 +171,61 @@ def timed_out(error: BaseException) -> bool:
 def barrier():
     if dist.is_initialized() and world_size() > 1:
         dist.barrier()
+
+
+def broadcast_from_main(value):
+    """Rank 0's ``value`` on every rank: one decision for all."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_from_all(value) -> list:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if world_size() == 1:
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def where_ranks(ranks) -> str:
+    """"rank 1 on host b; ranks 2, 3 on host c" for a list of (rank, host)."""
+    hosts = {}
+    for r, host in ranks:
+        hosts.setdefault(host, []).append(str(r))
+    return "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(rs)} on host {host}" for host, rs in hosts.items())
+
+
+def check_shared_folder(folder, flag):
+    """Every rank sees the file rank 0 has just written in ``folder`` (given as ``flag``): one checkpoint folder for
+    all ranks needs a file system every node mounts. Otherwise a ConfigError on every rank naming those that do
+    not see it."""
+    if world_size() == 1:
+        return
+    token = broadcast_from_main(secrets.token_hex(8))
+    path = os.path.join(folder, f".shared_check_{token}")  # a new name: no cached "no such file"
+    if is_main():
+        with open(path, "w") as f:
+            f.write(token)
+    barrier()
+    try:
+        with open(path) as f:
+            seen = f.read() == token
+    except OSError:
+        seen = False
+    seen_by = gather_from_all((socket.gethostname(), seen))
+    blind = [(r, host) for r, (host, ok) in enumerate(seen_by) if not ok]
+    if is_main():
+        os.remove(path)
+    if blind:
+        raise ConfigError(
+            f"{flag} {folder} is not shared by every rank: {where_ranks(blind)} cannot see the file rank 0 "
+            f"(host {seen_by[0][0]}) wrote there; put it on a file system every "
+            "node mounts (NFS, Lustre, ...), under the same path"
+        )
 
 
 def main_first(build):
