@@ -74,8 +74,10 @@ def start(config: RunConfig) -> None:
 
 
 def prepare_output_dir(config: RunConfig) -> None:
-    """Refuse an output folder that holds another run unless --resume or --overwrite; --overwrite clears it. Then
-    save the run config (a resumed run's config is checked against the saved one first)."""
+    """Refuse an output folder that holds another run unless --resume or --overwrite; --overwrite clears it; refuse
+    one that not every rank sees (each node its own disk). Then save the run config (a resumed run's config is
+    checked against the saved one first; a resumed run without one saves it once its checkpoint has loaded, so a
+    resume that fails leaves nothing behind that would refuse the next try)."""
     out = config.run.output_dir
     found = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(out, name))]
     saved_path = os.path.join(out, RUN_CONFIG_FILE)
@@ -94,7 +96,15 @@ def prepare_output_dir(config: RunConfig) -> None:
                 path = os.path.join(out, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         os.makedirs(out, exist_ok=True)
-        write_text(saved_path, config.to_json() + "\n")
+    distributed.check_shared_folder(out, "--output-dir")
+    if not config.run.resume:
+        save_run_config(config)
+
+
+def save_run_config(config: RunConfig) -> None:
+    """``run_config.json`` in the output folder (written by rank 0; every rank waits for it)."""
+    if distributed.is_main():
+        write_text(os.path.join(config.run.output_dir, RUN_CONFIG_FILE), config.to_json() + "\n")
     distributed.barrier()
 
 
@@ -175,7 +185,7 @@ class Trainer:
         if distributed.is_main():
             metrics.truncate_metrics(self.metrics.path, self.position.step)
         self.bar.update(self.position.step)
-        distributed.barrier()
+        save_run_config(self.config)
 
     # ------------------------------------------------------------------------------------------------- loop
     def fit(self):

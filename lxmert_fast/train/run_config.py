@@ -274,6 +274,7 @@ class RunConfig:
         """A resumed run must read the data in the same order into the same model: compare with ``saved`` (the
         run_config.json of the run being resumed, read from ``source``)."""
         ours, theirs = _identity(json.loads(self.to_json())), _identity(saved)
+        differences = []
         for name in ours:
             a, b = ours[name], theirs.get(name)
             if a == b or (name == "model" and (a is None or b is None)):
@@ -281,9 +282,11 @@ class RunConfig:
             if name == "model":  # only the fields that differ
                 changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                 a, b = ({k: d.get(k) for k in changed} for d in (a, b))
+            differences.append(f"{name} is {a}, the run in {source} had {b}")
+        if differences:
             raise ConfigError(
-                f"--resume: this run's {name} is {a}, the run in {source} had {b}; resume with the same settings, "
-                "or start a new run with --overwrite or another --output-dir"
+                f"--resume: this run's {'; '.join(differences)}; resume with the same settings, or start a new run "
+                "with --overwrite or another --output-dir"
             )
 
 
