@@ -16,6 +16,7 @@ shows a traceback.
     │   └── MissingDependencyError  an optional package a command needs is not installed (says how to get it)
     └── RunError (RuntimeError): a run that cannot go on; the message says why and what is kept
         ├── NonFiniteLossError   the loss became NaN or inf (not an fp16 overflow)
+        ├── RankTimeoutError     the other ranks did not answer within the process-group timeout
         ├── StoreError           a feature store that is missing, incomplete or does not match its TSV
         └── DownloadError        a download that failed (the file and the cause)
 """
@@ -78,6 +79,10 @@ class CheckpointError(InputError, RunError):
 
 class NonFiniteLossError(RunError):
     """The loss became NaN or inf without being an fp16 overflow: training cannot go on meaningfully."""
+
+
+class RankTimeoutError(RunError):
+    """A collective waited longer than the process-group timeout: another rank froze, died or fell far behind."""
 
 
 class StoreError(RunError):

@@ -8,7 +8,8 @@ else. A QA model also keeps its answers as label2ans.json beside the weights (fo
 only that). Every training checkpoint carries the same folder without its weights (``MODEL_SPEC``).
 
     save_model_folder(model, folder, tokenizer, labels)     write one
-    export_checkpoint(checkpoint, folder)                   a training checkpoint of either engine -> a folder
+    export_checkpoint(checkpoint, folder)                   a training checkpoint of either engine, any ZeRO
+                                                            stage and rank count -> a folder
     read_task_model(name_or_path, answers=None, tokenizer=None) -> TaskModelFolder
                                                             a fine-tuned folder or hub id: model (weights read
                                                             once), tokenizer, answers, task
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,23 +71,61 @@ def save_model_folder(model, folder, tokenizer, labels=None, weights=True):
 
 
 def checkpoint_weights(folder) -> dict:
-    """The model's weights in a training checkpoint of either engine, as the model's own state dict."""
+    """The model's weights in a training checkpoint of either engine, any ZeRO stage and any rank count, as the
+    model's own state dict (ZeRO-3's shards put together from every rank's fp32 partitions)."""
     from lxmert_fast.train.engines import safe_load
     from lxmert_fast.train.single_device import CHECKPOINT_FILE
 
-    torch_engine = Path(folder) / CHECKPOINT_FILE
-    deepspeed_engine = Path(folder) / "mp_rank_00_model_states.pt"
+    folder = Path(folder)
+    torch_engine, deepspeed_engine = folder / CHECKPOINT_FILE, folder / DEEPSPEED_MODEL_FILE
     if torch_engine.is_file():
         state = safe_load(torch_engine, map_location="cpu")["module"]
     elif deepspeed_engine.is_file():
         state = safe_load(deepspeed_engine, map_location="cpu")["module"]
-        if any(v.numel() == 0 for v in state.values()):
-            raise CheckpointError(f"{folder}: a ZeRO-3 checkpoint holds shards only; gather them first with "
-                                  "DeepSpeed's zero_to_fp32.py")
+    elif (folder / ZERO3_MODEL_FILE.format(rank=0)).is_file():
+        state = zero3_weights(folder)
     else:
-        raise CheckpointError(f"{folder}: not a training checkpoint (no {CHECKPOINT_FILE} or "
-                              "mp_rank_00_model_states.pt)")
+        raise CheckpointError(f"{folder}: not a training checkpoint (no {CHECKPOINT_FILE}, {DEEPSPEED_MODEL_FILE} "
+                              f"or {ZERO3_MODEL_FILE.format(rank=0)})")
     return {k.removeprefix("model."): v.float() for k, v in state.items()}
+
+
+DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"  # ZeRO 0-2: the whole module, written by rank 0
+ZERO3_MODEL_FILE = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"  # ZeRO-3: parameter shapes, empty tensors
+ZERO3_OPTIM_FILE = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"  # ZeRO-3: the rank's fp32 partitions
+
+
+def zero3_weights(folder: Path) -> dict:
+    """A ZeRO-3 checkpoint's whole parameters: each rank holds, for every parameter in order, its
+    ceil(numel / ranks) elements of the flattened fp32 parameter (the last rank's slice padded); concatenating
+    the ranks' slices and cutting the padding gives the parameter."""
+    import torch
+
+    from lxmert_fast.train.engines import safe_load
+
+    world = sum(1 for _ in folder.glob(ZERO3_MODEL_FILE.format(rank="*")))
+    model_states = safe_load(folder / ZERO3_MODEL_FILE.format(rank=0), map_location="cpu")
+    flats = []
+    for rank in range(world):
+        path = folder / ZERO3_OPTIM_FILE.format(rank=rank)
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: a ZeRO-3 checkpoint of {world} ranks without {path.name}")
+        flats.append(torch.cat(safe_load(path, map_location="cpu")["optimizer_state_dict"]["fp32_flat_groups"]))
+    if model_states.get("frozen_param_shapes"):
+        raise CheckpointError(f"{folder}: a ZeRO-3 checkpoint with frozen parameters, which export does not gather")
+    state, offset = {}, 0
+    for group in model_states["param_shapes"]:
+        for name, shape in group.items():
+            numel = math.prod(shape)
+            part = -(-numel // world)
+            if offset + part > flats[0].numel():
+                raise CheckpointError(f"{folder}: its fp32 partitions are smaller than its parameter shapes say")
+            state[name] = torch.cat([flat[offset:offset + part] for flat in flats])[:numel].view(shape)
+            offset += part
+    for alias, source in model_states.get("shared_params", {}).items():  # tied weights are stored once
+        state[alias] = state[source]
+    state.update({k: v for k, v in model_states["module"].items() if k not in state and v.numel()})  # buffers
+    return state
 
 
 def export_checkpoint(folder, out_dir):

@@ -850,6 +850,7 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         lm_logits_at_labels_only: bool = False,
         static_shapes: StaticShapes | None = None,
         masked_lm_labels=None,
+        label_weights: dict | None = None,
     ):
         """transformers' forward, plus these lxmert_fast options:
 
@@ -861,7 +862,11 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         - ``static_shapes``: see LxmertModel.forward; with it the LM head at the labelled positions runs on
           ``static_shapes.lm_label_rows`` rows, the labelled ones first (None: on every token).
         - ``masked_lm_labels``: transformers 4's name of ``labels``; it still means ``labels``, with a FutureWarning.
+        - ``label_weights``: {"mlm": (B, T), "qa": (B,)} weights; with one, that loss is the sum of weight x
+          cross-entropy over the labelled entries instead of their mean (a loss normalised over more than this batch:
+          lxmert_fast.train.objectives.LossGroups).
         """
+        label_weights = label_weights or {}
         labels = _labels_from_old_name(labels, masked_lm_labels)
         config = self.config
         return_dict = config.return_dict if return_dict is None else return_dict
@@ -877,9 +882,11 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         scores = self.head_scores(lang_output, pooled_output, lm_head=not sparse_lm)
         losses = {}
         if labels is not None and config.task_mask_lm:
-            losses["mlm"] = (self.masked_lm_loss_at_labels(lang_output, labels, rows) if sparse_lm
-                             else classification_loss(scores[0], labels))
-        losses.update(self.head_losses(scores[1], scores[2], visual_output, matched_label, ans, obj_labels))
+            mlm_weights = label_weights.get("mlm")
+            losses["mlm"] = (self.masked_lm_loss_at_labels(lang_output, labels, rows, mlm_weights) if sparse_lm
+                             else classification_loss(scores[0], labels, mlm_weights))
+        losses.update(self.head_losses(scores[1], scores[2], visual_output, matched_label, ans, obj_labels,
+                                       label_weights.get("qa")))
         no_targets = labels is None and matched_label is None and obj_labels is None and ans is None
         total_loss = None if no_targets else sum(losses.values(), torch.zeros((), device=lang_output.device))
         if not return_dict:
@@ -899,7 +906,8 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             self.answer_head(pooled_output) if self.config.task_qa else pooled_output[0][0],
         )
 
-    def head_losses(self, matched_score, answer_score, visual_output, matched_label, ans, obj_labels) -> dict:
+    def head_losses(self, matched_score, answer_score, visual_output, matched_label, ans, obj_labels,
+                    qa_weights=None) -> dict:
         """The losses of the heads other than the LM head, for the targets given and the tasks the config has."""
         config, losses = self.config, {}
         if matched_label is not None and config.task_matched:
@@ -907,10 +915,10 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         if obj_labels is not None and config.task_obj_predict:
             losses.update(self.masked_object_losses(visual_output, obj_labels))
         if ans is not None and config.task_qa:
-            losses["qa"] = classification_loss(answer_score, ans)
+            losses["qa"] = classification_loss(answer_score, ans, qa_weights)
         return losses
 
-    def masked_lm_loss_at_labels(self, lang_output, labels, static_rows=None):
+    def masked_lm_loss_at_labels(self, lang_output, labels, static_rows=None, weights=None):
         """The masked-LM loss with the LM head evaluated at the labelled tokens only (see ``forward``).
 
         Without ``static_rows`` the labelled rows are found with ``nonzero``. With it they are the first
@@ -923,7 +931,9 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         else:
             rows = labelled.nonzero().squeeze(1)
         logits = self.cls.predictions(lang_output.reshape(-1, lang_output.shape[-1]).index_select(0, rows))
-        return classification_loss(logits, flat_labels.index_select(0, rows))
+        if weights is not None:
+            weights = weights.reshape(-1).index_select(0, rows)
+        return classification_loss(logits, flat_labels.index_select(0, rows), weights)
 
     def masked_object_losses(self, visual_output, obj_labels) -> dict[str, torch.Tensor]:
         """Detector-label CE (weighted by the detector's confidence, over ALL objects — the original's intent) and
@@ -952,13 +962,17 @@ def _labels_from_old_name(labels, masked_lm_labels):
     return masked_lm_labels
 
 
-def classification_loss(logits, labels):
-    """Mean cross-entropy over the labelled rows (label != -100), taken in fp32.
+def classification_loss(logits, labels, weights=None):
+    """Mean cross-entropy over the labelled rows (label != -100), taken in fp32; with ``weights`` (one per row),
+    the sum of weight x cross-entropy over them.
 
     Written as sum / count so a batch with no labelled row (a small batch without masked words, or QA switched off
     for an epoch) gives 0, still in the graph, where transformers' mean gives NaN; otherwise the same value.
     """
     labels = labels.reshape(-1)
+    if weights is not None:
+        each = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, reduction="none")  # 0 unlabelled
+        return (each * weights.reshape(-1).float()).sum()
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, reduction="sum")
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 

@@ -4,10 +4,11 @@ once every rank has written, rotation, and a failed write that keeps the last go
 import errno
 import os
 import shutil
+import socket
 
 from lxmert_fast.errors import CheckpointError
 from lxmert_fast.files import write_text, written_file
-from lxmert_fast.train.distributed import barrier, is_main
+from lxmert_fast.train.distributed import barrier, broadcast_from_main, gather_from_all, is_main, where_ranks
 
 CKPT_LATEST = "latest"
 # how torch.save reports a write that came up short (a full disk): a RuntimeError, not an OSError
@@ -104,8 +105,34 @@ def _rotate(ckpt_dir, current, keep):
 
 
 def load_checkpoint(engine, ckpt_dir):
-    """Load the latest complete checkpoint into ``engine``; returns (tag, client_state) or (None, None)."""
-    tag = latest_tag(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    """Load the latest complete checkpoint into ``engine``; returns (tag, client_state) or (None, None).
+
+    One decision for all ranks: rank 0 reads ``latest`` and every rank loads that tag, once every rank has found
+    the files it needs (a rank that cannot is named, with its host, on every rank, before anything is loaded)."""
+    tag = agreed_latest_tag(ckpt_dir)
     if tag is None:
         return None, None
+    folder = os.path.join(ckpt_dir, tag)
+    problems = gather_from_all((socket.gethostname(), engine.checkpoint_problems(folder)))
+    lacking = {}
+    for r, (host, problem) in enumerate(problems):
+        if problem:
+            lacking.setdefault(problem, []).append((r, host))
+    if lacking:
+        raise CheckpointError(f"cannot resume from {folder}: " + "; ".join(
+            f"{where_ranks(ranks)}: {problem}" for problem, ranks in lacking.items()))
     return tag, engine.load(ckpt_dir, tag)
+
+
+def agreed_latest_tag(ckpt_dir):
+    """``latest_tag`` as rank 0 reads it, on every rank (its error raised on every rank too)."""
+    decision = None
+    if is_main():
+        try:
+            decision = ("tag", latest_tag(ckpt_dir) if os.path.isdir(ckpt_dir) else None)
+        except CheckpointError as error:
+            decision = ("error", str(error))
+    kind, value = broadcast_from_main(decision)
+    if kind == "error":
+        raise CheckpointError(value)
+    return value

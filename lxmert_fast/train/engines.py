@@ -50,6 +50,9 @@ class Engine(Protocol):
     def load(self, ckpt_dir: str, tag: str) -> dict:
         """Load the checkpoint ``ckpt_dir/tag``; returns its client state. Never executes code from the file."""
 
+    def checkpoint_problems(self, folder: str) -> str | None:
+        """Why this rank could not load checkpoint ``folder`` (a missing file, another rank count), or None."""
+
     def counters(self) -> dict:
         """Numbers for metrics.jsonl (the loss scale and skipped steps of fp16, steps run outside a graph)."""
 
@@ -140,6 +143,25 @@ class DeepSpeedEngine:
         if path is None:
             raise CheckpointError(f"could not load checkpoint {folder}")
         return client_state
+
+    def checkpoint_problems(self, folder):
+        """This rank reads the whole module (ZeRO 0-2) or its own shard (ZeRO-3), and its optimiser partition; a
+        checkpoint of another rank count has another number of partitions."""
+        from lxmert_fast.model.folder import DEEPSPEED_MODEL_FILE, ZERO3_MODEL_FILE, ZERO3_OPTIM_FILE
+
+        if not os.path.isdir(folder):
+            return f"no folder {folder}"
+        rank, world = self.engine.global_rank, self.engine.dp_world_size
+        needed = [ZERO3_MODEL_FILE.format(rank=rank) if self.zero_stage == 3 else DEEPSPEED_MODEL_FILE]
+        if self.zero_stage:
+            needed.append(ZERO3_OPTIM_FILE.format(rank=rank))
+        missing = [name for name in needed if not os.path.isfile(os.path.join(folder, name))]
+        if missing:
+            return f"no {', '.join(missing)} in {folder}"
+        partitions = sum(1 for name in os.listdir(folder) if name.endswith("_optim_states.pt"))
+        if self.zero_stage and partitions != world:
+            return f"it was written by {partitions} ranks, this run has {world}: resume with {partitions} ranks"
+        return None
 
     def counters(self):
         if self.batch_dtype != torch.float16:  # loss scaling is fp16's

@@ -71,7 +71,8 @@ def build_model(config, any_set, label2ans):
 
 def finetune(config):
     """Fine-tune and / or evaluate; returns {"valid": metrics, "best_score", "test": metrics, "submission"}."""
-    distributed.init_distributed()  # the data and the model are read and checked before start() claims the output
+    # the data and the model are read and checked before start() claims the output
+    distributed.init_distributed(config.run.process_group_timeout)
     train_set, valid_set, test_set, vocab = distributed.main_first(lambda: build_data(config))
     label2ans = vocab.label2ans if vocab is not None else None
     any_set = next(d for d in (train_set, valid_set, test_set) if d is not None)

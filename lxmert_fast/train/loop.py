@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lxmert_fast.data.pretrain_dataset import to_device
-from lxmert_fast.errors import ConfigError, NonFiniteLossError
+from lxmert_fast.errors import ConfigError, NonFiniteLossError, RankTimeoutError
 from lxmert_fast.files import write_text
 from lxmert_fast.model.folder import MODEL_SPEC
 from lxmert_fast.train import checkpoints, distributed, feed, metrics, sampling, seeding
@@ -67,7 +67,7 @@ class Hooks:
 
 def start(config: RunConfig) -> None:
     """A run's start: join the process group, print the resolved config once, check and claim the output folder."""
-    distributed.init_distributed()
+    distributed.init_distributed(config.run.process_group_timeout)
     if distributed.world_size() != config.engine.world_size:
         raise ConfigError(f"the run config was resolved for {config.engine.world_size} rank(s), the process group has "
                           f"{distributed.world_size()}")
@@ -76,8 +76,10 @@ def start(config: RunConfig) -> None:
 
 
 def prepare_output_dir(config: RunConfig) -> None:
-    """Refuse an output folder that holds another run unless --resume or --overwrite; --overwrite clears it. Then
-    save the run config (a resumed run's config is checked against the saved one first)."""
+    """Refuse an output folder that holds another run unless --resume or --overwrite; --overwrite clears it; refuse
+    one that not every rank sees (each node its own disk). Then save the run config (a resumed run's config is
+    checked against the saved one first; a resumed run without one saves it once its checkpoint has loaded, so a
+    resume that fails leaves nothing behind that would refuse the next try)."""
     out = config.run.output_dir
     found = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(out, name))]
     saved_path = os.path.join(out, RUN_CONFIG_FILE)
@@ -96,7 +98,15 @@ def prepare_output_dir(config: RunConfig) -> None:
                 path = os.path.join(out, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         os.makedirs(out, exist_ok=True)
-        write_text(saved_path, config.to_json() + "\n")
+    distributed.check_shared_folder(out, "--output-dir")
+    if not config.run.resume:
+        save_run_config(config)
+
+
+def save_run_config(config: RunConfig) -> None:
+    """``run_config.json`` in the output folder (written by rank 0; every rank waits for it)."""
+    if distributed.is_main():
+        write_text(os.path.join(config.run.output_dir, RUN_CONFIG_FILE), config.to_json() + "\n")
     distributed.barrier()
 
 
@@ -180,7 +190,7 @@ class Trainer:
         if distributed.is_main():
             metrics.truncate_metrics(self.metrics.path, self.position.step)
         self.bar.update(self.position.step)
-        distributed.barrier()
+        save_run_config(self.config)
 
     # ------------------------------------------------------------------------------------------------- loop
     def fit(self):
@@ -197,6 +207,14 @@ class Trainer:
                     p.epoch, p.pos = p.epoch + 1, 0
                 self.hooks.on_epoch_end(self)
                 self.checkpoint()
+        except RuntimeError as error:
+            if not distributed.timed_out(error):
+                raise
+            raise RankTimeoutError(
+                f"rank {distributed.rank()} waited {self.config.run.process_group_timeout:g} s "
+                f"(--process-group-timeout) for the other ranks at step {p.step + 1}: one of them froze, died or fell "
+                f"behind; {self._last_good()}; continue with --resume"
+            ) from error
         finally:
             self.bar.close()
             self._loader = None  # its persistent workers stop
@@ -248,14 +266,16 @@ class Trainer:
         reading = self.guard.read()
         if reading.bad_micro_step is not None:
             bad, accumulation = reading.bad_micro_step, self.config.engine.accumulation
-            where = (f"the last good checkpoint is {os.path.join(self.ckpt_dir, self.last_checkpoint)}"
-                     if self.last_checkpoint else "no checkpoint was written yet")
             raise NonFiniteLossError(
                 f"non-finite loss at step {bad // accumulation + 1} (epoch {bad // self.micro_per_epoch}, "
                 f"micro-batch {bad % self.micro_per_epoch}): {reading.bad_losses}; weights were not updated from "
-                f"it on; {where}"
+                f"it on; {self._last_good()}"
             )
         return reading.means
+
+    def _last_good(self):
+        return (f"the last good checkpoint is {os.path.join(self.ckpt_dir, self.last_checkpoint)}"
+                if self.last_checkpoint else "no checkpoint was written yet")
 
     def _log_step(self, lr):
         p = self.position

@@ -43,7 +43,61 @@ class Objective(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ pre-training
-def pretraining_losses(model, batch, static_shapes=None):
+class LossGroups:
+    """The masked-LM and QA losses as a property of the recipe, not of the rank count: the mean over ``groups``
+    equal groups of each optimiser step's global batch, each group's loss the mean over its labelled tokens
+    (questions); the paper's 4 groups of 64 are its 4 GPUs' DataParallel replicas.
+
+    A micro-step's ``micro * world`` samples (sampling.epoch_batches: row j of rank r is sample j * world + r of
+    it) hold ``groups / accumulation`` consecutive groups. Each rank weights its labelled tokens by
+    ``world * accumulation / groups / count(group)``, the counts summed over the ranks; DeepSpeed averages the
+    gradients over ranks and accumulation steps, which makes them those of the mean over the groups. Each rank's
+    reported loss, averaged over the ranks, is the mean over the micro-step's groups."""
+
+    def __init__(self, groups, micro_batch, accumulation, world, rank, reduce=None):
+        chunk, per_step = micro_batch * world, groups // accumulation
+        self.group_size, self.per_step = chunk // per_step, per_step
+        self.scale, self.world, self.rank = world / per_step, world, rank
+        self.reduce = reduce or self._all_reduce
+
+    def row_groups(self, rows, device):
+        return (torch.arange(rows, device=device) * self.world + self.rank) // self.group_size  # (B,)
+
+    def local_counts(self, batch):
+        """(groups of this micro-step, 2): labelled tokens and labelled questions of this rank's rows per group."""
+        labels, ans = batch["labels"], batch["ans"]
+        per_row = torch.stack([(labels != -100).sum(1), (ans != -100).long()], dim=1)  # (B, 2)
+        counts = torch.zeros(self.per_step, 2, dtype=torch.long, device=labels.device)
+        return counts.index_add_(0, self.row_groups(labels.shape[0], labels.device), per_row)
+
+    @torch.compiler.disable
+    def weights(self, batch):
+        """{"mlm": (B, T), "qa": (B,)}: each row's weight for the model's ``label_weights``."""
+        counts = self.reduce(self.local_counts(batch)).clamp(min=1).float()  # (groups, 2)
+        per_row = self.scale / counts[self.row_groups(batch["labels"].shape[0], counts.device)]  # (B, 2)
+        return {"mlm": per_row[:, :1].expand_as(batch["labels"]), "qa": per_row[:, 1]}
+
+    @staticmethod
+    def _all_reduce(counts):
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(counts)
+        return counts
+
+
+def check_loss_groups(groups, micro_batch, accumulation, world, flag="--loss-groups"):
+    """``groups`` equal groups of the global batch, each within one micro-step; a ConfigError otherwise."""
+    from lxmert_fast.errors import ConfigError
+
+    chunk = micro_batch * world
+    if groups < 0 or (groups and (groups % accumulation or chunk % (groups // accumulation))):
+        raise ConfigError(
+            f"{flag} {groups}: the global batch of {micro_batch} x {accumulation} accumulation step(s) x {world} "
+            f"rank(s) does not split into {groups} equal groups each within one micro-step ({chunk} samples); give "
+            f"a multiple of {accumulation} that divides {chunk * accumulation}, or {flag} 0 (each rank's own mean)"
+        )
+
+
+def pretraining_losses(model, batch, static_shapes=None, label_weights=None):
     """The pre-training losses of ``model`` (an LxmertForPreTraining) on a collated batch: ``loss`` (the total)
     and ``{task}_loss`` for each task the model's config switches on.
 
@@ -51,20 +105,28 @@ def pretraining_losses(model, batch, static_shapes=None):
     language-model head evaluated only at masked tokens, cross-entropies in fp32, and 0 instead of NaN for a task
     with no label in the batch (a small batch, or QA before --qa-from-epoch).
     """
-    out = model(**batch, return_task_losses=True, lm_logits_at_labels_only=True, static_shapes=static_shapes)
+    out = model(**batch, return_task_losses=True, lm_logits_at_labels_only=True, static_shapes=static_shapes,
+                label_weights=label_weights)
     losses = {f"{task}_loss": value for task, value in out.task_losses.items()}
     losses["loss"] = out.loss
     return losses
 
 
 class PretrainingObjective(Objective):
-    """LxmertForPreTraining and its five tasks' losses."""
+    """LxmertForPreTraining and its five tasks' losses; in training, normalised over ``loss_groups`` (a LossGroups)
+    when given, else over each rank's micro-batch."""
+
+    def __init__(self, model, static_shapes: StaticShapes | None = None, loss_groups: LossGroups | None = None):
+        super().__init__(model, static_shapes)
+        self.loss_groups = loss_groups
 
     def prepare(self, batch):
         return pretrain_inputs(batch, next(self.parameters()).device)
 
     def forward(self, batch, static=False):
-        return pretraining_losses(self.model, batch, self.shapes(static))
+        grouped = self.loss_groups is not None and self.training and "labels" in batch and "ans" in batch
+        weights = self.loss_groups.weights(batch) if grouped else None
+        return pretraining_losses(self.model, batch, self.shapes(static), weights)
 
 
 class ValidationLoss(Hooks):

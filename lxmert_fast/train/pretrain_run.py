@@ -35,6 +35,7 @@ class PretrainTasks:
     tasks: tuple[str, ...] = TASKS
     qa_from_epoch: int = 0
     model_config: str = "lxmert_small"
+    loss_groups: int = 4  # the masked-LM and QA losses: the mean over this many groups of the global batch
 
 
 def build_parser():
@@ -53,11 +54,19 @@ def build_parser():
                        help="config.json of LxmertConfig fields, or a preset in configs/ (lxmert_small, lxmert_base)")
     model.add_argument("--qa-from-epoch", type=int, default=0,
                        help="first epoch (0-based) with the QA loss; the paper: 10 of 20, the released code: 0")
+    model.add_argument("--loss-groups", type=loss_groups, default=4, metavar="N",
+                       help="the masked-LM and QA losses are the mean over N equal groups of each global batch, "
+                       "whatever the number of ranks (the paper: 4, its 4 GPUs); 0 or 'ranks': each rank's own "
+                       "mean, then the mean over ranks (the original's DataParallel behaviour on your rank count)")
     for task in TASKS:
         model.add_argument(f"--no-{task}", action="store_true", help=f"switch off the {TASK_NAMES[task]} task")
     run_config.add_training_arguments(p, output_dir=os.path.join("output", "pretrain"), save_every=200)
     p.set_defaults(epochs=1, lr=1e-4, warmup=0.05)
     return p
+
+
+def loss_groups(text):
+    return 0 if text == "ranks" else int(text)
 
 
 def resolve(argv=None):
@@ -82,10 +91,15 @@ def resolve(argv=None):
     model_file = run_config.find_config(flags["model_config"])
     model = run_config.read_json(model_file, "a model config (LxmertConfig fields)")
     check_model_fields(model, model_file)
-    return run_config.resolve("pretrain", flags, default_deepspeed="ds_zero2_fp16.json",
-                              model=model_with_tasks(model, flags["tasks"]),
-                              data=run_config.section(PretrainData, flags),
-                              task=run_config.section(PretrainTasks, flags))
+    config = run_config.resolve("pretrain", flags, default_deepspeed="ds_zero2_fp16.json",
+                                model=model_with_tasks(model, flags["tasks"]),
+                                data=run_config.section(PretrainData, flags),
+                                task=run_config.section(PretrainTasks, flags))
+    from lxmert_fast.train.objectives import check_loss_groups
+
+    engine = config.engine
+    check_loss_groups(config.task.loss_groups, engine.micro_batch, engine.accumulation, engine.world_size)
+    return config
 
 
 def _rounded(loss) -> str:
@@ -135,9 +149,10 @@ def pretrain(config):
     from lxmert_fast.model.static_shapes import StaticShapes
     from lxmert_fast.train import distributed
     from lxmert_fast.train.loop import build_trainer, start
-    from lxmert_fast.train.objectives import PretrainingObjective, ValidationLoss, model_saver
+    from lxmert_fast.train.objectives import LossGroups, PretrainingObjective, ValidationLoss, model_saver
 
-    distributed.init_distributed()  # the data is read and checked before start() claims the output folder
+    # the data is read and checked before start() claims the output folder
+    distributed.init_distributed(config.run.process_group_timeout)
     model_config = LxmertConfig(**config.model)
     train_set, valid_set, collate = distributed.main_first(lambda: build_data(config, model_config))
     start(config)
@@ -145,7 +160,10 @@ def pretrain(config):
                                           *train_set.text_length_stats(), mask_rate=train_set.word_mask_rate)
     torch.manual_seed(config.run.seed)  # the same initial weights on every rank and every run
     model = LxmertForPreTraining(model_config, backend=config.engine.model_backend)
-    trainer = build_trainer(config, PretrainingObjective(model, shapes), train_set, collate, name="pretrain",
+    engine, groups = config.engine, config.task.loss_groups
+    groups = LossGroups(groups, engine.micro_batch, engine.accumulation, engine.world_size,
+                        distributed.rank()) if groups else None
+    trainer = build_trainer(config, PretrainingObjective(model, shapes, groups), train_set, collate, name="pretrain",
                             save_model=model_saver(model, train_set.tokenizer),
                             hooks=ValidationLoss(train_set, valid_set, collate, config.data.valid_batches))
     engine = trainer.engine

@@ -66,6 +66,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 def add_training_arguments(parser, *, output_dir, save_every, log_every=10, workers="min(8, cores/2)"):
     """The flags of the loop, the schedule and the engine, shared by pretrain.py and finetune.py."""
     run = parser.add_argument_group("run: output, checkpoints, logging")
@@ -84,6 +91,9 @@ def add_training_arguments(parser, *, output_dir, save_every, log_every=10, work
     run.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/latest")
     run.add_argument("--overwrite", action="store_true",
                      help="start afresh in an OUTPUT_DIR that holds another run (its metrics and checkpoints go)")
+    run.add_argument("--process-group-timeout", type=positive_float, default=None, metavar="SECONDS",
+                     help="how long a rank waits for the others in a collective before the run stops with an error "
+                     "(a frozen or dead rank); default: $LXMERT_FAST_PG_TIMEOUT, else 1800")
     run.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
     opt = parser.add_argument_group("optimiser")
     opt.add_argument("--optimizer", choices=("bertadam", "adamw"), default="bertadam",
@@ -191,6 +201,7 @@ class RunSettings:
     num_workers: int | None = None  # None: the loop's default for this machine
     resume: bool = False
     overwrite: bool = False
+    process_group_timeout: float = 1800.0  # seconds a collective waits (lxmert_fast.train.distributed)
 
 
 @dataclass(frozen=True)
@@ -270,6 +281,7 @@ class RunConfig:
         """A resumed run must read the data in the same order into the same model: compare with ``saved`` (the
         run_config.json of the run being resumed, read from ``source``)."""
         ours, theirs = _identity(json.loads(self.to_json())), _identity(saved)
+        differences = []
         for name in ours:
             a, b = ours[name], theirs.get(name)
             if a == b or (name == "model" and (a is None or b is None)):
@@ -277,9 +289,11 @@ class RunConfig:
             if name == "model":  # only the fields that differ
                 changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                 a, b = ({k: d.get(k) for k in changed} for d in (a, b))
+            differences.append(f"{name} is {a}, the run in {source} had {b}")
+        if differences:
             raise ConfigError(
-                f"--resume: this run's {name} is {a}, the run in {source} had {b}; resume with the same settings, "
-                "or start a new run with --overwrite or another --output-dir"
+                f"--resume: this run's {'; '.join(differences)}; resume with the same settings, or start a new run "
+                "with --overwrite or another --output-dir"
             )
 
 
@@ -297,12 +311,17 @@ def _identity(saved: dict) -> dict:
 def resolve(script: str, flags: dict, *, default_deepspeed: str, model: dict | None = None, data=None, task=None,
             world_size: int | None = None, notes: tuple[str, ...] = ()) -> RunConfig:
     """The RunConfig of ``flags`` (the parsed flags, data paths filled in) and the script's ``data`` and ``task``
-    sections. World size from the launcher's WORLD_SIZE (1 for a plain process). ``notes``: the script's own
+    sections. World size from the launcher (WORLD_SIZE, or an MPI launcher's or srun's variables; 1 for a plain
+    process). ``notes``: the script's own
     adjustments, printed with the others."""
     import torch
 
+    from lxmert_fast.train.distributed import default_pg_timeout, launched_world_size
+
     cuda = torch.cuda.is_available()
-    world = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    world = launched_world_size() if world_size is None else world_size
+    if flags.get("process_group_timeout") is None:
+        flags = {**flags, "process_group_timeout": default_pg_timeout()}
     ds_file = find_config(flags.get("deepspeed_config") or default_deepspeed)
     raw = read_json(ds_file, "a DeepSpeed config (a JSON object)")
     if not isinstance(raw, dict):

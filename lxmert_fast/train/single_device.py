@@ -141,6 +141,10 @@ class SingleDeviceEngine:
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
 
+    def checkpoint_problems(self, folder):
+        path = os.path.join(folder, CHECKPOINT_FILE)
+        return None if os.path.isfile(path) or os.path.isdir(folder) else f"no {path}"
+
     def load(self, ckpt_dir, tag):
         """Load ``ckpt_dir/tag/state.pt``; returns its client state. Never executes code from the file."""
         folder = os.path.join(ckpt_dir, tag)
