@@ -177,7 +177,7 @@ def test_cli_writes_json_for_a_file_and_prints_a_typed_question(sample, tmp_path
         (["--img-ids", "a", "b", "--statement", "x"], r"is a VQA / GQA question-answering model; give it --question"),
         (["--questions", "NLVR2"], r"holds NLVR2 statements .* but .* is a VQA / GQA question-answering model"),
         (["--questions", "VQA", "--task", "nlvr2"], r"task 'nlvr2' does not fit"),
-        (["--question", "what?"], r"--question needs --img-id"),
+        (["--question", "what?"], r"--question needs one of --img-id \(in --features\) or --image"),
     ],
 )
 def test_cli_errors_name_what_is_wrong(sample, argv, message, capsys):
