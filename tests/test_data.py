@@ -522,3 +522,20 @@ def test_ensure_sample_data_regenerates_for_other_parameters(tmp_path):
     second = ensure_sample_data(tmp_path / "s", num_images=12, seed=0, feat_dim=8)
     assert len(json.loads(second.train_json.read_text())) == 11
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s", "s.lock"]
+
+
+_GENERATE = "import sys; from lxmert_fast.data import make_sample_data; make_sample_data(sys.argv[1], 60, 5, 8)"
+
+
+def test_sample_data_is_byte_identical_across_processes(tmp_path):
+    """Same seed, same files, vocabulary included: nodes that each generate the sample train on the same token ids."""
+    import subprocess
+    import sys
+
+    for hash_seed in ("0", "1"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        subprocess.run([sys.executable, "-c", _GENERATE, str(tmp_path / hash_seed)], env=env, check=True)
+    first = {p.relative_to(tmp_path / "0"): p.read_bytes() for p in (tmp_path / "0").rglob("*") if p.is_file()}
+    second = {p.relative_to(tmp_path / "1"): p.read_bytes() for p in (tmp_path / "1").rglob("*") if p.is_file()}
+    assert sorted(first) == sorted(second) and len(first) > 5
+    assert [str(p) for p in sorted(first) if first[p] != second[p]] == []
