@@ -555,3 +555,20 @@ def test_annotations_stream_in_chunks_to_the_same_records_and_errors(tmp_path, s
     broken.write_text('[\n  {"img_id": "a", "sentf": {}},\n  {"img_id": "b" "sentf": {}}\n]\n')
     with pytest.raises(AnnotationFormatError, match=r"broken\.json:3:18: not valid JSON"):
         list(_json_list_items(broken, chunk_chars))
+
+
+_GENERATE = "import sys; from lxmert_fast.data import make_sample_data; make_sample_data(sys.argv[1], 60, 5, 8)"
+
+
+def test_sample_data_is_byte_identical_across_processes(tmp_path):
+    """Same seed, same files, vocabulary included: nodes that each generate the sample train on the same token ids."""
+    import subprocess
+    import sys
+
+    for hash_seed in ("0", "1"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        subprocess.run([sys.executable, "-c", _GENERATE, str(tmp_path / hash_seed)], env=env, check=True)
+    first = {p.relative_to(tmp_path / "0"): p.read_bytes() for p in (tmp_path / "0").rglob("*") if p.is_file()}
+    second = {p.relative_to(tmp_path / "1"): p.read_bytes() for p in (tmp_path / "1").rglob("*") if p.is_file()}
+    assert sorted(first) == sorted(second) and len(first) > 5
+    assert [str(p) for p in sorted(first) if first[p] != second[p]] == []

@@ -18,8 +18,8 @@ Public API
         generate into `root` unless a complete sample with the same parameters is there; atomic and safe
         when several processes call it at once
     build_wordpiece_vocab(texts, out_dir, vocab_size=1000) -> Path
-        train a lower-casing WordPiece vocabulary and save it as a folder BertTokenizerFast.from_pretrained loads
-        ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4)
+        build a lower-casing WordPiece vocabulary (the same ids in every process, whatever PYTHONHASHSEED) and
+        save it as a folder BertTokenizerFast.from_pretrained loads ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4)
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ _BACKGROUND_COLOURS = {
 }
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 _QA_DSETS = ("vqa", "gqa", "visual7w")
-_VERSION = 2  # 2: objects_vocab.txt beside the features
+_VERSION = 3  # 2: objects_vocab.txt beside the features; 3: the vocabulary's ids no longer depend on the process
 OBJECTS_VOCAB = "objects_vocab.txt"  # the detector's class names, one per line, as the original's file
 
 
@@ -252,23 +252,27 @@ def _answer_table() -> list[dict]:
 
 
 def build_wordpiece_vocab(texts: Iterable[str], out_dir, vocab_size: int = 1000) -> Path:
-    """Train a lower-casing BERT WordPiece vocabulary on `texts` and save it to `out_dir` as a folder that
+    """Build a lower-casing BERT WordPiece vocabulary for `texts` and save it to `out_dir` as a folder that
     transformers.BertTokenizerFast.from_pretrained loads. Special tokens: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3,
-    [MASK]=4. The vocabulary may come out smaller than `vocab_size` on a small corpus."""
-    from tokenizers.implementations import BertWordPieceTokenizer
+    [MASK]=4, then every character (alone and as a "##" continuation), then whole words, most frequent first.
+    The ids are a function of `texts` alone: tokenizers' WordPiece trainer breaks ties between equally frequent
+    pairs in an order that changes from process to process, so two nodes would train on different token ids.
+    The vocabulary may come out smaller than `vocab_size` on a small corpus."""
+    from collections import Counter
+
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
     from transformers import BertTokenizerFast
 
+    normalizer, pre_tokenizer = BertNormalizer(lowercase=True), BertPreTokenizer()
+    words = Counter(w for text in texts for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    characters = sorted({c for w in words for c in w})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + characters + [f"##{c}" for c in characters]
+    known = set(vocab)
+    vocab += [w for w, _ in sorted(words.items(), key=lambda wc: (-wc[1], wc[0])) if w not in known]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(
-        texts,
-        vocab_size=vocab_size,
-        min_frequency=1,
-        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-        show_progress=False,
-    )
-    wordpiece.save_model(str(out_dir))
+    (out_dir / "vocab.txt").write_text("".join(f"{t}\n" for t in vocab[:vocab_size]), encoding="utf-8")
     # Loading the folder (only vocab.txt so far) builds the tokenizer the same way in transformers 4 and 5.
     tokenizer = BertTokenizerFast.from_pretrained(str(out_dir), do_lower_case=True, model_max_length=512)
     tokenizer.save_pretrained(str(out_dir))
