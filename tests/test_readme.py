@@ -274,3 +274,11 @@ def test_the_checker_follows_outputs_checkpoints_and_downloads():
           "--output-dir output/nlvr2\n"
           "python -m lxmert_fast.evaluate --model output/nlvr2/best_model "
           "--features data/nlvr2_imgfeat/valid_obj36.tsv --annotations data/nlvr2/valid.json")
+
+
+def test_readme_and_docs_links_point_to_files_of_the_clone():
+    """The design notes moved to docs/: every relative link of README.md and docs/*.md names a file that is there."""
+    for page in [README, *sorted((REPO / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not re.match(r"^[a-z]+://", target):
+                assert (page.parent / target).exists(), f"{page.relative_to(REPO)} links to {target}, which is missing"
