@@ -32,7 +32,7 @@ from lxmert_fast.tasks.registry import TASK_NAMES, get_task  # noqa: E402  (ligh
 from lxmert_fast.train import run_config  # noqa: E402  (light: --help answers before torch is imported)
 
 # Fine-tuning on the sample data without a starting point or schedule given: the model learns to use the image only
-# after several hundred updates at a high learning rate (README, "The sample and grounding"); the original's
+# after several hundred updates at a high learning rate (docs/finetuning.md, "The sample and grounding"); the original's
 # schedule (the task registry: 4 epochs, lr 5e-5, BertAdam) is for a pre-trained base-size model on the released data.
 SAMPLE_SCHEDULE = {"optimizer": "adamw", "lr": 5e-4, "epochs": 30}
 
