@@ -81,8 +81,6 @@ def test_data_loader_throughput(bench, benchmark, datasets):
 
 
 def test_data_results_well_formed(bench, tmp_path):
-    recs = [r for r in bench.records if r["suite"] == SUITE]
-    if not recs:
-        pytest.skip("no data-loader measurements in this run (deselected)")
+    recs = bench.records_of(SUITE, "data-loader")
     back = bench.check_results(recs, tmp_path, {"ds[i] one by one, float32"})
     assert all(r["speedup"] for r in back["records"] if r["role"] == "ours")

@@ -308,6 +308,13 @@ class Bench:
             env=environment(),
         )
 
+    def records_of(self, suite, what):
+        """This run's records of ``suite``; a suite that measured nothing here skips its harness test, saying why."""
+        recs = [r for r in self.records if r["suite"] == suite]
+        if not recs:
+            pytest.skip(f"no {what} measurements in this run ({what} deselected, skipped or not importable)")
+        return recs
+
     def check_results(self, recs, tmp_path, required_baselines):
         """Write ``recs`` as a results file, read it back and check it: the harness test of every suite."""
         doc = report.make_document(self.device_info, "full" if self.full else "smoke",
