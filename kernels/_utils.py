@@ -71,14 +71,22 @@ def pick(op, impl):
 
 
 @triton.jit
+def row_tile(start, end, cols, col_ok, N, BLOCK_M: tl.constexpr):
+    """Rows ``start`` .. ``start + BLOCK_M`` (those below ``end``) of a row-major (M, N) matrix: the row indices,
+    their mask, the 2-D mask with ``col_ok`` and the element offsets (BLOCK_M, BLOCK_N)."""
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    return rows, row_ok, row_ok[:, None] & col_ok[None, :], rows[:, None] * N + cols[None, :]
+
+
+@triton.jit
 def row_block(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's block of rows of a row-major (M, N) matrix: row and column indices, their masks, the 2-D mask
     and the element offsets (BLOCK_M, BLOCK_N)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < M
     col_ok = cols < N
-    return rows, cols, row_ok, col_ok, row_ok[:, None] & col_ok[None, :], rows[:, None] * N + cols[None, :]
+    rows, row_ok, ok, offs = row_tile(tl.program_id(0) * BLOCK_M, M, cols, col_ok, N, BLOCK_M)
+    return rows, cols, row_ok, col_ok, ok, offs
 
 
 @triton.jit

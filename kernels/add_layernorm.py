@@ -31,6 +31,7 @@ from ._utils import (
     num_programs,
     pick,
     row_block,
+    row_tile,
     rows_2d,
     seed_slot,
 )
@@ -127,10 +128,7 @@ def _add_layernorm_bwd_kernel(
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     for start in range(row_start, row_end, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
-        ok = row_ok[:, None] & col_ok[None, :]
-        offs = rows[:, None] * N + cols[None, :]  # (BLOCK_M, BLOCK_N)
+        rows, row_ok, ok, offs = row_tile(start, row_end, cols, col_ok, N, BLOCK_M)  # offs: (BLOCK_M, BLOCK_N)
         x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
         r = tl.load(R + offs, mask=ok, other=0.0).to(tl.float32)
         if HAS_DROPOUT:

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._utils import block_size, layernorm_rows, num_programs, pick, row_block, rows_2d
+from ._utils import block_size, layernorm_rows, num_programs, pick, row_block, row_tile, rows_2d
 
 MAX_HIDDEN = 8192
 
@@ -172,10 +172,7 @@ def _roi_embedding_bwd_kernel(
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     for start in range(row_start, row_end, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
-        ok = row_ok[:, None] & col_ok[None, :]
-        offs = rows[:, None] * N + cols[None, :]  # (BLOCK_M, BLOCK_N)
+        rows, row_ok, ok, offs = row_tile(start, row_end, cols, col_ok, N, BLOCK_M)  # offs: (BLOCK_M, BLOCK_N)
         a = tl.load(A + offs, mask=ok, other=0.0).to(tl.float32)
         b0, b1, b2, b3 = _box_rows(Boxes, rows, row_ok)
         p = _box_projection(bp, w0, w1, w2, w3, b0, b1, b2, b3)
