@@ -100,14 +100,15 @@ def test_vqa_finetuning_beats_untrained_model(sample, tmp_path):
     from lxmert_fast.finetune import main
 
     untrained = main(cli(sample, "vqa", tmp_path / "untrained", "--from-scratch", "--epochs", "0"))
-    tuned = main(cli(sample, "vqa", tmp_path / "tuned", "--from-scratch", "--epochs", "3", "--lr", "1e-3", "--test"))
+    # 20 epochs: on the sample (version 3) a tiny model from scratch learns the answers' priors after ~15 epochs
+    tuned = main(cli(sample, "vqa", tmp_path / "tuned", "--from-scratch", "--epochs", "20", "--lr", "1e-3", "--test"))
     before, after = untrained["valid"]["eval_score"], tuned["best_score"]
     assert after > before + 0.1, (before, after)
 
     records = [json.loads(line) for line in open(tmp_path / "tuned" / "metrics.jsonl")]
     evals = [r for r in records if r.get("split") == "valid"]
     assert all(r["event"] == "eval" for r in evals) and all("event" in r for r in records)
-    assert len(evals) == 3 and all("eval_score" in r for r in evals)
+    assert len(evals) == 20 and all("eval_score" in r for r in evals)
     assert max(r["eval_score"] for r in evals) == after
     assert (tmp_path / "tuned" / "best_model" / LABEL2ANS_FILE).is_file()
 

@@ -8,7 +8,6 @@ the LXMERT shapes run only on a GPU.
 import pytest
 import torch
 from kernel_checks import CUDA, DEVICE, DTYPES, assert_within_torch_error, gpu_only
-
 from lxmert_fast.kernels.ops import add_layernorm, add_layernorm_dropout_mask, add_layernorm_ref
 
 SHAPES = [(1, 1, 48), (1, 7, 100), (3, 5, 31), (2, 3, 768)]  # batch 1, odd lengths, prime / non-power-of-two hidden

@@ -8,7 +8,6 @@ the LXMERT shapes (B=256, 12 heads, 20 words, 36 objects, head dim 64) run only 
 import pytest
 import torch
 from kernel_checks import CUDA, DEVICE, DTYPES, assert_within_torch_error, gpu_only
-
 from lxmert_fast.kernels.ops import bidirectional_cross_attention, bidirectional_cross_attention_ref
 
 # (B, H, L, V, D): batch 1, odd and prime lengths, head dims that are not powers of two.

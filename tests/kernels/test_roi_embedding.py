@@ -8,7 +8,6 @@ the LXMERT shape (256 images x 36 objects, 2048-d features, hidden 768) runs onl
 import pytest
 import torch
 from kernel_checks import CUDA, DEVICE, DTYPES, assert_within_torch_error, gpu_only
-
 from lxmert_fast.kernels.ops import roi_position_embedding, roi_position_embedding_ref
 
 # (batch, objects, feature dim, hidden): batch 1, odd object counts, hidden sizes that are not powers of two.
