@@ -32,6 +32,20 @@ from lxmert_fast.errors import InputError
 from lxmert_fast.model.folder import has_tokenizer
 
 
+def load_encoder(model_path):
+    """The LXMERT encoder of a model folder (pre-trained or fine-tuned: through the class its config.json names, so
+    that its head weights are not reported as unexpected), a transformers folder or model_LXRT.pth."""
+    import lxmert_fast
+    from lxmert_fast.files import read_json
+    from lxmert_fast.model.modeling import LxmertModel
+
+    config = Path(model_path) / "config.json"
+    names = read_json(config, "a model config").get("architectures") or [] if config.is_file() else []
+    model_class = getattr(lxmert_fast, names[0]) if names and names[0] in lxmert_fast.__all__ else LxmertModel
+    model = model_class.from_pretrained(model_path, backend="torch").eval()
+    return model if isinstance(model, LxmertModel) else model.lxmert
+
+
 def main(argv=None) -> list[Path]:
     parser = argparse.ArgumentParser(
         prog="python -m lxmert_fast.visualize",
@@ -65,9 +79,8 @@ def main(argv=None) -> list[Path]:
     pyplot()  # fail early, before loading the model, when matplotlib is missing
 
     from lxmert_fast.data.tokenizer import load_tokenizer
-    from lxmert_fast.model.modeling import LxmertModel
 
-    model = LxmertModel.from_pretrained(args.model, backend="torch").eval()
+    model = load_encoder(args.model)
     tokenizer = load_tokenizer(args.tokenizer or (args.model if has_tokenizer(args.model) else "bert-base-uncased"))
     try:
         feats, boxes, class_ids, image_hw = load_image_features(args.features, args.img_id)

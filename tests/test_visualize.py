@@ -178,3 +178,19 @@ def test_object_names_from_the_samples_vocabulary_one_scale_and_a_wrong_image_re
         attention.plot_layers = original
     names = {label.split(":", 1)[1] for rows, _ in drawn[1:2] for label in rows}
     assert names <= set(OBJECT_NAMES) and names, names  # names, not class ids
+
+
+def test_a_fine_tuned_folder_draws_without_a_load_report(sample, tmp_path, capfd):
+    """The encoder of a task folder is read through its own class: transformers reports none of its head weights."""
+    from lxmert_fast import LxmertForQuestionAnswering
+
+    tokenizer = load_tokenizer(sample.tokenizer_dir)
+    config = LxmertConfig(vocab_size=len(tokenizer), visual_feat_dim=32, hidden_size=32, num_attention_heads=4,
+                          intermediate_size=64, l_layers=1, r_layers=1, x_layers=1, num_qa_labels=5)
+    LxmertForQuestionAnswering(config, backend="torch").save_pretrained(tmp_path / "vqa")
+    img_id = FeatureStore.from_tsv(sample.features_tsv, progress=False).img_ids[0]
+    paths = visualize.main(["--model", str(tmp_path / "vqa"), "--features", str(sample.features_tsv), "--img-id",
+                            img_id, "--sentence", "a dog", "--out-dir", str(tmp_path / "maps"), "--tokenizer",
+                            str(sample.tokenizer_dir)])
+    out, err = capfd.readouterr()
+    assert len(paths) == 4 and "LOAD REPORT" not in out + err and "UNEXPECTED" not in out + err
