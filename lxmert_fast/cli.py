@@ -25,6 +25,7 @@ def plural(count: int, noun: str) -> str:
 def run(main, argv=None, prog=None):
     """Call ``main(argv)`` as a command; returns its result, or exits 2 on an error of ours."""
     prog = prog or os.path.basename(sys.argv[0] or "lxmert_fast")
+    already_running = _process_group_running()  # a caller's process group is the caller's to end
     try:
         return main(argv)
     except (LxmertFastError, *USER_FILE_ERRORS) as error:
@@ -34,6 +35,12 @@ def run(main, argv=None, prog=None):
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     finally:
-        distributed = sys.modules.get("lxmert_fast.train.distributed")  # only where the command started a run
-        if distributed is not None:
-            distributed.shutdown()
+        if not already_running and _process_group_running():  # the command started a run: end its process group
+            sys.modules["lxmert_fast.train.distributed"].shutdown()
+
+
+def _process_group_running() -> bool:
+    """Whether a torch.distributed process group is up, without importing torch for a command that never did."""
+    torch_distributed = sys.modules.get("torch.distributed")
+    return (torch_distributed is not None and torch_distributed.is_available() and torch_distributed.is_initialized()
+            and "lxmert_fast.train.distributed" in sys.modules)

@@ -29,6 +29,7 @@ if os.environ.get("FREEZE") and distributed.rank() == 1:
 t = torch.tensor([float(distributed.rank() + 1)])
 torch.distributed.all_reduce(t)
 print(f"rank {distributed.rank()} of {distributed.world_size()}, local {os.environ['LOCAL_RANK']}: {t.item():g}")
+distributed.shutdown()  # both ranks leave together: gloo aborts a process that exits while its peer still talks
 """
 
 

@@ -303,7 +303,8 @@ def test_evaluate_test_split_without_labels_writes_only_the_submission(sample, t
 
 def test_fast_mode_runs_and_stays_close_to_exact(sample):
     ft = sample["ft"]
-    records = read(ft.split("vqa", "valid"))
+    # every question of the sample (the validation split alone holds 19: one answer would be 5%)
+    records = read(ft.split("vqa", "train")) + read(ft.split("vqa", "valid"))
     exact = Predictor.from_pretrained(sample["models"]["vqa"], sample["tsv"], device="cpu")
     fast = Predictor.from_pretrained(sample["models"]["vqa"], sample["tsv"], device="cpu", fast=True)
     from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
@@ -311,10 +312,13 @@ def test_fast_mode_runs_and_stays_close_to_exact(sample):
     assert not any(type(m) is torch.nn.Linear for m in fast.model.modules())
     assert sum(isinstance(m, Int8Linear) for m in fast.model.modules()) == sum(
         type(m) is torch.nn.Linear for m in exact.model.modules())  # every linear layer; the exact model untouched
-    a, b = exact.predict(records), fast.predict(records)
-    agree = sum(x["answer"] == y["answer"] for x, y in zip(a, b, strict=True)) / len(a)
-    assert agree >= 0.9, agree
-    assert max(abs(x["score"] - y["score"]) for x, y in zip(a, b, strict=True)) < 0.1
+    a, b = exact.predict(records, top_k=2), fast.predict(records, top_k=2)
+    error = max(abs(x["score"] - y["score"]) for x, y in zip(a, b, strict=True))
+    assert error < 0.1, error
+    # answers change only between near-tied answers: the exact model's two best lie within fast mode's error (the
+    # tiny sample model's answers are all near-tied, so a share of agreement would measure the ties, not int8)
+    flipped = [x for x, y in zip(a, b, strict=True) if x["answer"] != y["answer"]]
+    assert all(x["top_k"][0]["score"] - x["top_k"][1]["score"] <= 2 * error for x in flipped), flipped[:3]
     labels = {r["question_id"]: r["label"] for r in records}
     scores = [evaluate("vqa", submission_predictions("vqa", p), labels)["eval_score"] for p in (a, b)]
     assert abs(scores[0] - scores[1]) <= 0.05, scores

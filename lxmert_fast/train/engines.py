@@ -151,6 +151,8 @@ class DeepSpeedEngine:
 
         if not os.path.isdir(folder):
             return f"no folder {folder}"
+        if os.path.isfile(os.path.join(folder, CHECKPOINT_FILE)):
+            return f"{folder} was written by --engine torch: resume it with --engine torch"
         rank, world = self.engine.global_rank, self.engine.dp_world_size
         needed = [ZERO3_MODEL_FILE.format(rank=rank) if self.zero_stage == 3 else DEEPSPEED_MODEL_FILE]
         if self.zero_stage:
