@@ -370,6 +370,9 @@ def test_a_truncated_shard_of_a_sharded_folder_is_named(tmp_path):
     shards[-1].write_bytes(shards[-1].read_bytes()[:-10])
     with pytest.raises(CheckpointError, match=rf"{shards[-1]}: truncated safetensors file"):
         LxmertForPreTraining.from_pretrained(folder)
+    (folder / "model.safetensors.index.json").write_text("[]")  # JSON, but no weight_map
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: not a valid shard index"):
+        LxmertForPreTraining.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("state_file", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt",

@@ -11,6 +11,7 @@ Public API
                                                 it; its safetensors files whole; a training checkpoint's weightless
                                                 model/ folder refused with the export command to run
     check_safetensors_file(path)                a .safetensors file whole (not truncated), named when it is not
+    index_shards(index_path)                    the shard files a sharded checkpoint's index names
     check_features(stores, config, labels=True) features as wide as config.visual_feat_dim and (labels=True) object /
                                                 attribute ids below num_object_labels / num_attr_labels; InputError
                                                 naming the feature file (and the line and img_id of the largest id)
@@ -117,9 +118,16 @@ def check_model_folder(path) -> None:
         if name == "model.safetensors":
             check_safetensors_file(path / name)
         elif name == "model.safetensors.index.json":
-            shards = set(read_json(path / name, "a safetensors index").get("weight_map", {}).values())
-            for shard in sorted(shards):
+            for shard in index_shards(path / name):
                 check_safetensors_file(path / shard)
+
+
+def index_shards(index_path) -> list[str]:
+    """The shard files a sharded checkpoint's ``*.index.json`` names (its weight_map's values), sorted."""
+    try:
+        return sorted(set(read_json(index_path, "a shard index ({\"weight_map\": {...}})")["weight_map"].values()))
+    except (KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{index_path}: not a valid shard index ({error!r})") from None
 
 
 def check_safetensors_file(path) -> None:

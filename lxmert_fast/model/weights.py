@@ -13,7 +13,6 @@ Loading never executes code: safetensors, or `torch.load(weights_only=True)`, wh
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -24,7 +23,7 @@ from safetensors.torch import load_file
 
 from lxmert_fast.errors import CheckpointError
 from lxmert_fast.files import atomic_path
-from lxmert_fast.model.checks import check_safetensors_file, load_model_config
+from lxmert_fast.model.checks import check_safetensors_file, index_shards, load_model_config
 from lxmert_fast.model.configuration import LxmertConfig
 
 logger = logging.getLogger(__name__)
@@ -77,12 +76,8 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
 
 
 def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{index_path}: not a valid shard index ({error})") from error
     state_dict = {}
-    for shard in sorted(set(weight_map.values())):
+    for shard in index_shards(index_path):
         state_dict.update(read_state_dict(index_path.parent / shard))
     return state_dict
 
