@@ -139,30 +139,40 @@ class DeepSpeedEngine:
         folder = os.path.join(ckpt_dir, tag)
         if os.path.isfile(os.path.join(folder, CHECKPOINT_FILE)):
             raise CheckpointError(f"{folder} was written by --engine torch: resume it with --engine torch")
+        if self._written_by_other_ranks(folder):  # ZeRO 1-3 on another rank count: resharded here
+            from lxmert_fast.train import reshard
+
+            return reshard.apply(self.engine, reshard.consolidate(folder))
         path, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
         if path is None:
             raise CheckpointError(f"could not load checkpoint {folder}")
         return client_state
 
+    def _written_by_other_ranks(self, folder):
+        from lxmert_fast.train.reshard import partition_files
+
+        return bool(self.zero_stage) and len(partition_files(folder)) not in (0, self.engine.dp_world_size)
+
     def checkpoint_problems(self, folder):
         """This rank reads the whole module (ZeRO 0-2) or its own shard (ZeRO-3), and its optimiser partition; a
-        checkpoint of another rank count has another number of partitions."""
+        ZeRO checkpoint of another rank count is read whole by every rank (lxmert_fast.train.reshard)."""
         from lxmert_fast.model.folder import DEEPSPEED_MODEL_FILE, ZERO3_MODEL_FILE, ZERO3_OPTIM_FILE
 
         if not os.path.isdir(folder):
             return f"no folder {folder}"
         if os.path.isfile(os.path.join(folder, CHECKPOINT_FILE)):
             return f"{folder} was written by --engine torch: resume it with --engine torch"
-        rank, world = self.engine.global_rank, self.engine.dp_world_size
+        try:
+            resharded = self._written_by_other_ranks(folder)
+        except CheckpointError as error:
+            return str(error)
+        rank = 0 if resharded else self.engine.global_rank  # resharded: rank 0's model states, every partition
         needed = [ZERO3_MODEL_FILE.format(rank=rank) if self.zero_stage == 3 else DEEPSPEED_MODEL_FILE]
-        if self.zero_stage:
+        if self.zero_stage and not resharded:
             needed.append(ZERO3_OPTIM_FILE.format(rank=rank))
         missing = [name for name in needed if not os.path.isfile(os.path.join(folder, name))]
         if missing:
             return f"no {', '.join(missing)} in {folder}"
-        partitions = sum(1 for name in os.listdir(folder) if name.endswith("_optim_states.pt"))
-        if self.zero_stage and partitions != world:
-            return f"it was written by {partitions} ranks, this run has {world}: resume with {partitions} ranks"
         return None
 
     def counters(self):

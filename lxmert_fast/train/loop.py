@@ -103,11 +103,46 @@ def prepare_output_dir(config: RunConfig) -> None:
         save_run_config(config)
 
 
-def save_run_config(config: RunConfig) -> None:
-    """``run_config.json`` in the output folder (written by rank 0; every rank waits for it)."""
+def save_run_config(config: RunConfig, resumed_at=None) -> None:
+    """``run_config.json`` in the output folder (written by rank 0; every rank waits for it). A run resumed at step
+    ``resumed_at`` with another batch geometry (another rank count) keeps the earlier runs' configs under
+    "earlier_runs", each with the step the next one took over at."""
+    path = os.path.join(config.run.output_dir, RUN_CONFIG_FILE)
     if distributed.is_main():
-        write_text(os.path.join(config.run.output_dir, RUN_CONFIG_FILE), config.to_json() + "\n")
+        record = json.loads(config.to_json())
+        saved = None
+        if resumed_at is not None and os.path.isfile(path):
+            with open(path) as f:
+                saved = json.load(f)
+        if saved is not None:
+            earlier = saved.pop("earlier_runs", [])
+            if any(saved.get("engine", {}).get(k) != record["engine"][k] for k in BATCH_GEOMETRY):
+                earlier.append({**saved, "resumed_at_step": resumed_at})
+            if earlier:
+                record["earlier_runs"] = earlier
+        write_text(path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     distributed.barrier()
+
+
+BATCH_GEOMETRY = ("micro_batch", "accumulation", "world_size")
+
+
+def regrouped(position: Position, saved_geometry: dict | None, engine) -> Position:
+    """A checkpoint's position in this run's micro-batches: the same optimiser step and sample, counted in
+    micro-batches of ``micro_batch x world_size`` samples (a resume on another rank count keeps the global batch,
+    so a checkpoint, always at an optimiser step's end, falls on a micro-batch boundary of either geometry)."""
+    if not saved_geometry:
+        return position
+    old = saved_geometry["micro_batch"] * saved_geometry["world_size"]
+    new = engine.micro_batch * engine.world_size
+    if old == new:
+        return position
+    if (position.pos * old) % new or (position.micro_step * old) % new:
+        raise ConfigError(f"the checkpoint stopped after {position.pos} micro-batches of {old} samples, not a whole "
+                          f"number of this run's micro-batches of {new}: resume with the global batch it was "
+                          "written with")
+    return Position(step=position.step, epoch=position.epoch, pos=position.pos * old // new,
+                    micro_step=position.micro_step * old // new)
 
 
 @dataclass(frozen=True)
@@ -179,7 +214,7 @@ class Trainer:
         tag, state = checkpoints.load_checkpoint(self.engine, self.ckpt_dir)
         if tag is not None:
             self.last_checkpoint = tag
-            self.position = Position(**state["position"])
+            self.position = regrouped(Position(**state["position"]), state.get("geometry"), self.config.engine)
             rngs = state["rng"]
             seeding.set_rng_state(rngs[distributed.rank()] if distributed.rank() < len(rngs) else rngs[0])
             self.hooks.load_client_state(state.get("task", {}))
@@ -190,7 +225,7 @@ class Trainer:
         if distributed.is_main():
             metrics.truncate_metrics(self.metrics.path, self.position.step)
         self.bar.update(self.position.step)
-        save_run_config(self.config)
+        save_run_config(self.config, resumed_at=self.position.step)
 
     # ------------------------------------------------------------------------------------------------- loop
     def fit(self):
@@ -297,7 +332,11 @@ class Trainer:
         self._read_losses()  # never a checkpoint after a non-finite loss
         rngs = [None] * self.config.engine.world_size
         torch.distributed.all_gather_object(rngs, seeding.rng_state())
-        state = {"position": asdict(self.position), "rng": rngs, "task": self.hooks.client_state()}
+        engine = self.config.engine
+        geometry = {"micro_batch": engine.micro_batch, "accumulation": engine.accumulation,
+                    "world_size": engine.world_size}
+        state = {"position": asdict(self.position), "rng": rngs, "task": self.hooks.client_state(),
+                 "geometry": geometry}
         describe = None
         if self._save_model is not None:
             def describe(folder):

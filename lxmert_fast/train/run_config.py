@@ -279,7 +279,8 @@ class RunConfig:
 
     def check_resume(self, saved: dict, source: str) -> None:
         """A resumed run must read the data in the same order into the same model: compare with ``saved`` (the
-        run_config.json of the run being resumed, read from ``source``)."""
+        run_config.json of the run being resumed, read from ``source``). The rank count may change, the global batch
+        (micro-batch x accumulation x ranks) may not: the samples of each optimiser step stay the same."""
         ours, theirs = _identity(json.loads(self.to_json())), _identity(saved)
         differences = []
         for name in ours:
@@ -289,6 +290,9 @@ class RunConfig:
             if name == "model":  # only the fields that differ
                 changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                 a, b = ({k: d.get(k) for k in changed} for d in (a, b))
+            if name == "global_batch":
+                differences.append(_global_batch_difference(self.engine, saved, source))
+                continue
             differences.append(f"{name} is {a}, the run in {source} had {b}")
         if differences:
             raise ConfigError(
@@ -304,8 +308,48 @@ def _identity(saved: dict) -> dict:
         seed, engine = saved["flags"].get("seed"), saved
     else:
         seed, engine = saved.get("run", {}).get("seed"), saved.get("engine", {})
-    batch = {name: engine.get(name) for name in ("micro_batch", "accumulation", "world_size")}
-    return {"seed": seed, **batch, "model": saved.get("model")}
+    batch = [engine.get(name) for name in ("micro_batch", "accumulation", "world_size")]
+    global_batch = None if None in batch else batch[0] * batch[1] * batch[2]
+    return {"seed": seed, "global_batch": global_batch, "model": saved.get("model")}
+
+
+def _geometry(engine: dict) -> str:
+    return (f"{engine.get('micro_batch')} x accumulation {engine.get('accumulation')} x {engine.get('world_size')} "
+            "rank(s)")
+
+
+def _global_batch_difference(engine: EngineSettings, saved: dict, source: str) -> str:
+    """Why the global batch differs, and the numbers that would keep it."""
+    theirs = saved if "flags" in saved else saved.get("engine", {})
+    target = _identity(saved)["global_batch"]
+    text = (f"global batch is {engine.global_batch} (micro-batch {_geometry(asdict(engine))}), the run in {source} "
+            f"had {target} (micro-batch {_geometry(theirs)})")
+    kept = keep_global_batch(target, engine.micro_batch, engine.world_size)
+    if kept is None:
+        fits = [str(w) for w in range(1, target + 1) if target % w == 0]
+        return text + (f": {target} samples do not split over {engine.world_size} ranks; resume on "
+                       f"{', '.join(fits)} ranks")
+    return text + f": keep it with --micro-batch-size {kept[0]} --gradient-accumulation {kept[1]}"
+
+
+def keep_global_batch(target: int, micro: int, world: int) -> tuple[int, int] | None:
+    """(micro-batch, accumulation) that make the global batch ``target`` on ``world`` ranks: the micro-batch kept
+    when it divides, else the largest that does below it (no more memory per rank); None when ``target`` samples
+    do not split over the ranks."""
+    if target % world:
+        return None
+    per_rank = target // world
+    fitting = max(m for m in range(1, min(micro, per_rank) + 1) if per_rank % m == 0)
+    return fitting, per_rank // fitting
+
+
+def saved_global_batch(flags: dict) -> int | None:
+    """With --resume: the global batch of the run in --output-dir (its run_config.json), else None."""
+    out = flags.get("output_dir")
+    path = os.path.join(out, RUN_CONFIG_FILE) if flags.get("resume") and out else None
+    if path is None or not os.path.isfile(path):
+        return None
+    return _identity(read_json(path, "a run config (run_config.json)"))["global_batch"]
 
 
 def resolve(script: str, flags: dict, *, default_deepspeed: str, model: dict | None = None, data=None, task=None,
@@ -377,6 +421,15 @@ def resolve_deepspeed(raw: dict, source: str, flags: dict, world: int, cuda: boo
             cfg[key] = flags[flag]
             cfg.pop(TOTAL, None)  # follows from the overridden keys
     micro, accum = batch_geometry(cfg, world, source)
+    target = saved_global_batch(flags)
+    kept = keep_global_batch(target, micro, world) if target and micro * accum * world != target else None
+    if kept and (flags.get("gradient_accumulation") is not None
+                 or (flags.get("micro_batch_size") is not None and kept[0] != micro)):
+        kept = None  # the numbers given win (check_resume refuses them if they change the global batch)
+    if kept:  # --resume on another rank count: the resumed run's global batch, kept
+        changed = [f"{key} {a} -> {b}" for key, a, b in ((MICRO, micro, kept[0]), (ACCUM, accum, kept[1])) if a != b]
+        notes.append(f"{', '.join(changed)}: the global batch {target} of the resumed run, on {world} rank(s)")
+        micro, accum = kept
     cfg.update({MICRO: micro, ACCUM: accum, TOTAL: micro * accum * world})
     if cfg.get("fp16", {}).get("enabled") and not cuda:
         cfg["fp16"] = {**cfg["fp16"], "enabled": False}
