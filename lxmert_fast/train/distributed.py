@@ -124,9 +124,20 @@ def init_distributed(timeout_s=None):
         # (import_module: the attribute deepspeed.comm.torch is PyTorch itself, re-exported by a star import)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else default_pg_timeout())
+    _every_group_waits(timeout)
     deepspeed.init_distributed(verbose=False, auto_mpi_discovery=False, timeout=timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_device())
+
+
+def _every_group_waits(timeout):
+    """The groups DeepSpeed makes later (ZeRO's data-parallel group: new_group without a timeout) wait ``timeout``
+    too, not torch's default of 30 minutes: a rank frozen in ZeRO's gradient reduction would hold the others that
+    long. torch reads this default when a group is made."""
+    c10d = importlib.import_module("torch.distributed.distributed_c10d")
+    c10d.default_pg_timeout = timeout
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timeout
 
 
 def local_device():
