@@ -7,6 +7,7 @@ give them, each in its own working directory where a node would have its own dis
 """
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -98,6 +99,25 @@ def test_two_processes_with_an_mpi_or_slurm_environment_form_one_world(launcher)
     codes, outputs = finish(start_ranks(PROBE, envs), timeout=300)
     assert codes == [0, 0], outputs
     assert "rank 0 of 2, local 0: 3" in outputs[0] and "rank 1 of 2, local 1: 3" in outputs[1], outputs
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun here (Debian: apt-get install openmpi-bin)")
+def test_mpirun_starts_two_ranks_of_a_short_run(tmp_path):
+    """Open MPI's own launcher: its OMPI_COMM_WORLD_* variables become the ranks of one run."""
+    from lxmert_fast.data import ensure_sample_data
+
+    ensure_sample_data(tmp_path / "sample_data")
+    out = tmp_path / "out"
+    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    cmd = ["mpirun", "--oversubscribe", "-np", "2", "-x", "MASTER_ADDR", "-x", "MASTER_PORT", "-x", "PYTHONPATH",
+           "-x", "TOKENIZERS_PARALLELISM", sys.executable, "-m", "lxmert_fast.pretrain", "--sample-data-dir",
+           str(tmp_path / "sample_data"), *RUN_ARGS, "--micro-batch-size", "2", "--max-steps", "2", "--output-dir",
+           str(out)]
+    if os.geteuid() == 0:
+        cmd.insert(1, "--allow-run-as-root")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "x 2 rank(s) = 4" in proc.stdout and len(train_losses(out)) == 2, proc.stdout[-3000:]
 
 
 def test_a_frozen_rank_ends_the_others_within_the_process_group_timeout():

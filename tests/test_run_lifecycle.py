@@ -119,8 +119,10 @@ def test_resuming_with_another_seed_batch_ranks_or_model_names_both_values(tmp_p
     resolved(tmp_path, cfg).check_resume(saved, "out/run_config.json")  # the same run: fine
     cases = [
         (resolved(tmp_path, cfg, seed=2), r"seed is 2, the run in out/run_config.json had 1"),
-        (resolved(tmp_path, cfg, micro_batch_size=8), "micro_batch is 8, the run in out/run_config.json had 4"),
-        (resolved(tmp_path, cfg, world=2), "world_size is 2, the run in out/run_config.json had 1"),
+        (resolved(tmp_path, cfg, micro_batch_size=8), r"global batch is 8 \(micro-batch 8 x accumulation 1 x 1"),
+        (resolved(tmp_path, cfg, world=2), r"global batch is 8 \(micro-batch 4 x accumulation 1 x 2 rank\(s\)\), the run "
+         r"in out/run_config.json had 4 \(micro-batch 4 x accumulation 1 x 1 rank\(s\)\): keep it with "
+         r"--micro-batch-size 2 --gradient-accumulation 1"),
     ]
     other_model = resolve("pretrain", {**FLAGS, "deepspeed_config": ds_json(tmp_path, cfg)}, default_deepspeed="x",
                           model={"hidden_size": 64}, world_size=1)
