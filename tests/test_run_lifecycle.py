@@ -120,8 +120,8 @@ def test_resuming_with_another_seed_batch_ranks_or_model_names_both_values(tmp_p
     cases = [
         (resolved(tmp_path, cfg, seed=2), r"seed is 2, the run in out/run_config.json had 1"),
         (resolved(tmp_path, cfg, micro_batch_size=8), r"global batch is 8 \(micro-batch 8 x accumulation 1 x 1"),
-        (resolved(tmp_path, cfg, world=2), r"global batch is 8 \(micro-batch 4 x accumulation 1 x 2 rank\(s\)\), the run "
-         r"in out/run_config.json had 4 \(micro-batch 4 x accumulation 1 x 1 rank\(s\)\): keep it with "
+        (resolved(tmp_path, cfg, world=2), r"global batch is 8 \(micro-batch 4 x accumulation 1 x 2 rank\(s\)\), "
+         r"the run in out/run_config.json had 4 \(micro-batch 4 x accumulation 1 x 1 rank\(s\)\): keep it with "
          r"--micro-batch-size 2 --gradient-accumulation 1"),
     ]
     other_model = resolve("pretrain", {**FLAGS, "deepspeed_config": ds_json(tmp_path, cfg)}, default_deepspeed="x",
