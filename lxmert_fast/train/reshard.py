@@ -55,6 +55,7 @@ class Consolidated:
     param_groups: list  # the optimiser's hyper-parameters (lr, betas, ...) per group, without params
     global_state: dict  # rank 0's loss scaler and friends
     model_states: dict  # rank 0's model-states file: the schedule, counters, buffers and the client state
+    ranks: int  # how many ranks wrote it
 
 
 def consolidate(folder) -> Consolidated:
@@ -82,7 +83,7 @@ def consolidate(folder) -> Consolidated:
     groups = [{k: v for k, v in g.items() if k != "params"} for g in base[0]["param_groups"]]
     return Consolidated({n: fp32[n].view(shapes[n]) for n in shapes},
                         {k: {n: v[n].view(shapes[n]) for n in shapes} for k, v in states.items()},
-                        base[0]["state"][0]["step"], groups, global_state, model_states)
+                        base[0]["state"][0]["step"], groups, global_state, model_states, len(parts))
 
 
 def _join_stage12(parts, base, shapes):
@@ -128,6 +129,11 @@ def apply(engine, saved: Consolidated) -> dict:
         raise CheckpointError(f"the checkpoint has no {', '.join(missing[:3])}: it was written for another model")
     zero = engine.optimizer
     stage3 = engine.zero_optimization_partition_weights()
+    layout = ("fp32_partitioned_groups_flat", "fp16_groups") if stage3 else ("single_partition_of_fp32_groups",
+                                                                            "bit16_groups")
+    if not all(hasattr(zero, name) for name in layout):  # e.g. DeepSpeed's BF16_Optimizer (bf16 with ZeRO-1)
+        raise CheckpointError(f"a checkpoint of {saved.ranks} ranks is resharded for DeepSpeed's ZeRO optimiser, not "
+                              f"{type(zero).__name__}: resume with {saved.ranks} ranks")
     flats = zero.fp32_partitioned_groups_flat if stage3 else zero.single_partition_of_fp32_groups
     lp_groups = zero.fp16_groups if stage3 else zero.bit16_groups
     for flat, params in zip(flats, lp_groups, strict=True):
