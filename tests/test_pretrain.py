@@ -162,6 +162,11 @@ def test_default_run_trains_and_writes_outputs(uninterrupted):
     assert sum(losses[-2:]) < sum(losses[:2]) - 2.0, losses  # falls clearly within 8 steps
     assert events and events[-1]["event"] == "end" and events[-1]["total_time_s"] > 0
     assert [e["event"] for e in events] == ["eval", "end"] and events[0]["valid_loss"] > 0
+    # the validation accuracies (matching, masked words, the sample's object words with true and rolled images)
+    accuracies = {k: v for k, v in events[0].items() if k.endswith("_acc")}
+    assert set(accuracies) == {f"valid_{name}_acc" for name in ("matched", "mlm", "object", "object_images_shuffled")}
+    assert all(0 <= v <= 1 for v in accuracies.values())
+    assert "matching" in log and "object words" in log and "with the images shuffled" in log
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:09d}"
     saved = json.loads((out / "run_config.json").read_text())
     assert saved["engine"]["micro_batch"] == 32 and saved["engine"]["world_size"] == 1

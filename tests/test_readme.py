@@ -15,6 +15,7 @@ scheduler, the data flags elided as `...`) and are not checked.
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import io
 import json
 import re
@@ -43,7 +44,7 @@ HUB_NAME = re.compile(r"^(bert-base-uncased|unc-nlp/[\w.-]+)$")
 FILE_SUFFIX = re.compile(r"\.(json|jsonl|tsv|pth|bin|pkl|safetensors|png|txt)$")
 LAUNCHER_FLAGS = {"--num_gpus": 1, "--num_nodes": 1, "--hostfile": 1, "--master_port": 1, "--include": 1}
 # flags (argparse dests) and positionals that name what a command writes; every other path-like value is read
-WRITES = {"output_dir", "out", "out_dir", "submission", "metrics_out", "dir", "target"}
+WRITES = {"output_dir", "out", "out_dir", "submission", "metrics_out", "dir", "target", "work_dir", "results_dir"}
 SAMPLE_DATA = ("sample_data/lxmert", "sample_data/sample_imgfeat", "sample_data/tokenizer")
 
 
@@ -96,8 +97,14 @@ class _Parsed(Exception):
 
 
 def command_parser(module_name) -> argparse.ArgumentParser:
-    """The parser a command's main() builds, taken from it at its first parse (before it does anything else)."""
-    module = importlib.import_module(module_name)
+    """The parser a command's main() builds, taken from it at its first parse (before it does anything else). A
+    script of the repository (benchmarks/x.py) is loaded from its file."""
+    if module_name.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(module_name).stem, REPO / module_name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
 
     def capture(self, args=None, namespace=None):
         raise _Parsed(self)
@@ -133,10 +140,13 @@ def parse_flags(module_name, args) -> dict:
 
 
 def module_of(words):
-    """(module, its arguments) of a `python -m`, `python script.py` or `deepspeed [launcher flags] script.py` line."""
+    """(module, its arguments) of a `python -m`, `python script.py` or `deepspeed [launcher flags] script.py` line;
+    a benchmark script (`python benchmarks/x.py`) is named by its path."""
     program, rest = words[0], words[1:]
     if program == "python" and rest[:1] == ["-m"]:
         return rest[1], rest[2:]
+    if program == "python" and rest and rest[0].startswith("benchmarks/") and rest[0].endswith(".py"):
+        return rest[0], rest[1:]
     if program == "deepspeed":
         while rest and rest[0] in LAUNCHER_FLAGS:
             rest = rest[1 + LAUNCHER_FLAGS[rest[0]]:]

@@ -1,7 +1,7 @@
 """A small, learnable sample data set in exactly the released LXMERT formats, plus a WordPiece vocabulary for it.
 
-Each synthetic image holds 1-3 kinds of foreground objects (a name, a colour, a count of 1-4 instances) on 1-2
-kinds of background ("grass", "sky", ...). Its 36 boxes are the instances, then jittered duplicates of them and
+Each synthetic image holds 1-3 kinds of foreground objects (half the images one kind; a name, a colour, a count of
+1-4 instances) on 1-2 kinds of background ("grass", "sky", ...). Its 36 boxes are the instances, then jittered duplicates of them and
 background regions (as a detector's overlapping proposals). A box's feature is a fixed random prototype of its
 object class plus one of its colour plus noise (ReLU'ed like the real RoI features), so object / attribute
 classification and masked-feature regression can be learnt. Captions and questions mention the objects' names,
@@ -75,7 +75,8 @@ _BACKGROUND_COLOURS = {
 }
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 _QA_DSETS = ("vqa", "gqa", "visual7w")
-_VERSION = 3  # 2: objects_vocab.txt beside the features; 3: the vocabulary's ids no longer depend on the process
+_VERSION = 4  # 2: objects_vocab.txt beside the features; 3: the vocabulary's ids no longer depend on the process;
+# 4: half the images show one kind of object, a region description per kind, plurals in objects_vocab.txt
 OBJECTS_VOCAB = "objects_vocab.txt"  # the detector's class names, one per line, as the original's file
 
 
@@ -120,7 +121,9 @@ class _Scene(NamedTuple):
 
 
 def _scene(rng: np.random.Generator) -> _Scene:
-    kinds = rng.choice(NUM_FOREGROUND, size=int(rng.integers(1, 4)), replace=False)
+    # half the images show one kind: what a word names is then unambiguous, which lets a small model bind words to
+    # objects (matching, masked object words, presence questions) within minutes
+    kinds = rng.choice(NUM_FOREGROUND, size=int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2])), replace=False)
     colours = rng.choice(len(ATTRIBUTE_NAMES), size=len(kinds), replace=False)
     counts = rng.integers(1, 5, size=len(kinds))
     backgrounds = rng.choice(np.arange(NUM_FOREGROUND, len(OBJECTS)), size=int(rng.integers(1, 3)), replace=False)
@@ -179,14 +182,14 @@ def _image_features(rng: np.random.Generator, img_id: str, img_h: int, img_w: in
 
 
 def _captions(rng: np.random.Generator, fg, scene: _Scene) -> tuple[list[str], list[str]]:
-    """(mscoco, vg) captions naming the foreground objects and the first background."""
+    """(mscoco, vg) captions: two naming the foreground objects and the first background, and one region
+    description per foreground kind (as Visual Genome's, several an image)."""
     things = [_phrase(n, c, o) for o, c, n in fg]
     listing = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
     bg_name = OBJECT_NAMES[int(scene.backgrounds[0])]
     prefix = str(rng.choice(["a photo of", "there are", "an image with", "we can see"]))
     mscoco = [f"{prefix} {listing}.", f"{listing} near the {ATTRIBUTE_NAMES[scene.bg_colours[0]]} {bg_name}"]
-    o, c, n = fg[int(rng.integers(len(fg)))]
-    return mscoco, [f"{_phrase(n, c, o)} on the {bg_name}"]
+    return mscoco, [f"{thing} on the {bg_name}" for thing in things]
 
 
 def _count_question(rng: np.random.Generator, o: int, n: int):
@@ -297,7 +300,9 @@ def make_sample_data(out_dir, num_images: int = 300, seed: int = 0, feat_dim: in
         p.parent.mkdir(parents=True, exist_ok=True)
     write_feature_tsv(paths.features_tsv, records)
     # the class names of the features' obj_ids, where lxmert_fast.visualize looks for them
-    (paths.features_tsv.parent / OBJECTS_VOCAB).write_text("".join(f"{name}\n" for name in OBJECT_NAMES))
+    # (as Visual Genome's "name,synonym" lines: the plural too, so that it counts as an object word in validation)
+    (paths.features_tsv.parent / OBJECTS_VOCAB).write_text(
+        "".join(f"{one},{many}\n" if many != one else f"{one}\n" for one, many in OBJECTS))
     num_valid = max(1, num_images // 10)
     for path, part in ((paths.train_json, annotations[:-num_valid]), (paths.valid_json, annotations[-num_valid:])):
         with open(path, "w", encoding="utf-8") as f:

@@ -23,6 +23,7 @@ class PretrainData:
     train_json: str | None = None
     valid_json: str | None = None
     valid_batches: int = 50
+    valid_maskings: int = 1
     features: str | None = None
     answer_table: str | None = None
     tokenizer: str | None = None
@@ -44,6 +45,9 @@ def build_parser():
     data.add_argument("--train-json", help="comma-separated pre-training JSON files (sentf/labelf records)")
     data.add_argument("--valid-json", help="comma-separated JSON files for a validation loss after each epoch")
     data.add_argument("--valid-batches", type=int, default=50, help="validation micro-batches per rank (0: none)")
+    data.add_argument("--valid-maskings", type=int, default=1, metavar="N",
+                      help="validate on N maskings of the validation set (epochs 0..N-1's draws): more masked words "
+                      "for a small set")
     data.add_argument("--features", help="comma-separated object-feature TSV files (converted once to a store)")
     data.add_argument("--answer-table", help="all_ans.json")
     data.add_argument("--tokenizer", help="tokenizer folder or hub name (default: the sample data's vocabulary)")
@@ -76,6 +80,8 @@ def resolve(argv=None):
     flags["tasks"] = tuple(t for t in TASKS if not flags[f"no_{t}"])
     if not flags["tasks"]:
         parser.error("every task is switched off")
+    if flags["valid_maskings"] < 1:
+        parser.error(f"--valid-maskings {flags['valid_maskings']}: give 1 or more")
     if flags["train_json"] is None:
         from lxmert_fast.data import ensure_sample_data
 
@@ -150,6 +156,7 @@ def pretrain(config):
     from lxmert_fast.train import distributed
     from lxmert_fast.train.loop import build_trainer, start
     from lxmert_fast.train.objectives import LossGroups, PretrainingObjective, ValidationLoss, model_saver
+    from lxmert_fast.train.pretraining_metrics import count_names, object_word_ids
 
     # the data is read and checked before start() claims the output folder
     distributed.init_distributed(config.run.process_group_timeout)
@@ -163,9 +170,14 @@ def pretrain(config):
     engine, groups = config.engine, config.task.loss_groups
     groups = LossGroups(groups, engine.micro_batch, engine.accumulation, engine.world_size,
                         distributed.rank()) if groups else None
-    trainer = build_trainer(config, PretrainingObjective(model, shapes, groups), train_set, collate, name="pretrain",
-                            save_model=model_saver(model, train_set.tokenizer),
-                            hooks=ValidationLoss(train_set, valid_set, collate, config.data.valid_batches))
+    # validation accuracies of the words that name the detector's classes (matched pairs; true and rolled images)
+    object_ids = object_word_ids(config.data.features, train_set.tokenizer)
+    word_groups = {"object": object_ids} if object_ids and model_config.task_mask_lm else {}
+    objective = PretrainingObjective(model, shapes, groups, word_groups=word_groups)
+    validation = ValidationLoss(train_set, valid_set, collate, config.data.valid_batches, config.data.valid_maskings,
+                                count_names(model_config.task_matched, word_groups, model_config.task_mask_lm))
+    trainer = build_trainer(config, objective, train_set, collate, name="pretrain",
+                            save_model=model_saver(model, train_set.tokenizer), hooks=validation)
     engine = trainer.engine
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 leaves p empty
     distributed.print0(
