@@ -32,6 +32,7 @@ Public API
         .uid(index) -> "{img_id}_{source}_{index}", .num_dropped (sentences without features, left out unless
         strict),
         .text_length_stats() -> (mean, std) of the text lengths in tokens,
+        .slot_bytes(batch) -> the bytes a batch_ring slot needs for a compact batch of that size,
         .__getitems__(indices) -> PretrainBatch: a whole batch at once (a DataLoader calls it), the same values,
         built compact (pretrain_batch.py)
     pretrain_collate(items) -> dict of tensors: exactly the keyword arguments of LxmertForPreTraining.forward
@@ -43,6 +44,7 @@ Public API
 from __future__ import annotations
 
 import logging
+import math
 from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -62,6 +64,7 @@ from .pretrain_batch import (
     UNMASKED,
     ZEROED,
     CompactBatch,
+    buffer_size,
     compact_fields,
     dense_arrays,
     forward_kwargs,
@@ -289,6 +292,14 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     def uid(self, index: int) -> str:
         return make_uid(self.img_id(index), self._source_names[self._src[index]], int(self._sent_idx[index]))
+
+    def slot_bytes(self, batch: int) -> int:
+        """Room for a compact batch of ``batch`` items (a batch_ring slot): every word piece masked, and twice the
+        expected number of objects replaced by another's feature, plus 64 (a batch with more, which is rare, gets
+        memory of its own)."""
+        replaced = 2 * math.ceil(batch * self.max_boxes * self.obj_mask_rate * 0.1) + 64
+        return buffer_size(compact_fields(batch, self.max_seq_length, self.max_boxes, self.feat_dim,
+                                          self.feature_dtype, batch * (self.max_seq_length - 2), replaced))
 
     def _image(self, img: int):
         store = self.stores[self._img_store[img]]

@@ -9,16 +9,20 @@ while the current step runs.
   expansion on the device) is queued on a side stream while step k runs; the step's stream waits for it on the
   device, not on the host. Elsewhere the batches are prepared one by one, as they come.
 
-The loader pins memory only when the engine's device is a GPU: the pinning copy is wasted work for a CPU engine.
+The workers build their batches in reused shared memory (lxmert_fast.data.batch_ring) when the dataset gives a
+batch's size. The loader pins memory only when the engine's device is a GPU: the pinning copy is wasted work for a
+CPU engine.
 """
 
 from __future__ import annotations
 
 import torch
 
+from lxmert_fast.data.batch_ring import BatchRing
 from lxmert_fast.train import sampling
 
 PREFETCH_PER_WORKER = 4  # batches each worker keeps ready: rides over one slow batch without starving the step
+HELD_BY_LOOP = 3  # batches the main process may hold besides those: the step's, the prefetched one, one in pinning
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -47,12 +51,17 @@ class EpochBatches(torch.utils.data.Sampler):
 
 
 def training_loader(dataset, batches: EpochBatches, collate, num_workers, device) -> torch.utils.data.DataLoader:
-    """The run's one training DataLoader: persistent workers, ``PREFETCH_PER_WORKER`` batches ahead each, memory
-    pinned only for a GPU."""
+    """The run's one training DataLoader: persistent workers, ``PREFETCH_PER_WORKER`` batches ahead each, built in
+    reused shared memory (a BatchRing) when the dataset says how large a batch is (``slot_bytes``), memory pinned
+    only for a GPU."""
     workers = int(num_workers)
+    ring = None
+    if workers > 0 and callable(getattr(dataset, "slot_bytes", None)):
+        ring = BatchRing(workers, PREFETCH_PER_WORKER + HELD_BY_LOOP, dataset.slot_bytes(batches.micro_batch))
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
                                        persistent_workers=workers > 0,
                                        prefetch_factor=PREFETCH_PER_WORKER if workers > 0 else None,
+                                       worker_init_fn=ring.attach if ring is not None else None,
                                        pin_memory=torch.device(device).type == "cuda")
 
 
