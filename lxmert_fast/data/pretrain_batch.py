@@ -102,13 +102,15 @@ class CompactBatch:
         worker's queue sends a handle instead of copying the batch: a slot of the loader's ring when it has one
         free (batch_ring: reused, nothing to map or fault in), else a fresh segment."""
         size = buffer_size(fields)
-        if torch.utils.data.get_worker_info() is None:
-            return cls(torch.empty(size, dtype=torch.uint8), fields)
-        claimed = batch_ring.claim(size)
+        claimed = batch_ring.claim(size) if torch.utils.data.get_worker_info() is not None else None
         if claimed is not None:
-            _zero_padding(claimed[0], fields)  # reused memory: the bytes between arrays as in a fresh segment
-            return cls(claimed[0], fields, claimed[1])
-        return cls(torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size)), fields)
+            batch = cls(claimed[0], fields, claimed[1])
+        elif torch.utils.data.get_worker_info() is None:
+            batch = cls(torch.empty(size, dtype=torch.uint8), fields)
+        else:
+            batch = cls(torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size)), fields)
+        _zero_padding(batch.buffer, fields)  # the bytes between the arrays are zeros wherever a batch is built
+        return batch
 
     def __reduce__(self):
         # a batch in a ring's slot travels as the slot's number; any other as its buffer (torch shares it)
