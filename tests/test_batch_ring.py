@@ -92,3 +92,39 @@ def test_a_batch_too_large_for_a_slot_or_outside_a_worker_gets_memory_of_its_own
     assert ring.in_use() == 1
     buffer, slot = ring._claim(0, 10)
     assert slot.index == 0 and len(buffer) == 10
+
+
+def test_a_ring_for_a_gpu_is_pinned_once_when_its_first_batch_arrives(dataset, monkeypatch):
+    """Page-locked in the main process after the workers have forked (CUDA may keep pinned pages out of a fork)."""
+    pinned = []
+    monkeypatch.setattr(BatchRing, "pin", lambda self: pinned.append(self) or True)
+    loader = feed.training_loader(dataset, batches(dataset, 6), compact_pretrain_collate, num_workers=1,
+                                  device="cuda:0")
+    ring = ring_of(loader)
+    assert ring.pin_on_receive and not pinned  # not yet: no worker has forked
+    with pytest.warns(UserWarning, match="pin_memory"):  # this CPU-only torch has nothing to pin with
+        assert len(list(loader)) == 6
+    assert pinned == [ring]
+
+
+class FakeEvent:
+    def __init__(self):
+        self.done = False
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.done = True
+
+
+def test_host_batches_are_kept_until_their_copies_to_the_device_are_done():
+    in_flight = feed.InFlight()
+    events = [FakeEvent() for _ in range(4)]
+    for k in range(3):
+        in_flight.add(f"batch {k}", events[k])
+    events[0].done = events[2].done = True  # events complete in order on one stream: 1 not yet, so 2 stays too
+    in_flight.add("batch 3", events[3])
+    assert [b for b, _ in in_flight.batches] == ["batch 1", "batch 2", "batch 3"]
+    in_flight.wait()
+    assert not in_flight.batches and all(e.done for e in events)

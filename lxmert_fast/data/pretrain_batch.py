@@ -130,7 +130,10 @@ class CompactBatch:
         return {name: view.numpy() for name, view in self.views().items()}
 
     def pin_memory(self) -> CompactBatch:
-        """What a DataLoader with pin_memory=True calls: the buffer in page-locked memory, one copy."""
+        """What a DataLoader with pin_memory=True calls: the buffer in page-locked memory, one copy; none when it
+        is there already (a slot of a pinned batch_ring)."""
+        if self.buffer.is_pinned():
+            return self
         return CompactBatch(self.buffer.pin_memory(), self.fields)
 
     def __len__(self) -> int:

@@ -16,6 +16,8 @@ CPU engine.
 
 from __future__ import annotations
 
+import collections
+
 import torch
 
 from lxmert_fast.data.batch_ring import BatchRing
@@ -54,15 +56,15 @@ def training_loader(dataset, batches: EpochBatches, collate, num_workers, device
     """The run's one training DataLoader: persistent workers, ``PREFETCH_PER_WORKER`` batches ahead each, built in
     reused shared memory (a BatchRing) when the dataset says how large a batch is (``slot_bytes``), memory pinned
     only for a GPU."""
-    workers = int(num_workers)
+    workers, cuda = int(num_workers), torch.device(device).type == "cuda"
     ring = None
     if workers > 0 and callable(getattr(dataset, "slot_bytes", None)):
-        ring = BatchRing(workers, PREFETCH_PER_WORKER + HELD_BY_LOOP, dataset.slot_bytes(batches.micro_batch))
+        ring = BatchRing(workers, PREFETCH_PER_WORKER + HELD_BY_LOOP, dataset.slot_bytes(batches.micro_batch),
+                         pin=cuda)  # pinned: no pinning copy; DevicePrefetch keeps a batch until it is copied
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
                                        persistent_workers=workers > 0,
                                        prefetch_factor=PREFETCH_PER_WORKER if workers > 0 else None,
-                                       worker_init_fn=ring.attach if ring is not None else None,
-                                       pin_memory=torch.device(device).type == "cuda")
+                                       worker_init_fn=ring.attach if ring is not None else None, pin_memory=cuda)
 
 
 def epoch_keyed(dataset) -> bool:
@@ -78,6 +80,7 @@ class DevicePrefetch:
         self.host_batches, self.prepare = host_batches, prepare
         device = torch.device(device)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.in_flight = InFlight()
 
     def __iter__(self):
         if self.stream is None:
@@ -85,22 +88,27 @@ class DevicePrefetch:
                 yield self.prepare(batch)
             return
         pending = None
-        for batch in self.host_batches:
-            ready = self._queue(batch)
+        try:
+            for batch in self.host_batches:
+                ready = self._queue(batch)
+                if pending is not None:
+                    yield self._take(pending)
+                pending = ready
             if pending is not None:
                 yield self._take(pending)
-            pending = ready
-        if pending is not None:
-            yield self._take(pending)
+        finally:
+            self.in_flight.wait()  # a loop that stops early lets no host batch go while it is being copied
 
     def _queue(self, batch):
         """Queue the batch's preparation on the side stream, after what the step's stream has queued so far (its
-        buffers may be ones the allocator handed back from a finished step)."""
+        buffers may be ones the allocator handed back from a finished step). The host batch is kept until its
+        copies are done: in pinned memory that is not torch's own (a pinned batch_ring), nothing else keeps it."""
         self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         with torch.cuda.stream(self.stream):
             prepared = self.prepare(batch)
             done = torch.cuda.Event()
             done.record(self.stream)
+        self.in_flight.add(batch, done)
         return prepared, done
 
     def _take(self, pending):
@@ -109,6 +117,22 @@ class DevicePrefetch:
         step_stream.wait_event(done)
         _record_stream(prepared, step_stream)  # freed after the step's use, not after the side stream's
         return prepared
+
+
+class InFlight:
+    """Host batches whose copies to the device were queued, each kept until its event has completed."""
+
+    def __init__(self):
+        self.batches = collections.deque()  # (host batch, event), in the order queued
+
+    def add(self, batch, event) -> None:
+        self.batches.append((batch, event))
+        while self.batches and self.batches[0][1].query():  # done: the oldest go (a query does not wait)
+            self.batches.popleft()
+
+    def wait(self) -> None:
+        while self.batches:
+            self.batches.popleft()[1].synchronize()
 
 
 def _record_stream(value, stream):
