@@ -14,10 +14,9 @@ into a dense batch there). A worker whose slots are all in use, or a batch large
 as before: the ring never blocks, and never changes what a batch holds.
 
 Public API
-    BatchRing(workers, slots_per_worker, slot_bytes, pin=False)   made in the main process before the workers
-                                 start; pin: page-locked (.pin()) when the first batch arrives
+    BatchRing(workers, slots_per_worker, slot_bytes)   made in the main process before the workers start
         .attach(worker_id)       the DataLoader's worker_init_fn: this worker builds its batches in the ring
-        .pin() -> bool           page-locked for CUDA copies (no pinning copy; the copies to the device async)
+        .pin(), .pinned          page-locked for CUDA copies, after the fork (no pinning copy; async copies)
         .in_use() -> int         slots in use now (tests)
     claim(nbytes) -> (buffer, Slot) | None     in a worker with a ring: a uint8 tensor of nbytes in a free slot
     Slot.sent() -> receive args  the slot changes hands (called when the batch is pickled); receive(*args) rebuilds
@@ -41,9 +40,9 @@ _ATTACHED: BatchRing | None = None  # the ring of this worker process
 class BatchRing:
     """``slots_per_worker`` slots of ``slot_bytes`` for each of ``workers`` workers, in one shared segment."""
 
-    def __init__(self, workers: int, slots_per_worker: int, slot_bytes: int, pin: bool = False):
+    def __init__(self, workers: int, slots_per_worker: int, slot_bytes: int):
         self.workers, self.slots_per_worker = int(workers), int(slots_per_worker)
-        self.pin_on_receive = pin  # page-locked in the receiving process at the first batch: after the fork
+        self.pinned = False
         self.slot_bytes = -(-int(slot_bytes) // _PAGE) * _PAGE
         slots = self.workers * self.slots_per_worker
         # untouched pages take no memory: only the slots that batches were built in count
@@ -58,25 +57,25 @@ class BatchRing:
 
     def __getstate__(self):  # a spawned worker gets the same shared memory (torch passes it by file descriptor)
         return {"workers": self.workers, "slots_per_worker": self.slots_per_worker, "slot_bytes": self.slot_bytes,
-                "memory": self.memory, "flags": self.flags, "token": self.token, "pin_on_receive": False}
+                "memory": self.memory, "flags": self.flags, "token": self.token, "pinned": False}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._register()
 
-    def pin(self) -> bool:
-        """Page-lock the ring for CUDA copies (in the process that copies to the device, after the workers have
-        forked: CUDA may keep pinned pages out of later forks; every page is then resident: the ring's whole size).
-        A batch in it then needs no pinned copy, and its copy to the device runs asynchronously: the caller keeps
-        the batch until that copy is done (train.feed.DevicePrefetch does). False, and nothing changed, when CUDA
-        refuses."""
+    def pin(self) -> None:
+        """Page-lock the ring for CUDA copies, in the process that copies to the device, once its workers have
+        forked (CUDA may keep pinned pages out of a forked child); every page is then resident: the ring's whole
+        size. A batch in it needs no pinned copy, and its copy to the device runs asynchronously: the caller keeps
+        the batch until that copy is done (train.feed.DevicePrefetch does)."""
         size = self.memory.numel()
-        if int(torch.cuda.cudart().cudaHostRegister(self.memory.data_ptr(), size, 1)) != 0:  # 1: portable
-            return False
-        # unregistered when the last view of the memory is gone, before it is unmapped (as torch's own
-        # torch.distributed._state_dict_utils does for pinned shared memory)
+        error = int(torch.cuda.cudart().cudaHostRegister(self.memory.data_ptr(), size, 1))  # 1: portable
+        if error:  # as torch's own pinning of shared memory (torch.cuda._pin_memory_utils): an error, not a warning
+            raise RuntimeError(f"CUDA could not page-lock the batch ring ({size / 2**20:.0f} MiB for "
+                               f"{self.workers} DataLoader workers; cudaError {error}): use fewer --num-workers")
+        self.pinned = True
+        # unregistered when the last view of the memory is gone, before it is unmapped
         weakref.finalize(self.memory, torch.cuda.cudart().cudaHostUnregister, self.memory.data_ptr())
-        return True
 
     def attach(self, worker_id: int) -> None:
         global _ATTACHED
@@ -135,9 +134,6 @@ def receive(token, index: int, nbytes: int) -> torch.Tensor:
     ring = _RINGS.get(token)
     if ring is None:
         raise RuntimeError(f"a batch arrived in slot {index} of batch ring {token}, which this process does not have")
-    if ring.pin_on_receive:  # the first batch: the workers exist
-        ring.pin_on_receive = False
-        ring.pin()
     return ring._buffer(index, nbytes)[0]
 
 

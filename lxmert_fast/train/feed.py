@@ -59,12 +59,13 @@ def training_loader(dataset, batches: EpochBatches, collate, num_workers, device
     workers, cuda = int(num_workers), torch.device(device).type == "cuda"
     ring = None
     if workers > 0 and callable(getattr(dataset, "slot_bytes", None)):
-        ring = BatchRing(workers, PREFETCH_PER_WORKER + HELD_BY_LOOP, dataset.slot_bytes(batches.micro_batch),
-                         pin=cuda)  # pinned: no pinning copy; DevicePrefetch keeps a batch until it is copied
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
-                                       persistent_workers=workers > 0,
-                                       prefetch_factor=PREFETCH_PER_WORKER if workers > 0 else None,
-                                       worker_init_fn=ring.attach if ring is not None else None, pin_memory=cuda)
+        ring = BatchRing(workers, PREFETCH_PER_WORKER + HELD_BY_LOOP, dataset.slot_bytes(batches.micro_batch))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+                                         persistent_workers=workers > 0,
+                                         prefetch_factor=PREFETCH_PER_WORKER if workers > 0 else None,
+                                         worker_init_fn=ring.attach if ring is not None else None, pin_memory=cuda)
+    loader.batch_ring = ring  # DevicePrefetch pins it once the workers have started
+    return loader
 
 
 def epoch_keyed(dataset) -> bool:
@@ -87,9 +88,12 @@ class DevicePrefetch:
             for batch in self.host_batches:
                 yield self.prepare(batch)
             return
-        pending = None
+        pending, batches = None, iter(self.host_batches)  # a DataLoader's workers start here
+        ring = getattr(self.host_batches, "batch_ring", None)
+        if ring is not None and not ring.pinned:
+            ring.pin()  # its batches need no pinning copy; in_flight keeps each until it is copied
         try:
-            for batch in self.host_batches:
+            for batch in batches:
                 ready = self._queue(batch)
                 if pending is not None:
                     yield self._take(pending)
