@@ -156,6 +156,48 @@ def test_pretrain_throughput(bench, sample_data, tmp_path, deepspeed_available, 
     assert ours["speedup"][PAPER_IMPL] == pytest.approx(sps / PAPER_SAMPLES_PER_S)
 
 
+STEP_ONLY = "the step alone: one batch repeated (bench_loop.py --model real --data repeat)"
+
+
+@pytest.mark.slow  # as test_pretrain_throughput
+@pytest.mark.parametrize("engine", ["deepspeed", "torch"])
+def test_step_only_throughput(bench, sample_data, tmp_path, deepspeed_available, engine):
+    """The same loop, model and settings as test_pretrain_throughput's run, fed one batch again and again: the
+    step's own samples/s, next to the end-to-end figure of that run (issue 22: end to end >= 80% of it). Run after
+    it in the same session: ``end_to_end_fraction`` is then set on its record."""
+    if engine == "torch" and not bench.full:
+        pytest.skip("smoke mode checks the harness with one engine")
+    sample, feat_dim = sample_data
+    precision = "bf16" if bench.cuda else "fp16"
+    run_precision = precision if bench.cuda else "fp32"
+    micro_batch, steps = bench.shape("pretrain_batch"), bench.shape("pretrain_steps")
+    model_config = REPO / "configs" / "lxmert_base.json" if bench.full else _tiny_model_config(
+        tmp_path / "tiny.json", feat_dim)
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_loop.py"), "--model", "real", "--data", "repeat",
+           "--engine", engine, "--precision", precision, "--model-config", str(model_config), "--batch",
+           str(micro_batch), "--steps", str(steps), "--warmup", str(bench.shape("pretrain_log_every")),
+           "--log-every", str(bench.shape("pretrain_log_every")), "--images", "300" if bench.full else "6",
+           "--feat-dim", str(feat_dim), "--data-dir", str(sample.root)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420,
+                          env=bench.child_env(PYTHONUNBUFFERED="1", TQDM_DISABLE="1"))
+    if proc.returncode != 0:
+        pytest.fail(f"bench_loop.py exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    flag = " --engine torch" if engine == "torch" else ""
+    case = f"pretrain.py{flag}/{run_precision}/micro-batch {micro_batch}"
+    bench.record(SUITE, case, STEP_ONLY, 1e3 * micro_batch / out["samples_per_s"], "reference",
+                 samples_per_s=out["samples_per_s"], main_cpu_ms_per_step=out["main_cpu_ms_per_step"],
+                 params={"batch": micro_batch, "steps": out["steps"], "engine": out["engine_described"],
+                         "command": " ".join(cmd[1:])})
+    recs = bench.finish_case(SUITE, case)  # the end-to-end record's speed-up over it: its fraction of the step's
+    for r in recs:
+        if r["role"] == "ours" and STEP_ONLY in r["speedup"]:
+            r["end_to_end_fraction"] = r["speedup"][STEP_ONLY]
+            r["step_only_samples_per_s"] = out["samples_per_s"]
+    assert out["samples_per_s"] > 0 and out["steps"] == steps
+    assert all(r["end_to_end_fraction"] > 0 for r in recs if r["role"] == "ours")  # the end-to-end run, if it ran
+
+
 def test_pretrain_results_well_formed(bench, tmp_path):
     recs = [r for r in bench.records if r["suite"] == SUITE]
     if not recs:

@@ -92,6 +92,9 @@ FULL = {
     "data_batches": 12,
     "data_workers": [0, 1, 4],
     "data_workers_cpu": [0, 1],
+    "loop_steps": 30,
+    "loop_warmup": 5,
+    "loop_workers": 2,
 }
 # Smoke: tiny shapes and one timed iteration, about 80 s of CPU time.
 SMOKE = {
@@ -113,6 +116,9 @@ SMOKE = {
     "data_batch": 4,
     "data_batches": 2,
     "data_workers": [0],
+    "loop_steps": 3,
+    "loop_warmup": 2,
+    "loop_workers": 1,
 }
 
 

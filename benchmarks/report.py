@@ -176,12 +176,29 @@ def _data_section(recs):
     return out
 
 
+def _host_section(recs):
+    out = ["", "## Host side of a training step (CPU time)", ""]
+    rows = [[r["case"], r["impl"], _fmt(r["ms"], ".2f"),
+             _fmt(r["bytes_per_sample"] / 1024, ".1f") if r.get("bytes_per_sample") else "",
+             _fmt(r.get("worker_cpu_us_per_sample"), ".0f"),
+             _fmt(r.get("main_cpu_ms_per_batch", r.get("main_cpu_ms_per_step")), ".2f"), _speedups(r)]
+            for r in _ordered(recs)]
+    out.append(_table(["case", "impl", "ms", "KiB/sample", "worker us/sample", "main ms/batch or step",
+                       "ours speed-up"], rows))
+    return out
+
+
 def _pretrain_section(recs):
     out = ["", "## End to end: pre-training throughput and the paper's schedule", ""]
     rows = [[r["case"], r["impl"], _fmt(r.get("samples_per_s"), ".1f"),
              _fmt(100 * r["mfu"], ".1f", "%") if r.get("mfu") else "", _fmt(r.get("paper_hours"), ".1f"), _speedups(r)]
             for r in _ordered(recs)]
     out.append(_table(["case", "impl", "samples/s", "MFU", "hours for 670K x 256", "speed-up"], rows))
+    for r in recs:
+        if r.get("end_to_end_fraction"):
+            out.append(f"\n{r['impl']}: end to end {r['samples_per_s']:.0f} samples/s = "
+                       f"{100 * r['end_to_end_fraction']:.0f}% of the step alone ({r['step_only_samples_per_s']:.0f}; "
+                       "target >= 80%).")
     ref = next((r for r in recs if r.get("paper_samples_per_s")), None)
     if ref:
         out.append("")
@@ -205,6 +222,8 @@ def markdown(doc, plots=()):
             out += _model_section(title, by_suite[suite])
     if "data" in by_suite:
         out += _data_section(by_suite["data"])
+    if "host" in by_suite:
+        out += _host_section(by_suite["host"])
     if "pretrain" in by_suite:
         out += _pretrain_section(by_suite["pretrain"])
     notes = _notes(doc["records"])

@@ -78,12 +78,14 @@ gpu_tests() {  # the test files whose GPU parts are skipped on a CPU, most telli
 }
 
 # pretrain_runs PARTS_DIR LIMIT_S: each engine's end-to-end run (benchmarks/bench_pretrain.py: base config,
-# micro-batch 256, bf16) in its own pytest process, so that one that fails or hangs leaves the other's numbers.
+# micro-batch 256, bf16), then the same loop fed one batch again and again (the step alone; the end-to-end record
+# gets end_to_end_fraction), in its own pytest process, so that one that fails or hangs leaves the other's numbers.
 pretrain_runs() {
   local parts=$1 limit=$2 engine
   for engine in deepspeed torch; do
     TAIL_LINES=6 step "pre-training throughput, engine $engine" "$limit" python3 -m pytest \
-      "benchmarks/bench_pretrain.py::test_pretrain_throughput[$engine]" --benchmark \
+      "benchmarks/bench_pretrain.py::test_pretrain_throughput[$engine]" \
+      "benchmarks/bench_pretrain.py::test_step_only_throughput[$engine]" --benchmark \
       --benchmark-results-dir "$parts/$engine" -q -rfEs -p no:cacheprovider
   done
 }
@@ -109,7 +111,9 @@ print(f"{sys.argv[1]}: {doc['device']['name']}")
 for r in doc["records"]:
     if r["role"] == "ours":
         mfu = f", MFU {r['mfu']:.1%}" if "mfu" in r else ""
-        print(f"  {r['impl']}: {r['samples_per_s']:.0f} samples/s{mfu}")
+        alone = (f", the step alone {r['step_only_samples_per_s']:.0f} ({r['end_to_end_fraction']:.0%} end to end)"
+                 if "end_to_end_fraction" in r else "")
+        print(f"  {r['impl']}: {r['samples_per_s']:.0f} samples/s{mfu}{alone}")
 PY
 }
 

@@ -24,6 +24,7 @@ Public API
         -> Path                         convert (or re-use) and return the store directory
     FeatureStore(store_dir)             open a converted store (lazily memory-mapped; pickles without its maps)
     FeatureStore.from_tsv(tsv_path, store_dir=None, **convert_kwargs) -> FeatureStore
+    FeatureStore.gather(name, rows, out, at)   out[at] = the array's rows, in one read
     StoreError(RuntimeError)            a store directory that is missing, incomplete or inconsistent
     index_images(stores) -> {img_id: (store index, row)}   over several stores; an img_id held by two stores with
                                         different contents is an error naming both files
@@ -316,6 +317,15 @@ class FeatureStore:
             return self._rows[img_id]
         except KeyError:
             raise KeyError(f"img_id {img_id!r} is not in the feature store {self.store_dir}") from None
+
+    def gather(self, name: str, rows: np.ndarray, out: np.ndarray, at: np.ndarray) -> None:
+        """``out[at] = <array name>[rows]`` in one read (converted to out's dtype); when ``at`` covers all of
+        ``out`` (sorted, unique) and the dtypes agree, straight into ``out``, without a temporary."""
+        source = np.asarray(self._open()[name])  # the plain array: no memmap overhead per access
+        if len(at) == len(out) and out.dtype == source.dtype:
+            np.take(source, rows, axis=0, out=out, mode="clip")  # mode "raise" would buffer ``out``
+        else:
+            out[at] = source[rows]
 
     def __getattr__(self, name: str):
         # Array attributes (features, boxes, ...) resolve to the lazily opened memmaps.

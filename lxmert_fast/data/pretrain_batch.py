@@ -38,6 +38,8 @@ import torch
 
 from lxmert_fast.model.static_shapes import IGNORE_INDEX
 
+from . import batch_ring
+
 UNMASKED, ZEROED, REPLACED, KEPT = 0, 1, 2, 3
 _ALIGN = 64  # every array starts on a cache line (and any dtype's alignment)
 
@@ -76,6 +78,13 @@ def _placed(fields):
     return out, start
 
 
+def _zero_padding(buffer: torch.Tensor, fields) -> None:
+    placed, size = _placed(fields)
+    ends = [start + nbytes for _, _, _, start, nbytes in placed]
+    for end, next_start in zip(ends, [start for *_, start, _ in placed[1:]] + [size], strict=True):
+        buffer[end:next_start] = 0
+
+
 def buffer_size(fields) -> int:
     """The bytes of a compact batch laid out by ``fields``."""
     return _placed(fields)[1]
@@ -84,19 +93,30 @@ def buffer_size(fields) -> int:
 class CompactBatch:
     """One compact pre-training batch: a uint8 ``buffer`` holding the arrays that ``fields`` lays out."""
 
-    def __init__(self, buffer: torch.Tensor, fields: tuple):
-        self.buffer, self.fields = buffer, fields
+    def __init__(self, buffer: torch.Tensor, fields: tuple, slot: batch_ring.Slot | None = None):
+        self.buffer, self.fields, self.slot = buffer, fields, slot
 
     @classmethod
     def allocate(cls, fields) -> CompactBatch:
         """An uninitialised batch; in a DataLoader worker its buffer is shared memory from the start, so that the
-        worker's queue sends a handle instead of copying the batch into a fresh segment."""
+        worker's queue sends a handle instead of copying the batch: a slot of the loader's ring when it has one
+        free (batch_ring: reused, nothing to map or fault in), else a fresh segment."""
         size = buffer_size(fields)
-        if torch.utils.data.get_worker_info() is None:
-            buffer = torch.empty(size, dtype=torch.uint8)
+        claimed = batch_ring.claim(size) if torch.utils.data.get_worker_info() is not None else None
+        if claimed is not None:
+            batch = cls(claimed[0], fields, claimed[1])
+        elif torch.utils.data.get_worker_info() is None:
+            batch = cls(torch.empty(size, dtype=torch.uint8), fields)
         else:
-            buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
-        return cls(buffer, fields)
+            batch = cls(torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size)), fields)
+        _zero_padding(batch.buffer, fields)  # the bytes between the arrays are zeros wherever a batch is built
+        return batch
+
+    def __reduce__(self):
+        # a batch in a ring's slot travels as the slot's number; any other as its buffer (torch shares it)
+        if self.slot is not None and self.slot.owned:
+            return _received, (self.slot.sent(), self.fields)
+        return CompactBatch, (self.buffer, self.fields)
 
     def views(self, buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The arrays as tensors viewing ``buffer`` (default: this batch's; or a copy of it, e.g. on a device)."""
@@ -110,7 +130,10 @@ class CompactBatch:
         return {name: view.numpy() for name, view in self.views().items()}
 
     def pin_memory(self) -> CompactBatch:
-        """What a DataLoader with pin_memory=True calls: the buffer in page-locked memory, one copy."""
+        """What a DataLoader with pin_memory=True calls: the buffer in page-locked memory, one copy; none when it
+        is there already (a slot of a pinned batch_ring)."""
+        if self.buffer.is_pinned():
+            return self
         return CompactBatch(self.buffer.pin_memory(), self.fields)
 
     def __len__(self) -> int:
@@ -119,6 +142,10 @@ class CompactBatch:
     @property
     def nbytes(self) -> int:
         return self.buffer.numel()
+
+
+def _received(slot: tuple, fields: tuple) -> CompactBatch:
+    return CompactBatch(batch_ring.receive(*slot), fields)
 
 
 def _text(v: dict) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ Public API
         .uid(index) -> "{img_id}_{source}_{index}", .num_dropped (sentences without features, left out unless
         strict),
         .text_length_stats() -> (mean, std) of the text lengths in tokens,
+        .slot_bytes(batch) -> the bytes a batch_ring slot needs for a compact batch of that size,
         .__getitems__(indices) -> PretrainBatch: a whole batch at once (a DataLoader calls it), the same values,
         built compact (pretrain_batch.py)
     pretrain_collate(items) -> dict of tensors: exactly the keyword arguments of LxmertForPreTraining.forward
@@ -43,6 +44,7 @@ Public API
 from __future__ import annotations
 
 import logging
+import math
 from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -56,12 +58,14 @@ from lxmert_fast.model.static_shapes import IGNORE_INDEX
 
 from .feature_store import FeatureStore, index_images
 from .formats import AnnotationFormatError, AnswerTable, iter_pretrain_json, make_uid
+from .item_rng import item_generators
 from .pretrain_batch import (
     KEPT,
     REPLACED,
     UNMASKED,
     ZEROED,
     CompactBatch,
+    buffer_size,
     compact_fields,
     dense_arrays,
     forward_kwargs,
@@ -207,6 +211,11 @@ class PretrainDataset(torch.utils.data.Dataset):
         self._img_store = np.asarray([k for k, _ in located.values()], dtype=np.int16)
         self._img_row = np.asarray([row for _, row in located.values()], dtype=np.int64)
         self._img_ids = list(located)
+        self._img_boxes = np.zeros(len(located), dtype=np.int64)  # real boxes of each image, read once here
+        for k, store in enumerate(self.stores):
+            mine = np.flatnonzero(self._img_store == k)
+            self._img_boxes[mine] = np.asarray(store.num_boxes)[self._img_row[mine]]
+        self._box_index = np.arange(self.max_boxes)
         self._source_names = list(source_ids)
         logger.info(
             "pre-training data: %d sentences (%d questions) of %d images from %s",
@@ -290,6 +299,14 @@ class PretrainDataset(torch.utils.data.Dataset):
     def uid(self, index: int) -> str:
         return make_uid(self.img_id(index), self._source_names[self._src[index]], int(self._sent_idx[index]))
 
+    def slot_bytes(self, batch: int) -> int:
+        """Room for a compact batch of ``batch`` items (a batch_ring slot): every word piece masked, and twice the
+        expected number of objects replaced by another's feature, plus 64 (a batch with more, which is rare, gets
+        memory of its own)."""
+        replaced = 2 * math.ceil(batch * self.max_boxes * self.obj_mask_rate * 0.1) + 64
+        return buffer_size(compact_fields(batch, self.max_seq_length, self.max_boxes, self.feat_dim,
+                                          self.feature_dtype, batch * (self.max_seq_length - 2), replaced))
+
     def _image(self, img: int):
         store = self.stores[self._img_store[img]]
         return store, int(self._img_row[img])
@@ -304,7 +321,10 @@ class PretrainDataset(torch.utils.data.Dataset):
         with one tokenizer call and the features read straight into the batch's one buffer (compact: each value
         once; pretrain_collate expands it, compact_pretrain_collate ships it as it is)."""
         keys = [item if isinstance(item, tuple) else (self.epoch, item) for item in items]
-        draws = [self._draw(int(epoch), int(index)) for epoch, index in keys]
+        for _, index in keys:  # before any draw: a bad index is an IndexError, as ds[index]
+            self._check_index(int(index))
+        draws = [self._draw(int(epoch), int(index), rng)
+                 for (epoch, index), rng in zip(keys, item_generators(self.seed, keys), strict=True)]
         sentences = [self.sentence(d.sent_index) for d in draws]
         encoded = self.tokenizer(sentences, add_special_tokens=False)["input_ids"]
         tokens = [np.asarray(t[: self.max_seq_length - 2], dtype=np.int64) for t in encoded]
@@ -320,11 +340,15 @@ class PretrainDataset(torch.utils.data.Dataset):
         arrays["ans"][:] = [d.ans for d in draws]
         return PretrainBatch(batch)
 
-    def _draw(self, epoch: int, index: int) -> _Draw:
-        """Every random choice of one item, in a fixed order from its own generator."""
+    def _check_index(self, index: int) -> None:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        rng = np.random.default_rng([self.seed, epoch, index])
+
+    def _draw(self, epoch: int, index: int, rng: np.random.Generator | None = None) -> _Draw:
+        """Every random choice of one item, in a fixed order from its own generator: default_rng([seed, epoch,
+        index]), or ``rng`` in that state (item_rng.item_generators makes a batch's faster)."""
+        self._check_index(index)
+        rng = np.random.default_rng([self.seed, epoch, index]) if rng is None else rng
         # Fixed-size draws first (objects, then words, both padded to their maximum count), variable-size ones
         # last, so that e.g. the sentence length never shifts the object masking.
         obj_p = rng.random(self.max_boxes)
@@ -340,14 +364,13 @@ class PretrainDataset(torch.utils.data.Dataset):
                 sent_index = int(rng.integers(len(self)))
 
         # As for words (below): p < 0.8 rate zeroed, < 0.9 rate replaced, < rate kept.
-        store, row = self._image(img)
         rate = self.obj_mask_rate
-        masked = (obj_p < rate) & (np.arange(self.max_boxes) < int(store.num_boxes[row]))
+        masked = (obj_p < rate) & (self._box_index < self._img_boxes[img])
         replaced = []
         for i in np.flatnonzero(masked & (obj_p >= 0.8 * rate) & (obj_p < 0.9 * rate)):
             # As the original's random_feat(): a random sentence's image, a random object of it.
-            other_store, other_row = self._image(self._img[rng.integers(len(self))])
-            replaced.append((int(i), other_store, other_row, int(rng.integers(int(other_store.num_boxes[other_row])))))
+            other = int(self._img[rng.integers(len(self))])
+            replaced.append((int(i), *self._image(other), int(rng.integers(int(self._img_boxes[other])))))
 
         ans = IGNORE_INDEX
         start = self._lab_end[index - 1] if index > 0 else 0
@@ -387,16 +410,13 @@ class PretrainDataset(torch.utils.data.Dataset):
         arrays["text_length"][:] = [len(words) + 2 for words in tokens]
 
     def _fill_objects(self, arrays: dict, draws: list[_Draw]) -> None:
-        features, rate = arrays["features"], self.obj_mask_rate
-        for k, d in enumerate(draws):
-            store, row = self._image(d.img)
-            features[k] = store.features[row]  # read (and converted) in one pass, in place
-            arrays["visual_pos"][k] = store.boxes[row]
-            arrays["num_boxes"][k] = store.num_boxes[row]
-            arrays["obj_ids"][k] = store.obj_ids[row]
-            arrays["obj_conf"][k] = store.obj_conf[row]
-            arrays["attr_ids"][k] = store.attr_ids[row]
-            arrays["attr_conf"][k] = store.attr_conf[row]
+        rate = self.obj_mask_rate
+        imgs = np.fromiter((d.img for d in draws), dtype=np.int64, count=len(draws))
+        store_of, rows = self._img_store[imgs], self._img_row[imgs]
+        for k in np.unique(store_of):  # one gathered read per array and store, not one per image
+            items = np.flatnonzero(store_of == k)
+            for name, field in _STORE_ARRAYS.items():
+                self.stores[k].gather(field, rows[items], arrays[name], items)
         # As for words: of the masked objects, p < 0.8 rate zeroed, < 0.9 rate replaced, the rest kept.
         obj_p = np.stack([d.obj_p for d in draws])
         how = np.where(obj_p < 0.8 * rate, ZEROED, np.where(obj_p < 0.9 * rate, REPLACED, KEPT))
@@ -406,6 +426,10 @@ class PretrainDataset(torch.utils.data.Dataset):
         for n, (at, other_store, other_row, j) in enumerate(replaced):
             arrays["replaced_at"][n] = at
             arrays["replacement_features"][n] = other_store.features[other_row, j]
+
+
+_STORE_ARRAYS = {"features": "features", "visual_pos": "boxes", "num_boxes": "num_boxes", "obj_ids": "obj_ids",
+                 "obj_conf": "obj_conf", "attr_ids": "attr_ids", "attr_conf": "attr_conf"}  # batch <- store
 
 
 class _Draw(NamedTuple):

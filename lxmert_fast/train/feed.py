@@ -9,16 +9,22 @@ while the current step runs.
   expansion on the device) is queued on a side stream while step k runs; the step's stream waits for it on the
   device, not on the host. Elsewhere the batches are prepared one by one, as they come.
 
-The loader pins memory only when the engine's device is a GPU: the pinning copy is wasted work for a CPU engine.
+The workers build their batches in reused shared memory (lxmert_fast.data.batch_ring) when the dataset gives a
+batch's size. The loader pins memory only when the engine's device is a GPU: the pinning copy is wasted work for a
+CPU engine.
 """
 
 from __future__ import annotations
 
+import collections
+
 import torch
 
+from lxmert_fast.data.batch_ring import BatchRing
 from lxmert_fast.train import sampling
 
 PREFETCH_PER_WORKER = 4  # batches each worker keeps ready: rides over one slow batch without starving the step
+HELD_BY_LOOP = 3  # batches the main process may hold besides those: the step's, the prefetched one, one in pinning
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -47,13 +53,19 @@ class EpochBatches(torch.utils.data.Sampler):
 
 
 def training_loader(dataset, batches: EpochBatches, collate, num_workers, device) -> torch.utils.data.DataLoader:
-    """The run's one training DataLoader: persistent workers, ``PREFETCH_PER_WORKER`` batches ahead each, memory
-    pinned only for a GPU."""
-    workers = int(num_workers)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
-                                       persistent_workers=workers > 0,
-                                       prefetch_factor=PREFETCH_PER_WORKER if workers > 0 else None,
-                                       pin_memory=torch.device(device).type == "cuda")
+    """The run's one training DataLoader: persistent workers, ``PREFETCH_PER_WORKER`` batches ahead each, built in
+    reused shared memory (a BatchRing) when the dataset says how large a batch is (``slot_bytes``), memory pinned
+    only for a GPU."""
+    workers, cuda = int(num_workers), torch.device(device).type == "cuda"
+    ring = None
+    if workers > 0 and callable(getattr(dataset, "slot_bytes", None)):
+        ring = BatchRing(workers, PREFETCH_PER_WORKER + HELD_BY_LOOP, dataset.slot_bytes(batches.micro_batch))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+                                         persistent_workers=workers > 0,
+                                         prefetch_factor=PREFETCH_PER_WORKER if workers > 0 else None,
+                                         worker_init_fn=ring.attach if ring is not None else None, pin_memory=cuda)
+    loader.batch_ring = ring  # DevicePrefetch pins it once the workers have started
+    return loader
 
 
 def epoch_keyed(dataset) -> bool:
@@ -69,29 +81,38 @@ class DevicePrefetch:
         self.host_batches, self.prepare = host_batches, prepare
         device = torch.device(device)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.in_flight = InFlight()
 
     def __iter__(self):
         if self.stream is None:
             for batch in self.host_batches:
                 yield self.prepare(batch)
             return
-        pending = None
-        for batch in self.host_batches:
-            ready = self._queue(batch)
+        pending, batches = None, iter(self.host_batches)  # a DataLoader's workers start here
+        ring = getattr(self.host_batches, "batch_ring", None)
+        if ring is not None and not ring.pinned:
+            ring.pin()  # its batches need no pinning copy; in_flight keeps each until it is copied
+        try:
+            for batch in batches:
+                ready = self._queue(batch)
+                if pending is not None:
+                    yield self._take(pending)
+                pending = ready
             if pending is not None:
                 yield self._take(pending)
-            pending = ready
-        if pending is not None:
-            yield self._take(pending)
+        finally:
+            self.in_flight.wait()  # a loop that stops early lets no host batch go while it is being copied
 
     def _queue(self, batch):
         """Queue the batch's preparation on the side stream, after what the step's stream has queued so far (its
-        buffers may be ones the allocator handed back from a finished step)."""
+        buffers may be ones the allocator handed back from a finished step). The host batch is kept until its
+        copies are done: in pinned memory that is not torch's own (a pinned batch_ring), nothing else keeps it."""
         self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         with torch.cuda.stream(self.stream):
             prepared = self.prepare(batch)
             done = torch.cuda.Event()
             done.record(self.stream)
+        self.in_flight.add(batch, done)
         return prepared, done
 
     def _take(self, pending):
@@ -100,6 +121,22 @@ class DevicePrefetch:
         step_stream.wait_event(done)
         _record_stream(prepared, step_stream)  # freed after the step's use, not after the side stream's
         return prepared
+
+
+class InFlight:
+    """Host batches whose copies to the device were queued, each kept until its event has completed."""
+
+    def __init__(self):
+        self.batches = collections.deque()  # (host batch, event), in the order queued
+
+    def add(self, batch, event) -> None:
+        self.batches.append((batch, event))
+        while self.batches and self.batches[0][1].query():  # done: the oldest go (a query does not wait)
+            self.batches.popleft()
+
+    def wait(self) -> None:
+        while self.batches:
+            self.batches.popleft()[1].synchronize()
 
 
 def _record_stream(value, stream):

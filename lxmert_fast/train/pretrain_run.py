@@ -149,6 +149,22 @@ def _split(value):
 
 def pretrain(config):
     """Run the pre-training ``config`` (a resolved RunConfig) describes; returns the final model's folder."""
+    from lxmert_fast.train import distributed
+
+    trainer = pretraining_trainer(config)
+    trainer.fit()
+    final_dir = os.path.join(config.run.output_dir, "final_model")
+    trainer.save_model(final_dir)
+    total_time = trainer.finish()
+    distributed.print0(f"done: {plural(trainer.position.step, 'step')} in {total_time:.1f} s, loss "
+                       f"{_rounded(trainer.first_loss)} -> {_rounded(trainer.last_loss)}; model in {final_dir}, "
+                       f"metrics in {trainer.metrics.path}")
+    return final_dir
+
+
+def pretraining_trainer(config):
+    """The data read and checked, the output folder claimed, the model built: the loop, ready to fit
+    (benchmarks/bench_loop.py times the same loop)."""
     import torch
 
     from lxmert_fast import LxmertConfig, LxmertForPreTraining
@@ -185,11 +201,4 @@ def pretrain(config):
         f"rank(s) on {engine.device}, {engine.describe()}, {plural(trainer.total_steps, 'step')}, tasks "
         f"{','.join(config.task.tasks)}, optimizer {config.optimisation.optimizer} lr {config.optimisation.lr}"
     )
-    trainer.fit()
-    final_dir = os.path.join(config.run.output_dir, "final_model")
-    trainer.save_model(final_dir)
-    total_time = trainer.finish()
-    distributed.print0(f"done: {plural(trainer.position.step, 'step')} in {total_time:.1f} s, loss "
-                       f"{_rounded(trainer.first_loss)} -> {_rounded(trainer.last_loss)}; model in {final_dir}, "
-                       f"metrics in {trainer.metrics.path}")
-    return final_dir
+    return trainer
