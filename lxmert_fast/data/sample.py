@@ -1,10 +1,10 @@
 """A small, learnable sample data set in exactly the released LXMERT formats, plus a WordPiece vocabulary for it.
 
 Each synthetic image holds 1-3 kinds of foreground objects (half the images one kind; a name, a colour, a count of
-1-4 instances) on 1-2 kinds of background ("grass", "sky", ...). Its 36 boxes are the instances, then jittered duplicates of them and
-background regions (as a detector's overlapping proposals). A box's feature is a fixed random prototype of its
-object class plus one of its colour plus noise (ReLU'ed like the real RoI features), so object / attribute
-classification and masked-feature regression can be learnt. Captions and questions mention the objects' names,
+1-4 instances) on 1-2 kinds of background ("grass", "sky", ...). Its 36 boxes are the instances, then jittered
+duplicates of them and background regions (as a detector's overlapping proposals). A box's feature is a fixed random
+prototype of its object class plus one of its colour plus noise (ReLU'ed like the real RoI features), so object /
+attribute classification and masked-feature regression can be learnt. Captions and questions mention the objects' names,
 colours and counts ("how many dogs are there?" -> "2", sometimes written "two"), so masked words, matching and
 QA are learnable too. Some answers need normalisation ("grey", "the dog", "two") and a few are unknown to the
 answer table, as in the real data.
