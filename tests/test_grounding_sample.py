@@ -82,6 +82,26 @@ def test_sample_answers_follow_from_the_image(sample):
     assert answers["yes"] == answers["no"] > 20
 
 
+def test_sample_nlvr2_statements_hold_for_their_pair_of_two_images(sample):
+    """Each NLVR2 label is the statement's truth about the pair's boxes, and a pair shows two different images (as
+    NLVR2's do: a pair of one image twice would make left and right the same) where the split has enough images
+    (here the training split's 36; the validation split's 4 may not)."""
+    paths, ft = sample
+    store = FeatureStore.from_tsv(paths.features_tsv, progress=False)
+    names = {n: k for k, n in enumerate(OBJECT_NAMES)}
+    truth = {"there is a": lambda a, b: a and b, "exactly one image": lambda a, b: a != b,
+             "the left image": lambda a, b: a and not b, "neither image contains": lambda a, b: not a and not b,
+             "at least one": lambda a, b: a or b}
+    for split in ("train", "valid"):
+        pairs = json.load(open(ft.split("nlvr2", split)))
+        for r in pairs:
+            obj = names[next(w for w in r["sent"].split() if w in names)]
+            a, b = (obj in _image_contents(store, r[key]) for key in ("img0", "img1"))
+            rule = next(f for start, f in truth.items() if r["sent"].startswith(start))
+            assert r["label"] == int(rule(a, b)), r
+        assert split == "valid" or all(r["img0"] != r["img1"] for r in pairs)
+
+
 def test_short_run_prints_the_question_only_score_beside_its_own(sample, tmp_path, capsys):
     from lxmert_fast.finetune import main
 

@@ -35,7 +35,8 @@ from .fsutil import build_lock, publish_dir, remove_stale_staging, staging_dir
 # The pre-training sample generator's scheme: object k < NUM_FOREGROUND is a foreground kind, with its plural.
 from .sample import ATTRIBUTE_NAMES, NUM_FOREGROUND, OBJECT_NAMES, OBJECTS, SamplePaths
 
-_VERSION = 2  # 2: labels hold only answers of the vocabulary, as the released files' do
+_VERSION = 3  # 2: labels hold only answers of the vocabulary, as the released files' do; 3: an NLVR2 pair's two
+# images differ, and NLVR2 draws from its own generator
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,10 @@ def _nlvr2(rng, split: str, contents: dict[str, dict[int, int]], num_sentences: 
     images = sorted(contents)
     holding = {obj: [i for i in images if obj in contents[i]] for obj in range(NUM_FOREGROUND)}
     lacking = {obj: [i for i in images if obj not in contents[i]] for obj in range(NUM_FOREGROUND)}
-    usable = [obj for obj in range(NUM_FOREGROUND) if holding[obj] and lacking[obj]]
+    # objects in two images or more and missing from two or more: every pattern has a pair of two different images,
+    # as NLVR2's pairs are (a split of a few images may have none: then one image may stand on both sides)
+    usable = ([obj for obj in range(NUM_FOREGROUND) if len(holding[obj]) > 1 and len(lacking[obj]) > 1]
+              or [obj for obj in range(NUM_FOREGROUND) if holding[obj] and lacking[obj]])
     out = []
     for s in range(num_sentences):
         obj = int(rng.choice(usable))
@@ -144,7 +148,7 @@ def _nlvr2(rng, split: str, contents: dict[str, dict[int, int]], num_sentences: 
         for n, label in enumerate(rng.permutation([0, 0, 1, 1]).tolist()):
             a, b = patterns[label][int(rng.integers(len(patterns[label])))]
             img0 = str(rng.choice(holding[obj] if a else lacking[obj]))
-            img1 = str(rng.choice(holding[obj] if b else lacking[obj]))
+            img1 = str(rng.choice([i for i in (holding[obj] if b else lacking[obj]) if i != img0] or [img0]))
             out.append(
                 {
                     "identifier": f"{split}-{s}-{n}-0",  # split-set-pair-sentence: 4 pairs, 1 sentence
@@ -168,6 +172,7 @@ def make_finetune_sample(sample: SamplePaths, out_dir, seed: int = 0) -> Finetun
     paths = FinetuneSamplePaths(Path(out_dir), sample.features_tsv, sample.tokenizer_dir, sample.answer_table)
     store = FeatureStore.from_tsv(sample.features_tsv, progress=False)
     rng = np.random.default_rng(seed)
+    pairs_rng = np.random.default_rng([seed, 1])  # NLVR2's own draws: a change to its pairs leaves VQA and GQA be
     splits = {}
     for split, source in (("train", sample.train_json), ("valid", sample.valid_json)):
         annotations = [a for a in read_pretrain_json(source) if a["img_id"] in store]
@@ -179,7 +184,7 @@ def make_finetune_sample(sample: SamplePaths, out_dir, seed: int = 0) -> Finetun
                 continue
             vqa += _vqa(rng, a["img_id"], contents[a["img_id"]], a, base + len(vqa))
             gqa += _gqa(rng, a["img_id"], contents[a["img_id"]], base + len(gqa))
-        nlvr2 = _nlvr2(rng, split, contents, num_sentences=max(4, int(1.5 * len(annotations))))
+        nlvr2 = _nlvr2(pairs_rng, split, contents, num_sentences=max(4, int(1.5 * len(annotations))))
         splits[split] = {"vqa": vqa, "gqa": gqa, "nlvr2": nlvr2}
     for task in ("vqa", "gqa"):
         # trainval: every answer given with full confidence in train or valid; the labels keep only those, as the
