@@ -81,7 +81,8 @@ def host_costs(dataset, collate, batch, batches, ring=True):
     else a plain DataLoader (a fresh shared-memory segment per batch)."""
     from lxmert_fast.train import feed
 
-    sampler = Batches(len(dataset), batch, batches + 2)
+    # two warm-up batches, the measured ones, and as many again as the worker may build ahead (its prefetch)
+    sampler = Batches(len(dataset), batch, 2 + batches + PREFETCH_ROOM)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if ring:
         loader = feed.training_loader(dataset, sampler, collate, WORKERS, device)
@@ -92,12 +93,30 @@ def host_costs(dataset, collate, batch, batches, ring=True):
     nbytes = batch_bytes(next(it))
     next(it)  # warm-up: worker start, first reads of the feature store
     pids = [w.pid for w in it._workers]
-    worker0, main0 = sum(cpu_seconds(p) for p in pids), time.process_time()
+    # the worker builds ahead: start and stop its clock when its queue is full, so that exactly ``batches`` batches
+    # are built in between (else a small run may measure none of them)
+    worker0, main0 = idle_cpu_seconds(pids), time.process_time()
     for _ in range(batches):
         received = next(it)
         del received  # the main process lets it go: its shared memory is unmapped here
-    worker1, main1 = sum(cpu_seconds(p) for p in pids), time.process_time()
+    main1 = time.process_time()
+    worker1 = idle_cpu_seconds(pids)
     return nbytes / batch, (worker1 - worker0) / batches, (main1 - main0) / batches
+
+
+PREFETCH_ROOM = 8  # more than any loader here builds ahead (prefetch_factor x workers)
+
+
+def idle_cpu_seconds(pids, poll_s=0.02, limit_s=30.0):
+    """The processes' CPU seconds once they have stopped using CPU (two equal readings ``poll_s`` apart)."""
+    last, deadline = None, time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        now = sum(cpu_seconds(p) for p in pids)
+        if now == last:
+            return now
+        last = now
+        time.sleep(poll_s)
+    raise AssertionError(f"the loader's workers kept using CPU for {limit_s} s with nothing asked of them")
 
 
 def test_host_costs_per_batch(bench, benchmark, dataset):
