@@ -10,6 +10,7 @@ Nothing here starts at import time; ``init_distributed`` is called when a run st
 """
 
 import datetime
+import gc
 import importlib
 import os
 import re
@@ -170,6 +171,9 @@ def shutdown():
     if dist.is_initialized():
         if sys.exc_info()[1] is None:
             barrier()
+        # DeepSpeed's engine lives in reference cycles, with collectives it started ahead (ZeRO-3's prefetched
+        # gathers): free them while their group is alive, not at interpreter exit, where gloo's threads abort
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 
