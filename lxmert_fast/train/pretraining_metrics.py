@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from lxmert_fast.model.static_shapes import IGNORE_INDEX
+from lxmert_fast.train.distributed import world_size
 
 VISUAL_INPUTS = ("visual_feats", "visual_pos", "visual_attention_mask")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids") + VISUAL_INPUTS
@@ -49,14 +50,12 @@ def word_token_ids(tokenizer, words) -> list[int]:
 def object_word_ids(features, tokenizer) -> list[int]:
     """The token ids of every name (synonyms included) in the detector vocabulary beside the feature files (the
     sample data writes one; Visual Genome's objects_vocab.txt has "name,synonym" lines), [] when there is none."""
-    from lxmert_fast.use.attention import objects_vocab_beside
+    from lxmert_fast.use.attention import objects_vocab_beside, read_object_synonyms
 
     path = objects_vocab_beside(features) if features else None
     if path is None:
         return []
-    with open(path, encoding="utf-8") as f:
-        words = [name.strip() for line in f for name in line.split(",") if name.strip()]
-    return word_token_ids(tokenizer, words)
+    return word_token_ids(tokenizer, [name for names in read_object_synonyms(path) for name in names if name])
 
 
 def matching_counts(matched_logits: torch.Tensor, matched_label: torch.Tensor) -> dict:
@@ -125,7 +124,7 @@ def summed_counts(total: dict, names: list[str], device=None) -> dict:
     for i, name in enumerate(names):
         if name in total:
             vec[i] = total[name].to(vec.device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if world_size() > 1:
         torch.distributed.all_reduce(vec)
     return {name: (int(r), int(s)) for name, (r, s) in zip(names, vec.tolist(), strict=True)}
 

@@ -21,8 +21,13 @@ from lxmert_fast.errors import ImageError, MissingDependencyError
 
 def read_objects_vocab(path) -> list[str]:
     """Class names by id from a detector vocabulary file: one class per line, the first of comma-separated names."""
+    return [names[0] for names in read_object_synonyms(path)]
+
+
+def read_object_synonyms(path) -> list[list[str]]:
+    """Every name of each class by id, from a detector vocabulary file of "name,synonym" lines (Visual Genome's)."""
     with open(path, encoding="utf-8") as f:
-        return [line.strip().split(",")[0] for line in f]
+        return [[name.strip() for name in line.strip().split(",")] for line in f]
 
 
 def objects_vocab_beside(features) -> Path | None:
