@@ -62,12 +62,16 @@ def finetune_tiny(task, ft, store, out_dir, steps=40, batch_size=32):
     return out_dir
 
 
+def small_sample(root):
+    """(paths, fine-tuning paths, feature store) of a small sample under root/sample_data (150 images, 32 features)."""
+    paths = ensure_sample_data(root / "sample_data", num_images=150, feat_dim=32)
+    return paths, ensure_finetune_sample(paths), FeatureStore.from_tsv(paths.features_tsv, progress=False)
+
+
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
-    paths = ensure_sample_data(root / "sample_data", num_images=150, feat_dim=32)
-    ft = ensure_finetune_sample(paths)
-    store = FeatureStore.from_tsv(paths.features_tsv, progress=False)
+    paths, ft, store = small_sample(root)
     return {"root": root, "paths": paths, "ft": ft, "store": store, "models": TinyModels(root, ft, store),
             "tsv": str(paths.features_tsv)}
 

@@ -26,11 +26,9 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from test_predict import finetune_tiny
+from test_predict import finetune_tiny, small_sample
 
-from lxmert_fast.data import FeatureStore, ensure_sample_data
 from lxmert_fast.data.download import NLVR2_RAW, RELEASE
-from lxmert_fast.data.finetune_sample import ensure_finetune_sample
 from lxmert_fast.train.checkpoints import checkpoint_tag
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,9 +68,7 @@ def commands(block):
 def after_finetune(tmp_path_factory):
     """A folder as the README's fine-tuning block leaves it: sample data, fine-tuned VQA and NLVR2 models (tiny)."""
     root = tmp_path_factory.mktemp("readme")
-    paths = ensure_sample_data(root / "sample_data", num_images=150, feat_dim=32)
-    ft = ensure_finetune_sample(paths)
-    store = FeatureStore.from_tsv(paths.features_tsv, progress=False)
+    _, ft, store = small_sample(root)
     for task in ("vqa", "nlvr2"):
         finetune_tiny(task, ft, store, root / "output" / f"finetune_{task}" / "best_model", steps=2, batch_size=8)
     return root
